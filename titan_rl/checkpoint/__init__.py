@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF safetensors names and layouts, DCP training state."""

@@ -1,0 +1,105 @@
+"""Grouped-query attention with learned sinks and optional sliding window.
+
+Every backend computes the same function. For one query row i of head h with allowed keys j:
+
+    p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)),     o_i = sum_j p_ij v_j
+
+i.e. a softmax over the scores plus one extra "sink" logit whose column is dropped before
+multiplying by V. Key j is allowed for query i when j <= i, i - j < window (sliding layers) and
+both tokens belong to the same packed document.
+
+Backends (``GptOssModelArgs.attn_backend``):
+  eager   -- the readable reference below: materializes [B, H, T, T] scores and the sink column.
+  chunked -- default off CUDA: query chunks through an (o, lse)-returning kernel, sink applied as
+             ``o * sigmoid(lse - sink)``, exact custom backward (``sink_kernels.py``).
+  flash   -- CUDA flash-attention kernel with the same sink identity (``sink_kernels.py``).
+  auto    -- flash on CUDA for bf16/fp16, chunked otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from titan_rl.model.args import GptOssModelArgs
+from titan_rl.model.masks import allowed_keys
+from titan_rl.model.rope import apply_rope
+from titan_rl.model.sink_kernels import chunked_sink_attention, flash_sink_attention
+
+
+def eager_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference sink attention. q ``[B, T, H, D]``, k/v ``[B, T, KV, D]`` -> ``[B, T, H, D]``."""
+    batch, seq, n_heads, _ = q.shape
+    groups = n_heads // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2)
+    v = v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, T, T]
+    mask = allowed_keys(0, seq, 0, seq, window, document_ids, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink_column = sinks.float().view(1, n_heads, 1, 1).expand(batch, n_heads, seq, 1)
+    probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+
+
+BACKENDS = {
+    "eager": eager_sink_attention,
+    "chunked": chunked_sink_attention,
+    "flash": flash_sink_attention,
+}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``auto`` into a concrete backend for this device and dtype."""
+    if name == "auto":
+        return "flash" if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "chunked"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    return name
+
+
+class Attention(nn.Module):
+    """GQA with q/k/v/o biases, RoPE, learned per-head sinks, sliding window on some layers."""
+
+    def __init__(self, args: GptOssModelArgs, layer: int) -> None:
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.window = args.window_of(layer)
+        self.backend = args.attn_backend
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size)
+        self.sinks = nn.Parameter(torch.empty(self.n_heads))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [B, T, head_dim // 2]
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,  # [B, T]
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        backend = BACKENDS[resolve_backend(self.backend, x.device, x.dtype)]
+        out = backend(q, k, v, self.sinks, self.scale, self.window, document_ids)
+        return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
+
+    def init_weights(self, std: float) -> None:
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+        nn.init.normal_(self.sinks, std=std)

@@ -1,0 +1,157 @@
+"""GPT-OSS: embedding, blocks of (sink attention, MoE), final RMSNorm, untied lm_head.
+
+Parameter names follow the Hugging Face checkpoint without its ``model.`` prefix
+(``layers.0.self_attn.q_proj.weight``, ``layers.0.mlp.experts.gate_up_proj``, ``lm_head.weight``),
+so checkpoint conversion is a renaming of the prefix, not a re-layout.
+
+Usage::
+
+    model = GptOss(GptOssModelArgs.from_preset("debug"))
+    logits = model(tokens)                               # [B, T, vocab]
+    hidden = model(tokens, return_hidden=True)           # [B, T, hidden], after the final norm
+    logits, experts = model(tokens, return_expert_indices=True)   # experts [layers, B, T, top_k]
+    model(tokens, expert_indices=experts)                # replays that routing
+
+For a large model build it on the meta device, move it, then initialize::
+
+    with torch.device("meta"):
+        model = GptOss(args)
+    model.to_empty(device="cuda")
+    model.init_weights()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from titan_rl.model.args import GptOssModelArgs
+from titan_rl.model.attention import Attention
+from titan_rl.model.moe import MoE
+from titan_rl.model.rope import rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the weight multiplies in fp32 before casting back (as HF)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Block(nn.Module):
+    """``x = x + attn(norm(x)); x = x + moe(norm(x))``."""
+
+    def __init__(self, args: GptOssModelArgs, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        expert_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
+        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices)
+        return x + moe_out, expert_indices
+
+    def init_weights(self, std: float) -> None:
+        self.input_layernorm.init_weights()
+        self.post_attention_layernorm.init_weights()
+        self.self_attn.init_weights(std)
+        self.mlp.init_weights(std)
+
+
+def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions ``[B, T]`` that restart at 0 wherever the document id changes along a row."""
+    batch, seq = document_ids.shape
+    index = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+class GptOss(nn.Module):
+    """The GPT-OSS decoder (no parallelism inside; see ``titan_rl.parallel``)."""
+
+    def __init__(self, args: GptOssModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(args), persistent=False)
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Random init (normal with ``initializer_range``); also rebuilds the RoPE buffer."""
+        device = buffer_device or self.lm_head.weight.device
+        self.rope_inv_freq = rope_inv_freq(self.args, device=device)
+        std = self.args.initializer_range
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        self.norm.init_weights()
+        for block in self.layers:
+            block.init_weights(std)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Switch every layer to attention backend ``eager``, ``chunked``, ``flash`` or ``auto``."""
+        self.args.attn_backend = name
+        for block in self.layers:
+            block.self_attn.backend = name
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        *,
+        expert_indices: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        return_expert_indices: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, vocab]`` (or final hidden states with ``return_hidden``).
+
+        tokens: ``[B, T]`` int64. positions: ``[B, T]``; default 0..T-1, or restarting at each
+            document when ``document_ids`` is given.
+        document_ids: ``[B, T]``; tokens attend only within their document (packed rows).
+        expert_indices: ``[layers, B, T, top_k]`` to replay a recorded routing.
+        return_expert_indices: also return the routing used, ``[layers, B, T, top_k]``.
+        """
+        if positions is None:
+            if document_ids is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            else:
+                positions = positions_from_document_ids(document_ids)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions, self.args.yarn_attention_factor, x.dtype)
+        used = []
+        for i, block in enumerate(self.layers):
+            forced = None if expert_indices is None else expert_indices[i]
+            x, chosen = block(x, cos, sin, document_ids, forced)
+            used.append(chosen)
+        out = self.norm(x)
+        if not return_hidden:
+            out = self.lm_head(out)
+        if return_expert_indices:
+            return out, torch.stack(used)
+        return out

@@ -1,0 +1,130 @@
+"""Mixture of experts: top-k router and experts run as grouped matmuls over expert-sorted tokens.
+
+No path computes every expert for every token or copies the hidden states once per expert: each
+token is gathered once per *chosen* expert (top_k copies), the copies are sorted by expert, and
+each expert multiplies its contiguous slice. ``train()`` and ``eval()`` run the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_rl.model.args import GptOssModelArgs
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs fp32/bf16/fp16 and 16-byte aligned rows."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda" and (
+        x.dtype == torch.float32 or torch.cuda.get_device_capability(x.device)[0] < 9
+    ):
+        return False
+    row_bytes = 16 // x.element_size()
+    return x.shape[-1] % row_bytes == 0 and w.shape[-1] % row_bytes == 0
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``."""
+    if _grouped_mm_ok(x, w):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        return torch._grouped_mm(x, w, offs=offsets)
+    blocks = x.split(counts.tolist())
+    return torch.cat([block @ w[e] for e, block in enumerate(blocks)], dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs strides)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class Router(nn.Module):
+    """``logits = x W^T + b``; top-k on the logits; weights = softmax over the k chosen logits."""
+
+    def __init__(self, args: GptOssModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(args.num_local_experts, args.hidden_size))
+        self.bias = nn.Parameter(torch.empty(args.num_local_experts))
+
+    def forward(
+        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[N, hidden]`` -> (weights ``[N, k]``, expert_indices ``[N, k]``).
+
+        With ``expert_indices`` given (routing replay) those experts are used and their weights
+        are recomputed from the current logits.
+        """
+        logits = F.linear(x, self.weight, self.bias)  # [N, experts]
+        if expert_indices is None:
+            chosen_logits, expert_indices = torch.topk(logits, self.top_k, dim=-1)
+        else:
+            chosen_logits = logits.gather(-1, expert_indices)
+        return torch.softmax(chosen_logits, dim=-1), expert_indices
+
+
+class Experts(nn.Module):
+    """E clamped-SwiGLU experts in HF layout: interleaved ``gate_up_proj [E, hidden, 2I]``."""
+
+    def __init__(self, args: GptOssModelArgs) -> None:
+        super().__init__()
+        e, h, i = args.num_local_experts, args.hidden_size, args.intermediate_size
+        self.limit = args.swiglu_limit
+        self.alpha = args.swiglu_alpha
+        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i))
+        self.down_proj = nn.Parameter(torch.empty(e, i, h))
+        self.down_proj_bias = nn.Parameter(torch.empty(e, h))
+
+    def forward(
+        self, x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows of ``x_sorted [M, hidden]`` grouped by expert (``counts [E]``) -> ``[M, hidden]``."""
+        gate_up = grouped_mm(x_sorted, self.gate_up_proj, counts) + self.gate_up_proj_bias[experts_sorted]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        hidden = _ContiguousGrad.apply(gate * torch.sigmoid(self.alpha * gate) * (up + 1))
+        return grouped_mm(hidden, self.down_proj, counts) + self.down_proj_bias[experts_sorted]
+
+
+class MoE(nn.Module):
+    """Router + experts. Returns the output and the expert indices it used."""
+
+    def __init__(self, args: GptOssModelArgs) -> None:
+        super().__init__()
+        self.num_experts = args.num_local_experts
+        self.router = Router(args)
+        self.experts = Experts(args)
+
+    def forward(
+        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[..., hidden]``; ``expert_indices [..., k]`` forces the routing (replay)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, hidden]
+        forced = None if expert_indices is None else expert_indices.reshape(x.shape[0], -1)
+        weights, expert_indices = self.router(x, forced)  # [N, k]
+        top_k = expert_indices.shape[-1]
+        flat_experts = expert_indices.reshape(-1)  # [N * k]
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        x_sorted = x[order // top_k]  # [N * k, hidden]: each token once per chosen expert
+        y_sorted = self.experts(x_sorted, flat_experts[order], counts)
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted  # back to (token, slot) order: deterministic, no atomics
+        out = (y.view(-1, top_k, shape[-1]) * weights[..., None].to(y.dtype)).sum(dim=1)
+        return out.view(shape), expert_indices.view(*shape[:-1], top_k)
+
+    def init_weights(self, std: float) -> None:
+        for p in (self.router.weight, self.router.bias, *self.experts.parameters()):
+            nn.init.normal_(p, std=std)
