@@ -18,7 +18,9 @@ from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="debug", help="model preset: debug, 20b or 120b")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=4)

@@ -82,7 +82,7 @@ class GptOssModelArgs:
         return 0.1 * math.log(self.rope_factor) + 1.0 if self.rope_factor > 1 else 1.0
 
     def num_params(self) -> dict[str, int]:
-        """Total and active (per token) parameter counts."""
+        """Total and active parameter counts; active = used per token (the embedding lookup excluded)."""
         h, i, e = self.hidden_size, self.intermediate_size, self.num_local_experts
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
@@ -90,9 +90,9 @@ class GptOssModelArgs:
         expert = h * 2 * i + 2 * i + i * h + h
         router = e * h + e
         layer_fixed = attn + router + 2 * h
-        embed = 2 * self.vocab_size * h + h
-        total = embed + self.num_hidden_layers * (layer_fixed + e * expert)
-        active = embed + self.num_hidden_layers * (layer_fixed + self.num_experts_per_tok * expert)
+        unembed = self.vocab_size * h + h  # lm_head + final norm
+        total = self.vocab_size * h + unembed + self.num_hidden_layers * (layer_fixed + e * expert)
+        active = unembed + self.num_hidden_layers * (layer_fixed + self.num_experts_per_tok * expert)
         return {"total": total, "active": active}
 
     @classmethod
@@ -103,7 +103,8 @@ class GptOssModelArgs:
         base = PRESETS[name]
         if "num_hidden_layers" in overrides and "layer_types" not in overrides:
             overrides["layer_types"] = alternating_layer_types(overrides["num_hidden_layers"])
-        return replace(base, layer_types=list(base.layer_types), **overrides)
+        overrides.setdefault("layer_types", list(base.layer_types))
+        return replace(base, **overrides)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> GptOssModelArgs:

@@ -42,7 +42,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             chunk_lse = torch.logsumexp(logits, dim=-1)
             probs = torch.exp(logits - chunk_lse[:, None])
             logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
-            entropy[start:end] = chunk_lse - (probs * logits).sum(-1)
+            entropy[start:end] = chunk_lse - torch.linalg.vecdot(probs, logits)
             lse[start:end] = chunk_lse
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -61,18 +61,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_entropy = torch.zeros_like(lse)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
-            logits = _chunk_logits(hidden[start:end], weight, temperature)
-            log_p = logits - lse[start:end, None]
+            # grad of (g_lp * logp_y + g_ent * H) w.r.t. the logits, built in place in two buffers
+            log_p = _chunk_logits(hidden[start:end], weight, temperature).sub_(lse[start:end, None])
             probs = torch.exp(log_p)
-            # d loss / d logits, then through the temperature
-            grad_logits = -probs * (grad_entropy[start:end, None] * (log_p + entropy[start:end, None]))
-            grad_logits -= probs * grad_logprobs[start:end, None]
+            grad_logits = log_p.add_(entropy[start:end, None]).mul_(-grad_entropy[start:end, None])
+            grad_logits.sub_(grad_logprobs[start:end, None]).mul_(probs)
             grad_logits.scatter_add_(1, targets[start:end, None], grad_logprobs[start:end, None])
-            grad_logits /= temperature
+            grad_logits.div_(temperature)
+            del probs
             if grad_hidden is not None:
-                grad_hidden[start:end] = (grad_logits @ weight.float()).to(hidden.dtype)
+                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight += grad_logits.T @ hidden[start:end].float()
+                grad_weight.addmm_(grad_logits.T, hidden[start:end].float())
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None, None
 
