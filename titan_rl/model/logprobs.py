@@ -21,12 +21,10 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 tempered logits ``[chunk, vocab]``."""
-    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-        logits = hidden @ weight.T
-    else:
-        logits = (hidden @ weight.T).float()
-    return logits / temperature if temperature != 1.0 else logits
+    """fp32 tempered logits ``[chunk, vocab]`` (a fresh buffer the caller may modify in place)."""
+    logits = hidden @ weight.T
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -39,13 +37,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             logits = _chunk_logits(hidden[start:end], weight, temperature)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            probs = torch.exp(logits - chunk_lse[:, None])
-            logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
-            entropy[start:end] = chunk_lse - torch.linalg.vecdot(probs, logits)
-            lse[start:end] = chunk_lse
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            log_p = logits.sub_(lse[start:end, None])
+            logprobs[start:end] = log_p.gather(1, targets[start:end, None]).squeeze(1)
+            entropy[start:end] = -torch.linalg.vecdot(torch.exp(log_p), log_p)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) arrives as None
         return logprobs, entropy
 
     @staticmethod
@@ -54,26 +52,33 @@ class _ChunkedLogprobs(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
-        if grad_entropy is None:
-            grad_entropy = torch.zeros_like(lse)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
-            # grad of (g_lp * logp_y + g_ent * H) w.r.t. the logits, built in place in two buffers
-            log_p = _chunk_logits(hidden[start:end], weight, temperature).sub_(lse[start:end, None])
-            probs = torch.exp(log_p)
-            grad_logits = log_p.add_(entropy[start:end, None]).mul_(-grad_entropy[start:end, None])
-            grad_logits.sub_(grad_logprobs[start:end, None]).mul_(probs)
-            grad_logits.scatter_add_(1, targets[start:end, None], grad_logprobs[start:end, None])
-            grad_logits.div_(temperature)
-            del probs
+            rows = slice(start, end)
+            # d(g_lp * logp_y + g_ent * H)/d logits = g_lp * (onehot_y - p) - g_ent * p * (log p + H),
+            # built in place in at most two [chunk, vocab] buffers
+            grad_logits = _chunk_logits(hidden[rows], weight, temperature).sub_(lse[rows, None])  # log p
+            if grad_entropy is not None:
+                probs = torch.exp(grad_logits)
+                grad_logits.add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
+                if grad_logprobs is not None:
+                    grad_logits.sub_(grad_logprobs[rows, None])
+                grad_logits.mul_(probs)
+                del probs
+            else:
+                grad_logits.exp_().mul_(-grad_logprobs[rows, None])
+            if grad_logprobs is not None:
+                grad_logits.scatter_add_(1, targets[rows, None], grad_logprobs[rows, None])
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
             if grad_hidden is not None:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight.addmm_(grad_logits.T, hidden[start:end].float())
-        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden[rows].float())
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -89,12 +89,16 @@ class Experts(nn.Module):
         self, x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
         """Rows of ``x_sorted [M, hidden]`` grouped by expert (``counts [E]``) -> ``[M, hidden]``."""
-        gate_up = grouped_mm(x_sorted, self.gate_up_proj, counts) + self.gate_up_proj_bias[experts_sorted]
+        gate_up = grouped_mm(x_sorted, self.gate_up_proj, counts) + self.gate_up_proj_bias.index_select(
+            0, experts_sorted
+        )
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         hidden = _ContiguousGrad.apply(gate * torch.sigmoid(self.alpha * gate) * (up + 1))
-        return grouped_mm(hidden, self.down_proj, counts) + self.down_proj_bias[experts_sorted]
+        return grouped_mm(hidden, self.down_proj, counts) + self.down_proj_bias.index_select(
+            0, experts_sorted
+        )
 
 
 class MoE(nn.Module):
@@ -118,10 +122,12 @@ class MoE(nn.Module):
         flat_experts = expert_indices.reshape(-1)  # [N * k]
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        x_sorted = x[order // top_k]  # [N * k, hidden]: each token once per chosen expert
-        y_sorted = self.experts(x_sorted, flat_experts[order], counts)
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted  # back to (token, slot) order: deterministic, no atomics
+        # index_select, not x[idx]: its backward is index_add, far faster than index_put on CPU
+        x_sorted = x.index_select(0, order // top_k)  # [N * k, hidden]: a token once per chosen expert
+        y_sorted = self.experts(x_sorted, flat_experts.index_select(0, order), counts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = y_sorted.index_select(0, inverse)  # back to (token, slot) order: a gather, no atomics
         out = (y.view(-1, top_k, shape[-1]) * weights[..., None].to(y.dtype)).sum(dim=1)
         return out.view(shape), expert_indices.view(*shape[:-1], top_k)
 

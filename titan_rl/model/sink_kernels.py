@@ -25,6 +25,7 @@ import torch
 from titan_rl.model.masks import allowed_keys
 
 DEFAULT_CHUNK = 1024
+MIN_WINDOW_CHUNK = 128
 
 
 class LseKernel(Protocol):
@@ -146,10 +147,16 @@ def chunked_sink_attention(
     window: int | None = None,
     document_ids: torch.Tensor | None = None,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     kernel: str | None = None,
 ) -> torch.Tensor:
-    """Sink attention by query chunks. q ``[B, T, H, D]``, k/v ``[B, T, KV, D]`` -> ``[B, T, H, D]``."""
+    """Sink attention by query chunks. q ``[B, T, H, D]``, k/v ``[B, T, KV, D]`` -> ``[B, T, H, D]``.
+
+    Default chunk: 1024 queries; on sliding-window layers about one window (at least 128), so each
+    chunk reads at most ``chunk + window - 1`` keys instead of every earlier key.
+    """
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK if window is None else min(DEFAULT_CHUNK, max(window, MIN_WINDOW_CHUNK))
     seq = q.shape[1]
     groups = q.shape[2] // k.shape[2]
     impl = KERNELS[kernel or default_kernel(q.device)]

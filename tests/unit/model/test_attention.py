@@ -111,3 +111,19 @@ def test_flash_matches_eager_on_cuda(window, packed):
     assert rel_err(out.float(), ref_out) <= 2e-2
     for got, want in zip(grads, ref_grads):
         assert rel_err(got.float(), want) <= 5e-2
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_default_chunking_on_long_rows_matches_eager(window):
+    """T=300 with the default chunk rule: window layers use 128-query chunks reading only their window."""
+    g = torch.Generator().manual_seed(window or 0)
+    seq = 300
+    q, k, v = (torch.randn(1, seq, n, D, generator=g) for n in (H, KV, KV))
+    sinks = torch.randn(H, generator=g)
+    docs = (torch.arange(seq) >= 170).long()[None]  # two documents
+    grad_out = torch.randn(1, seq, H, D, generator=g)
+    ref_out, ref_grads = run(eager_sink_attention, q, k, v, sinks, grad_out, window=window, document_ids=docs)
+    out, grads = run(chunked_sink_attention, q, k, v, sinks, grad_out, window=window, document_ids=docs)
+    assert rel_err(out, ref_out) <= 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= 1e-5
