@@ -2,6 +2,7 @@
 
 Both sides get the same config, weights and tokens. Each side runs in its own fresh subprocess so that
 its peak memory is its own; a third subprocess first checks that both compute the same loss.
+Run from the repo root with titan_rl importable (``pip install -e '.[dev]'`` or ``PYTHONPATH=.``):
 
     python benchmarks/bench_model.py                   # 4 layers, hidden 512, 16 experts, vocab 201088
     python benchmarks/bench_model.py --vocab 32000 --hf-experts eager

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Launch titan_rl training with torchrun (torchtitan style).
+#
+#   ./run_train.sh                                   # 1 process, train_configs/debug_cpu.toml
+#   ./run_train.sh --training.steps=5                # any --section.key=value override
+#   NPROC=2 CONFIG_FILE=train_configs/x.toml ./run_train.sh
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NGPU=8 ./run_train.sh   # multi-node
+#
+# NGPU / NPROC: processes per node (default 1; CPU works). LOG_RANK: ranks that print (default 0).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NPROC=${NPROC:-${NGPU:-1}}
+NNODES=${NNODES:-1}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_cpu.toml}
+LOG_RANK=${LOG_RANK:-0}
+
+if [ "$NNODES" -gt 1 ]; then
+    rendezvous=(--nnodes="$NNODES" --node-rank="${NODE_RANK:?set NODE_RANK for multi-node runs}"
+                --rdzv-backend="${RDZV_BACKEND:-c10d}"
+                --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}"
+                --rdzv-id="${RDZV_ID:-titan_rl}")
+else
+    rendezvous=(--standalone)
+fi
+
+# Validate the config in one plain process first: a bad key or layout is one line, no launcher noise.
+WORLD_SIZE=$((NPROC * NNODES)) python -m titan_rl.train --check-config --config "$CONFIG_FILE" "$@"
+
+exec torchrun "${rendezvous[@]}" --nproc-per-node="$NPROC" \
+    --local-ranks-filter="$LOG_RANK" --role=rank --tee=3 \
+    -m titan_rl.train --config "$CONFIG_FILE" "$@"

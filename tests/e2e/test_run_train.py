@@ -1,0 +1,78 @@
+"""End to end: ./run_train.sh on CPU writes metrics.jsonl with the public schema and the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = [
+    "step", "reward/mean", "reward/std", "loss", "ratio/mean", "ratio/min", "ratio/max", "clip_frac",
+    "entropy/mean", "grad_norm", "mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/k3",
+    "response_len/mean", "tokens_per_s/train", "tokens_per_s/rollout", "time/rollout_s", "time/train_s",
+    "lr", "mem/peak_gb",
+]  # fmt: skip
+
+
+def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["./run_train.sh", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_metrics(dump: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
+    dump = tmp_path / "run"
+    result = run_train("--training.steps=5", f"--job.dump_folder={dump}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(dump)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for row in rows:
+        missing = [k for k in SCHEMA if k not in row]
+        assert not missing, missing
+        assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0  # exactly: one forward, on-policy
+        assert row["clip_frac"] == 0.0
+    resolved = tomllib.loads((dump / "config.toml").read_text())
+    assert resolved["training"]["steps"] == 5 and resolved["job"]["dump_folder"] == str(dump)
+
+
+def test_kl_to_reference_is_logged(tmp_path):
+    dump = tmp_path / "kl"
+    result = run_train("--training.steps=2", "--rl.kl_coef=0.1", f"--job.dump_folder={dump}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(dump)
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    assert rows[1]["kl/mean"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--training.stepz=5"], "unknown key training.stepz"),
+        (["--training.steps=five"], "training.steps must be int"),
+        (["--parallelism.dp_shard=2"], "!= world size 1; set parallelism.dp_shard = 1"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, args, message):
+    result = run_train(*args, f"--job.dump_folder={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    result = run_train(env={"CONFIG_FILE": str(tmp_path / "missing.toml")})
+    assert result.returncode != 0 and "not found" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,79 @@
+"""TOML + command-line configuration: types, unknown keys and values are clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from titan_rl.config import ConfigError, load_config, to_toml
+
+REQUIRED_KEYS = [
+    "job.dump_folder", "job.seed", "training.steps", "checkpoint.enable", "checkpoint.interval",
+    "checkpoint.folder", "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp",
+    "parallelism.cp_mode", "parallelism.ep", "rl.old_logprob_mode", "rl.routing_replay",
+]  # fmt: skip
+
+
+def test_documented_keys_exist_with_their_names():
+    config = load_config(None)
+    for name in REQUIRED_KEYS:
+        section, key = name.split(".")
+        assert hasattr(getattr(config, section), key), name
+    assert config.rl.old_logprob_mode == "unified" and config.rl.routing_replay is True
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nsteps = 7\n[rl]\nkl_coef = 0.5\n[optimizer]\nbetas = [0.8, 0.9]\n")
+    config = load_config(path, ["--training.steps=3", "--rl.routing_replay", "false", "--job.seed=4"])
+    assert config.training.steps == 3 and config.rl.kl_coef == 0.5 and config.job.seed == 4
+    assert config.rl.routing_replay is False and config.optimizer.betas == [0.8, 0.9]
+
+
+def test_resolved_config_round_trips_through_toml():
+    config = load_config(None, ["--rollout.temperature=0.7", "--model.preset=20b"])
+    assert load_config(None) != config
+    data = tomllib.loads(to_toml(config))
+    assert data["rollout"]["temperature"] == 0.7 and data["model"]["preset"] == "20b"
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[3].joinpath("train_configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "toml,overrides,message",
+    [
+        ("[training]\nstepz = 1\n", [], "unknown key training.stepz; valid keys of \\[training\\]: steps"),
+        ("[trainin]\nsteps = 1\n", [], "unknown config section \\[trainin\\]; valid sections: job"),
+        ('[training]\nsteps = "many"\n', [], "training.steps must be int"),
+        ("[training]\nsteps = 1.5\n", [], "training.steps must be int"),
+        ("", ["--training.steps=abc"], "--training.steps must be int"),
+        ("", ["--rl.routing_replay=maybe"], "must be true or false"),
+        (
+            "",
+            ["--rl.old_logprob_mode=twice"],
+            "rl.old_logprob_mode = 'twice' is not one of unified, recompute",
+        ),
+        ("", ["--rl.nope=1"], "unknown key rl.nope"),
+        ("", ["training.steps=1"], "overrides look like --section.key=value"),
+        ("", ["--training.steps=0"], "training.steps must be >= 1"),
+        ("[training\n", [], "invalid TOML"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, toml, overrides, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,395 @@
+"""Losses against hand-computed values (literals or a simple independent formula)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from titan_rl.rl.losses import (
+    LossConfig,
+    aggregate,
+    gspo_token_loss,
+    kl_estimate,
+    ppo_clip_token_loss,
+    rl_loss,
+    rollout_correction,
+    sequence_mean,
+)
+
+close = torch.testing.assert_close
+
+
+def leaf(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, requires_grad=True)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"policy_loss": "grpo"}, "ppo, gspo"),
+        ({"aggregation": "mean"}, "token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        ({"kl_estimator": "k4"}, "k1, k2, k3"),
+        ({"correction": "is"}, "none, tis, mis"),
+        ({"correction_level": "batch"}, "token, sequence"),
+        ({"dual_clip": 1.0}, "must be > 1"),
+        ({"correction_threshold": 0.5}, "must be > 1"),
+        ({"clip_eps_low": 1.0}, r"in \[0, 1\)"),
+        ({"clip_eps_high": -0.1}, ">= 0"),
+        ({"kl_coef": -1.0}, ">= 0"),
+        ({"aggregation": "seq-mean-token-sum-norm"}, "norm_constant"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**overrides)
+
+
+def test_config_valid():
+    LossConfig(aggregation="seq-mean-token-sum-norm", norm_constant=512, dual_clip=3.0, correction="mis")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_kl_estimators_values_and_k3_gradient():
+    logprobs, ref = leaf([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])  # logp - ref = 0.5, -1, 0
+    close(kl_estimate(logprobs, ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
+    close(kl_estimate(logprobs, ref, "k2"), torch.tensor([0.125, 0.5, 0.0]))
+    k3 = kl_estimate(logprobs, ref, "k3")
+    close(k3, torch.tensor([math.exp(-0.5) - 0.5, math.exp(1.0) - 2.0, 0.0]))
+    k3.sum().backward()  # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - exp(ref - logp)
+    close(logprobs.grad, torch.tensor([1 - math.exp(-0.5), 1 - math.exp(1.0), 0.0]))
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_estimate(logprobs, ref, "k5")
+
+
+def test_sequence_mean_excludes_masked_tokens():
+    values = torch.tensor([1.0, 2.0, math.nan, 4.0, math.inf])
+    mask = torch.tensor([1, 1, 0, 1, 0])
+    seq_ids = torch.tensor([0, 0, 0, 1, 1])
+    close(sequence_mean(values, mask, seq_ids, 3), torch.tensor([1.5, 4.0, 0.0]))  # seq 2 has no tokens
+
+
+def test_ppo_clip_values_and_gradients():
+    # ratios 1.5 / 0.5 (beyond the upper / lower bound) with A = +1 and A = -1
+    ratios = [1.5, 0.5, 1.5, 0.5, 1.1]
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
+    old = torch.full((5,), -1.0)
+    logprobs = leaf([-1.0 + math.log(r) for r in ratios])
+    loss, clipped = ppo_clip_token_loss(logprobs, old, advantages, 0.2, 0.28)
+    close(loss, torch.tensor([-1.28, -0.5, 1.5, 0.8, -2.2]))
+    assert clipped.tolist() == [True, False, False, True, False]
+    loss.sum().backward()  # d/dlogp of -rho A is -rho A where unclipped, 0 where clipped
+    close(logprobs.grad, torch.tensor([0.0, -0.5, 1.5, 0.0, -2.2]))
+
+
+def test_ppo_ratio_exactly_at_the_bound_keeps_gradient():
+    logprobs = leaf([-0.3, -0.7])
+    loss, clipped = ppo_clip_token_loss(logprobs, logprobs.detach(), torch.tensor([1.0, -2.0]), 0.0, 0.0)
+    close(loss, torch.tensor([-1.0, 2.0]))
+    assert not clipped.any()
+    loss.sum().backward()
+    close(logprobs.grad, torch.tensor([-1.0, 2.0]))
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    ratios = [4.0, 2.0, 4.0, 0.5]
+    advantages = torch.tensor([-1.0, -1.0, 1.0, -1.0])
+    logprobs = leaf([math.log(r) for r in ratios])
+    loss, clipped = ppo_clip_token_loss(logprobs, torch.zeros(4), advantages, 0.2, 0.28, dual_clip=3.0)
+    # A < 0: min(-rho A, 3 |A|) -> 3, 2; A > 0 unaffected -> -1.28; low clip still applies -> 0.8
+    close(loss, torch.tensor([3.0, 2.0, -1.28, 0.8]))
+    assert clipped.tolist() == [True, False, True, True]
+    loss.sum().backward()
+    close(logprobs.grad, torch.tensor([0.0, 2.0, 0.0, 0.0]))
+
+
+# Two trajectories: seq 0 = tokens 0..2 (token 2 masked), seq 1 = tokens 3..4.
+GSPO_MASK = torch.tensor([1, 1, 0, 1, 1])
+GSPO_IDS = torch.tensor([0, 0, 0, 1, 1])
+GSPO_DELTA = [0.1, 0.3, 5.0, -0.1, -0.3]  # logp - old; mean 0.2 and -0.2 over masked tokens
+
+
+def test_gspo_sequence_ratio_and_per_token_gradient():
+    old = torch.tensor([-1.0, -2.0, -3.0, -1.5, -0.5])
+    logprobs = leaf([o + d for o, d in zip(old.tolist(), GSPO_DELTA)])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -2.0, -2.0])
+    loss, clipped = gspo_token_loss(logprobs, old, advantages, GSPO_MASK, GSPO_IDS, 2, 10.0, 10.0)
+    s0, s1 = math.exp(0.2), math.exp(-0.2)
+    close(loss, torch.tensor([-s0, -s0, -s0, 2 * s1, 2 * s1]))
+    assert not clipped.any()
+    (loss * GSPO_MASK).sum().backward()  # per token: -A_i s_i, no cross-token terms
+    close(logprobs.grad, torch.tensor([-s0, -s0, 0.0, 2 * s1, 2 * s1]))
+
+
+def test_gspo_seq_mean_gradient_equals_sequence_objective():
+    old = torch.tensor([-1.0, -2.0, -3.0, -1.5, -0.5])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -2.0, -2.0])
+    logprobs = leaf([o + d for o, d in zip(old.tolist(), GSPO_DELTA)])
+    loss, _ = gspo_token_loss(logprobs, old, advantages, GSPO_MASK, GSPO_IDS, 2, 10.0, 10.0)
+    aggregate(loss, GSPO_MASK, GSPO_IDS, 2, "seq-mean-token-mean").backward()
+    # independent: J = -(1/2) sum_i A_i exp(mean_t (logp_t - old_t)) over each sequence's masked tokens
+    x = logprobs.detach().clone().requires_grad_(True)
+    d = x - old
+    objective = -(1.0 * torch.exp((d[0] + d[1]) / 2) - 2.0 * torch.exp((d[3] + d[4]) / 2)) / 2
+    objective.backward()
+    close(logprobs.grad, x.grad)
+
+
+def test_gspo_clips_at_sequence_level():
+    old = torch.zeros(6)
+    delta = [0.1, 0.3, 5.0, -0.1, -0.3, 1e-4]  # seq ratios e^0.2, e^-0.2, e^1e-4 (inside the bounds)
+    logprobs = leaf(delta)
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, 1.0])
+    mask, ids = torch.tensor([1, 1, 0, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 1, 2])
+    loss, clipped = gspo_token_loss(logprobs, old, advantages, mask, ids, 3, 3e-4, 4e-4)
+    close(loss, torch.tensor([-1.0004, -1.0004, -1.0004, 0.9997, 0.9997, -math.exp(1e-4)]))
+    assert clipped.tolist() == [True, True, True, True, True, False]
+    loss.sum().backward()
+    close(logprobs.grad, torch.tensor([0, 0, 0, 0, 0, -math.exp(1e-4)]))
+
+
+# ---------------------------------------------------------------- rollout correction
+
+# token level: w = 1, 3, 1/3, 1.5 on the masked tokens; the last token is masked out (w would be 10)
+TOKEN_DELTA = [0.0, math.log(3.0), -math.log(3.0), math.log(1.5), math.log(10.0)]
+TOKEN_MASK = torch.tensor([1, 1, 1, 1, 0])
+TOKEN_IDS = torch.tensor([0, 0, 1, 1, 1])
+
+
+def _token_level(mode, threshold=2.0):
+    rollout = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
+    old = (rollout + torch.tensor(TOKEN_DELTA)).requires_grad_(True)
+    return rollout_correction(old, rollout, TOKEN_MASK, TOKEN_IDS, 2, mode, "token", threshold)
+
+
+def test_mismatch_stats():
+    *_, stats = _token_level("none")
+    deltas = TOKEN_DELTA[:4]
+    close(stats["mismatch/logp_abs_mean"], torch.tensor(sum(abs(d) for d in deltas) / 4))
+    close(stats["mismatch/logp_abs_max"], torch.tensor(math.log(3.0)))
+    k3 = sum(math.exp(-d) + d - 1 for d in deltas) / 4  # exp(r - old) - (r - old) - 1
+    close(stats["mismatch/k3"], torch.tensor(k3))
+    assert stats["correction/truncated_frac"] == 0 and stats["correction/masked_frac"] == 0
+
+
+def test_no_correction():
+    weights, keep, _ = _token_level("none")
+    assert torch.equal(weights, torch.ones(5)) and keep.all()
+
+
+def test_tis_token_truncates_at_threshold():
+    weights, keep, stats = _token_level("tis")
+    assert weights.dtype == torch.float32 and not weights.requires_grad
+    close(weights[:4], torch.tensor([1.0, 2.0, 1 / 3, 1.5]))
+    assert keep.all()
+    close(stats["correction/truncated_frac"], torch.tensor(0.25))  # one of four masked tokens
+
+
+def test_mis_token_masks_outside_interval():
+    weights, keep, stats = _token_level("mis")
+    assert torch.equal(weights, torch.ones(5))
+    assert keep[:4].tolist() == [True, False, False, True]
+    close(stats["correction/masked_frac"], torch.tensor(0.5))
+
+
+def test_mis_threshold_edges():
+    delta = torch.tensor([1.99, 2.01, 0.51, 0.49]).log()
+    _, keep, _ = rollout_correction(
+        delta, torch.zeros(4), torch.ones(4), torch.arange(4), 4, "mis", "token", 2.0
+    )
+    assert keep.tolist() == [True, False, True, False]
+
+
+# sequence level: seq 0 sums 0.5 + 0.5 (token 2 masked out) -> e; seq 1 -> e^0.1; seq 2 -> e^-1
+SEQ_DELTA = torch.tensor([0.5, 0.5, 3.0, 0.2, -0.1, -1.0])
+SEQ_MASK = torch.tensor([1, 1, 0, 1, 1, 1])
+SEQ_IDS = torch.tensor([0, 0, 0, 1, 1, 2])
+
+
+def test_tis_sequence_level():
+    weights, keep, stats = rollout_correction(
+        SEQ_DELTA, torch.zeros(6), SEQ_MASK, SEQ_IDS, 3, "tis", "sequence", 2
+    )
+    w1, w2 = math.exp(0.1), math.exp(-1.0)
+    close(weights, torch.tensor([2.0, 2.0, 2.0, w1, w1, w2]))
+    assert keep.all()
+    close(stats["correction/truncated_frac"], torch.tensor(0.4))  # 2 of 5 masked tokens
+
+
+def test_mis_sequence_level():
+    weights, keep, stats = rollout_correction(
+        SEQ_DELTA, torch.zeros(6), SEQ_MASK, SEQ_IDS, 3, "mis", "sequence", 2
+    )
+    assert torch.equal(weights, torch.ones(6))
+    assert keep.tolist() == [False, False, False, True, True, False]
+    close(stats["correction/masked_frac"], torch.tensor(0.6))  # 3 of 5 masked tokens
+
+
+def test_correction_errors():
+    args = (torch.zeros(2), torch.zeros(2), torch.ones(2), torch.zeros(2, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="none, tis, mis"):
+        rollout_correction(*args, "is", "token", 2.0)
+    with pytest.raises(ValueError, match="token, sequence"):
+        rollout_correction(*args, "tis", "batch", 2.0)
+
+
+# ---------------------------------------------------------------- aggregation
+
+AGG_LOSS = torch.tensor([1.0, 2.0, math.nan, 4.0, 5.0, 6.0])  # the masked-out token holds garbage
+AGG_MASK = torch.tensor([True, True, False, True, True, True])
+AGG_IDS = torch.tensor([0, 0, 0, 1, 1, 2])
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("token-mean", 18 / 5),
+        ("seq-mean-token-mean", (1.5 + 4.5 + 6.0) / 3),
+        ("seq-mean-token-sum-norm", (3 / 4 + 9 / 4 + 6 / 4) / 3),
+    ],
+)
+def test_aggregation_modes(mode, expected):
+    close(aggregate(AGG_LOSS, AGG_MASK, AGG_IDS, 3, mode, norm_constant=4.0), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_split_batch_equals_whole_batch(mode):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 5, 2, 4, 6]
+    seq_ids = torch.repeat_interleave(torch.arange(5), torch.tensor(lengths))
+    loss = torch.randn(seq_ids.numel(), generator=gen)
+    mask = torch.rand(seq_ids.numel(), generator=gen) > 0.3
+    whole = aggregate(loss, mask, seq_ids, 5, mode, norm_constant=8.0)
+    split = 3 + 5  # tokens of seqs 0, 1 | seqs 2, 3, 4
+    counts = {"global_tokens": mask.sum(), "global_seqs": 5, "norm_constant": 8.0}
+    first = aggregate(loss[:split], mask[:split], seq_ids[:split], 2, mode, **counts)
+    second = aggregate(loss[split:], mask[split:], seq_ids[split:] - 2, 3, mode, **counts)
+    close(first + second, whole)
+
+
+def test_aggregation_errors():
+    with pytest.raises(ValueError, match="token-mean, seq-mean-token-mean"):
+        aggregate(AGG_LOSS, AGG_MASK, AGG_IDS, 3, "sum")
+    with pytest.raises(ValueError, match="norm_constant"):
+        aggregate(AGG_LOSS, AGG_MASK, AGG_IDS, 3, "seq-mean-token-sum-norm")
+
+
+# ---------------------------------------------------------------- rl_loss
+
+
+def _policy(seed: int = 0):
+    """Log-probs of sampled tokens from leaf logits ``[N, vocab]``, 3 trajectories of 3 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(9, 7, generator=gen).requires_grad_(True)
+    targets = torch.randint(0, 7, (9,), generator=gen)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    mask = torch.tensor([0, 1, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float32)
+    advantages = torch.tensor([0.7, -1.2, 0.4])[seq_ids] * mask
+    return logits, logprobs, seq_ids, mask, advantages
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "gspo"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_on_policy_is_exactly_the_policy_gradient(policy_loss, aggregation):
+    logits, logprobs, seq_ids, mask, advantages = _policy()
+    cfg = LossConfig(policy_loss=policy_loss, aggregation=aggregation, correction="tis")
+    rollout = logprobs.detach()  # engine agrees: TIS weights are exactly 1
+    loss, metrics = rl_loss(logprobs, logprobs.detach(), rollout, advantages, mask, seq_ids, 3, cfg)
+    assert metrics["ratio/min"].item() == 1.0 and metrics["ratio/max"].item() == 1.0
+    assert metrics["clip_frac"].item() == 0.0
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    # plain policy gradient of -A logp, aggregated the same way
+
+    def aggregated(per_token):
+        per_token = per_token * mask
+        if aggregation == "token-mean":
+            return per_token.sum() / mask.sum()
+        return sum(per_token[seq_ids == i].sum() / mask[seq_ids == i].sum() for i in range(3)) / 3
+
+    (expected,) = torch.autograd.grad(aggregated(-advantages * logprobs), logits)
+    assert torch.equal(grad, expected)
+    close(loss, aggregated(-advantages))  # the value: ratio 1
+
+
+def test_kl_and_entropy_terms_and_metrics():
+    _, logprobs, seq_ids, mask, advantages = _policy()
+    ref = logprobs.detach() - 0.3 * mask  # ref - logp = -0.3 on trained tokens
+    entropy = torch.linspace(0.5, 1.3, 9)
+    cfg = LossConfig(kl_coef=0.1, entropy_coef=0.01)
+    loss, metrics = rl_loss(
+        logprobs,
+        logprobs.detach(),
+        None,
+        advantages,
+        mask,
+        seq_ids,
+        3,
+        cfg,
+        entropy=entropy,
+        ref_logprobs=ref,
+    )
+    k3 = math.exp(-0.3) + 0.3 - 1
+    m = mask.bool()
+    expected = (-advantages[m]).mean() + 0.1 * k3 - 0.01 * entropy[m].mean()
+    close(loss, expected)
+    close(metrics["kl/mean"], torch.tensor(k3))
+    close(metrics["entropy/mean"], entropy[m].mean())
+    assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+    assert "mismatch/k3" not in metrics  # no rollout log-probs given
+
+
+def test_mis_drops_tokens_and_tis_weights_loss():
+    _, logprobs, seq_ids, mask, advantages = _policy()
+    old = logprobs.detach()
+    rollout = old.clone()
+    rollout[4] -= 5.0  # w = e^5: beyond C = 2
+    rollout[8] += 0.5  # w = e^-0.5 = 0.61: inside [0.5, 2]
+    rollout[0] += 100.0  # masked out: ignored
+    keep = mask.bool().clone()
+    keep[4] = False
+    mis = LossConfig(correction="mis")
+    loss, metrics = rl_loss(logprobs, old, rollout, advantages, mask, seq_ids, 3, mis)
+    close(loss, (-advantages[keep]).mean())
+    close(metrics["correction/masked_frac"], torch.tensor(1 / 5))
+    tis = LossConfig(correction="tis")
+    loss, metrics = rl_loss(logprobs, old, rollout, advantages, mask, seq_ids, 3, tis)
+    weights = torch.ones(9)
+    weights[4], weights[8] = 2.0, math.exp(-0.5)
+    close(loss, (-advantages * weights)[mask.bool()].mean())
+    close(metrics["correction/truncated_frac"], torch.tensor(1 / 5))
+
+
+def test_garbage_advantages_on_masked_tokens_do_not_reach_the_gradient():
+    logits, logprobs, seq_ids, mask, advantages = _policy()
+    advantages = torch.where(mask.bool(), advantages, math.inf)
+    loss, _ = rl_loss(logprobs, logprobs.detach(), None, advantages, mask, seq_ids, 3, LossConfig())
+    loss.backward()
+    assert loss.isfinite() and logits.grad.isfinite().all()
+
+
+def test_gspo_metrics_report_sequence_ratio():
+    _, logprobs, seq_ids, mask, advantages = _policy()
+    old = logprobs.detach() - 0.1 * mask  # every trained token: log ratio 0.1
+    _, metrics = rl_loss(logprobs, old, None, advantages, mask, seq_ids, 3, LossConfig(policy_loss="gspo"))
+    close(metrics["ratio/seq_mean"], torch.tensor(math.exp(0.1)))
+    close(metrics["ratio/max"], torch.tensor(math.exp(0.1)))
+    # e^0.1 is far above 1 + 4e-4: clipped where A > 0 (seqs 0, 2: 3 of 5 tokens), not where A < 0
+    close(metrics["clip_frac"], torch.tensor(3 / 5))
+
+
+def test_rl_loss_errors():
+    _, logprobs, seq_ids, mask, advantages = _policy()
+    args = (logprobs, logprobs.detach(), None, advantages, mask, seq_ids, 3)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        rl_loss(*args, LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="entropy"):
+        rl_loss(*args, LossConfig(entropy_coef=0.1))
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        rl_loss(*args, LossConfig(correction="tis"))

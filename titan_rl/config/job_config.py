@@ -1,0 +1,190 @@
+"""The run configuration: one dataclass per TOML section, every field documented.
+
+A TOML file mirrors these sections (``[job]``, ``[model]``, ...); any field can be overridden on
+the command line as ``--section.key=value``. See ``train_configs/debug_cpu.toml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs/debug"
+    """Folder for metrics.jsonl, the resolved config and checkpoints."""
+    seed: int = 0
+    """Seed of every random generator (model init, sampling, environment)."""
+    description: str = ""
+    """Free text shown at start-up."""
+
+
+@dataclass
+class Model:
+    preset: str = "debug"
+    """Model shape when no HF folder is given: debug, 20b or 120b."""
+    hf_path: str = ""
+    """HF checkpoint folder (config.json + safetensors) to start from; empty: random init."""
+    attn_backend: str = "auto"
+    """Attention backend: auto, eager, chunked or flash."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Write training-state checkpoints (DCP) and resume from the newest complete one."""
+    interval: int = 50
+    """Save every this many steps (and at the last step)."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder unless absolute."""
+    keep_last: int = 2
+    """How many complete checkpoints to keep."""
+    load_path: str = ""
+    """Resume from this checkpoint folder instead of the newest one in `folder`."""
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = 1
+    """Data-parallel replicas (HSDP outer dimension)."""
+    dp_shard: int = 1
+    """FSDP shards; dp_replicate x dp_shard x cp must equal the number of processes."""
+    cp: int = 1
+    """Context-parallel degree (sequence sharding)."""
+    cp_mode: str = "ulysses"
+    """Context parallelism: ulysses or ring."""
+    ep: int = 1
+    """Expert-parallel degree, borrowed from dp_shard x cp."""
+
+
+@dataclass
+class Training:
+    steps: int = 10
+    """RL steps (one rollout batch each)."""
+    minibatches: int = 1
+    """Optimizer steps per rollout batch; 1 is fully on-policy (old log-probs = new, detached)."""
+    micro_batch_rows: int = 8
+    """Packed rows per forward/backward (gradient accumulation inside a minibatch)."""
+    seq_len: int = 256
+    """Tokens per packed row; a trajectory longer than this is an error."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (<= 0 disables)."""
+    max_skipped_steps: int = 3
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Optimizer:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    decay: str = "cosine"
+    """After warmup: cosine or constant."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak learning rate."""
+
+
+@dataclass
+class RL:
+    old_logprob_mode: str = "unified"
+    """unified: old log-probs from the grad forward itself (ratio 1); recompute: a second forward."""
+    routing_replay: bool = True
+    """With several minibatches, replay the experts recorded by the no-grad pass in the grad passes."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, dr_grpo or rloo."""
+    drop_uninformative_groups: bool = False
+    """DAPO dynamic sampling: skip groups whose rewards are all equal."""
+    policy_loss: str = "ppo"
+    """ppo (token ratio, clip-higher) or gspo (sequence ratio)."""
+    clip_eps_low: float = 0.2
+    """PPO lower clip: ratio >= 1 - clip_eps_low."""
+    clip_eps_high: float = 0.28
+    """PPO upper clip (clip-higher): ratio <= 1 + clip_eps_high."""
+    dual_clip: float = 0.0
+    """Dual-clip constant c > 1 for negative advantages; 0 disables."""
+    gspo_eps_low: float = 3e-4
+    """GSPO lower clip of the sequence ratio."""
+    gspo_eps_high: float = 4e-4
+    """GSPO upper clip of the sequence ratio."""
+    aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to a frozen reference model; 0 runs no reference."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (entropy is always logged)."""
+    correction: str = "none"
+    """Rollout correction: none, tis (truncated weights) or mis (masked)."""
+    correction_level: str = "token"
+    """Importance weights per token or per sequence."""
+    correction_threshold: float = 2.0
+    """Threshold C of TIS / MIS."""
+
+
+@dataclass
+class Rollout:
+    engine: str = "native"
+    """Rollout engine: native (the trainer's own model)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 disables)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 disables)."""
+    max_new_tokens: int = 16
+    """Response budget per episode."""
+    group_size: int = 4
+    """Samples per prompt (the advantage group)."""
+    prompts_per_step: int = 8
+    """Prompts per RL step; a step trains on prompts_per_step x group_size trajectories."""
+
+
+@dataclass
+class Env:
+    name: str = "token_preference"
+    """Built-in environment: token_preference (reward = share of response tokens in a target set)."""
+    prompt_len: int = 8
+    """Prompt tokens per episode."""
+    target_modulus: int = 8
+    """token_preference: token ids divisible by this are rewarded."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 1
+    """Print a console line every this many steps (metrics.jsonl gets every step)."""
+    enable_wandb: bool = False
+    """Also log to Weights & Biases (pip install titan_rl[wandb])."""
+    wandb_project: str = "titan_rl"
+    """wandb project."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (no network) or online."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    rl: RL = field(default_factory=RL)
+    rollout: Rollout = field(default_factory=Rollout)
+    env: Env = field(default_factory=Env)
+    metrics: Metrics = field(default_factory=Metrics)

@@ -1,0 +1,193 @@
+"""Load a JobConfig from TOML plus ``--section.key=value`` overrides, with errors that help."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):  # noqa: UP036 (tomli keeps 3.10 working)
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from titan_rl.config.job_config import JobConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user."""
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(JobConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(JobConfig)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(where: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is float and is_number:
+        return float(value)
+    if tp is int and is_number and isinstance(value, int):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_cli_value(where: str, text: str, tp: Any) -> Any:
+    """Command-line strings -> typed values (true/false, numbers, JSON lists, plain strings)."""
+    if tp is str:
+        return text
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where} must be true or false, got {text!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {text!r}") from None
+    return _check_value(where, value, tp)
+
+
+def _lookup(section: str, key: str | None = None) -> Any:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section [{section}]; valid sections: {', '.join(sections)}")
+    if key is None:
+        return sections[section]
+    fields = _field_types(sections[section])
+    if key not in fields:
+        raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(fields)}")
+    return fields[key]
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """``["--training.steps=5", "--rl.kl_coef", "0.1"]`` -> ``{"training": {"steps": 5}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        name, has_value, text = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+            i += 1
+            text = args[i]
+        section, _, key = name.partition(".")
+        tp = _lookup(section, key)
+        out.setdefault(section, {})[key] = _parse_cli_value(f"--{name}", text, tp)
+        i += 1
+    return out
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": ("debug", "20b", "120b"),
+    "model.attn_backend": ("auto", "eager", "chunked", "flash"),
+    "model.dtype": ("float32", "bfloat16"),
+    "parallelism.cp_mode": ("ulysses", "ring"),
+    "lr_scheduler.decay": ("cosine", "constant"),
+    "rl.old_logprob_mode": ("unified", "recompute"),
+    "rl.advantage": ("grpo", "dr_grpo", "rloo"),
+    "rl.policy_loss": ("ppo", "gspo"),
+    "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "rl.kl_estimator": ("k1", "k2", "k3"),
+    "rl.correction": ("none", "tis", "mis"),
+    "rl.correction_level": ("token", "sequence"),
+    "rollout.engine": ("native",),
+    "env.name": ("token_preference",),
+    "metrics.wandb_mode": ("offline", "online", "disabled"),
+}
+POSITIVE = ("training.steps", "training.minibatches", "training.micro_batch_rows", "training.seq_len",
+            "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
+            "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
+            "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq")  # fmt: skip
+
+
+def validate(config: JobConfig) -> None:
+    """Values outside their allowed set are ConfigErrors naming the key and the choices."""
+    for name, choices in CHOICES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+    for name in POSITIVE:
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if config.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> JobConfig:
+    """A JobConfig from nested dicts; unknown sections/keys and wrong types are ConfigErrors."""
+    config = JobConfig()
+    for section, values in data.items():
+        section_cls = _lookup(section)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
+        current = getattr(config, section)
+        for key, value in values.items():
+            tp = _lookup(section, key)
+            setattr(current, key, _check_value(f"{section}.{key}", value, tp))
+        setattr(config, section, section_cls(**dataclasses.asdict(current)))
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read the TOML file (if any), then apply the command-line overrides on top."""
+    data: dict[str, dict[str, Any]] = {}
+    source = "defaults"
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing .toml (see train_configs/)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        source = str(path)
+    for section, values in parse_overrides(overrides or []).items():
+        data.setdefault(section, {}).update(values)
+    return build_config(data, source)
+
+
+def config_to_dict(config: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: JobConfig) -> str:
+    """The resolved config as TOML text (written into the run's dump folder)."""
+    lines = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)

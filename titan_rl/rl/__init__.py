@@ -1,0 +1,1 @@
+"""RL math: advantages and policy losses as pure tensor functions."""

@@ -1,0 +1,19 @@
+"""The environment protocol the trainer talks to (single-turn until the agent loop lands)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Environment(Protocol):
+    def prompts(self, step: int, count: int) -> list[list[int]]:
+        """``count`` prompts (token ids) for RL step ``step``; deterministic given the step."""
+        ...
+
+    def reward(self, prompt: list[int], response: list[int]) -> float:
+        """Score one sampled response to ``prompt``."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

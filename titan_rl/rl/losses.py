@@ -1,0 +1,327 @@
+"""Policy losses, KL / entropy terms, rollout correction and aggregation (RL.md, "Policy loss").
+
+Every per-token tensor is 1-D ``[N]``: the tokens of several trajectories packed and flattened.
+``loss_mask`` (bool or float, nonzero = included) marks the tokens the policy sampled; ``seq_ids``
+(long, in ``[0, num_seqs)``) names each token's trajectory. Masked-out tokens are excluded with
+``torch.where``, so whatever values they hold (padding, tool output) never reach a sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+POLICY_LOSSES = ("ppo", "gspo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+CORRECTIONS = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence")
+
+Count = int | float | Tensor
+
+
+@dataclass
+class LossConfig:
+    """How ``rl_loss`` turns log-probs and advantages into one scalar."""
+
+    policy_loss: str = "ppo"  # "ppo" (token ratio) | "gspo" (sequence ratio, per-token gradient)
+    clip_eps_low: float = 0.2  # PPO ratio lower bound 1 - clip_eps_low
+    clip_eps_high: float = 0.28  # PPO ratio upper bound 1 + clip_eps_high (DAPO clip-higher)
+    dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
+    gspo_eps_low: float = 3e-4  # GSPO sequence-ratio lower bound 1 - gspo_eps_low
+    gspo_eps_high: float = 4e-4  # GSPO sequence-ratio upper bound 1 + gspo_eps_high
+    aggregation: str = "token-mean"  # "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"
+    norm_constant: float | None = None  # seq-mean-token-sum-norm divisor, e.g. max response tokens
+    kl_coef: float = 0.0  # weight of the KL-to-reference loss term (0 = off)
+    kl_estimator: str = "k3"  # "k1" | "k2" | "k3"
+    entropy_coef: float = 0.0  # weight of the entropy bonus (subtracted from the loss; 0 = off)
+    correction: str = "none"  # rollout correction: "none" | "tis" (truncate weights) | "mis" (mask tokens)
+    correction_level: str = "token"  # "token" | "sequence": importance weight per token or per trajectory
+    correction_threshold: float = 2.0  # C: TIS truncates w at C, MIS keeps w in [1/C, C]
+
+    def __post_init__(self) -> None:
+        for name, valid in (
+            ("policy_loss", POLICY_LOSSES),
+            ("aggregation", AGGREGATIONS),
+            ("kl_estimator", KL_ESTIMATORS),
+            ("correction", CORRECTIONS),
+            ("correction_level", CORRECTION_LEVELS),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"loss.{name} = {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        for name in ("clip_eps_low", "gspo_eps_low"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"loss.{name} = {getattr(self, name)} must be in [0, 1)")
+        for name in ("clip_eps_high", "gspo_eps_high", "kl_coef"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"loss.{name} = {getattr(self, name)} must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"loss.dual_clip = {self.dual_clip} must be > 1 (e.g. 3.0), or unset to disable")
+        if self.correction_threshold <= 1.0:
+            raise ValueError(
+                f"loss.correction_threshold = {self.correction_threshold} must be > 1 (e.g. 2.0)"
+            )
+        if self.aggregation == "seq-mean-token-sum-norm" and (self.norm_constant or 0.0) <= 0.0:
+            raise ValueError(
+                "loss.aggregation = 'seq-mean-token-sum-norm' needs loss.norm_constant > 0 "
+                f"(got {self.norm_constant}); set it to the max response tokens"
+            )
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate ``[N]`` of KL(policy || reference) from tokens sampled by the policy."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if estimator == "k3":
+        log_ratio = ref_logprobs - logprobs
+        return torch.expm1(log_ratio) - log_ratio  # exp(x) - x - 1, accurate for small x
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def sequence_mean(values: Tensor, loss_mask: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
+    """Masked mean of ``values [N]`` per trajectory -> ``[num_seqs]``; 0 for a trajectory without tokens."""
+    mask = loss_mask.bool()
+    sums = values.new_zeros(num_seqs).index_add(0, seq_ids, torch.where(mask, values, 0.0))
+    counts = values.new_zeros(num_seqs).index_add(0, seq_ids, mask.to(values.dtype))
+    return sums / counts.clamp_min(1.0)
+
+
+def ppo_clip_token_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PPO clipped loss per token ``[N]`` and ``clipped [N]`` (bool: clipped branch active, no gradient).
+
+    ``L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with ``rho = exp(logp - old_logp)``;
+    with dual clip c, tokens with A < 0 have ``L = min(L, -c A)``.
+    """
+    return _clipped_surrogate(torch.exp(logprobs - old_logprobs), advantages, eps_low, eps_high, dual_clip)
+
+
+def gspo_token_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    seq_ids: Tensor,
+    num_seqs: int,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[Tensor, Tensor]:
+    """GSPO-token loss ``[N]`` and ``clipped [N]``: the PPO clip applied to the sequence ratio.
+
+    ``s_i = exp(mean_{t in i, masked}(logp_t - old_logp_t))``; token t of trajectory i uses
+    ``sg(s_i) * exp(logp_t - sg(logp_t))``: its value is s_i and its gradient is ``s_i * grad logp_t``.
+    """
+    log_seq_ratio = sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs)  # [num_seqs]
+    token_seq_ratio = torch.exp(log_seq_ratio.detach()[seq_ids] + logprobs - logprobs.detach())
+    return _clipped_surrogate(token_seq_ratio, advantages, eps_low, eps_high, None)
+
+
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor]:
+    unclipped = -ratio * advantages
+    clipped_loss = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+    clipped = clipped_loss > unclipped  # only when rho left the bounds on the side A favours
+    loss = torch.where(clipped, clipped_loss, unclipped)
+    if dual_clip is not None:
+        cap = -dual_clip * advantages
+        dual = (advantages < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+        clipped = clipped | dual
+    return loss, clipped
+
+
+@torch.no_grad()
+def rollout_correction(
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    loss_mask: Tensor,
+    seq_ids: Tensor,
+    num_seqs: int,
+    mode: str,
+    level: str,
+    threshold: float,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Importance weights for the trainer/engine mismatch: ``(weights [N] fp32, keep [N] bool, stats)``.
+
+    ``w_t = exp(old_logp_t - r_t)`` (level "token") or ``exp(sum_{t in i, masked}(old_logp_t - r_t))``
+    broadcast to the tokens of trajectory i (level "sequence"). ``tis``: weights ``min(w, C)``, keep all;
+    ``mis``: weights 1, keep tokens with ``1/C <= w <= C``; ``none``: weights 1, keep all.
+
+    Stats over masked tokens: ``mismatch/logp_abs_mean`` and ``mismatch/logp_abs_max`` of
+    ``|old_logp - r|``; ``mismatch/k3`` = mean of ``exp(r - old) - (r - old) - 1``, i.e.
+    ``kl_estimate(old_logp, r, "k3")``: the k3 form of KL(trainer || engine), the same form as the
+    reference KL with the trainer as the policy (the tokens come from the engine, so it is an
+    estimate; both directions agree to second order in the mismatch); ``correction/truncated_frac``
+    (fraction with w > C, nonzero only for ``tis``) and ``correction/masked_frac`` (fraction dropped,
+    nonzero only for ``mis``).
+    """
+    if mode not in CORRECTIONS:
+        raise ValueError(f"unknown rollout correction {mode!r}; valid: {', '.join(CORRECTIONS)}")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"unknown correction level {level!r}; valid: {', '.join(CORRECTION_LEVELS)}")
+    mask = loss_mask.bool()
+    log_w = torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), 0.0)  # [N]
+    zero = log_w.new_zeros(())
+    stats = {
+        "mismatch/logp_abs_mean": _masked_mean(log_w.abs(), mask),
+        "mismatch/logp_abs_max": log_w.abs().max() if log_w.numel() else zero,
+        "mismatch/k3": _masked_mean(kl_estimate(log_w, zero, "k3"), mask),  # log_w = old - r
+        "correction/truncated_frac": zero,
+        "correction/masked_frac": zero,
+    }
+    if level == "sequence":
+        log_w = log_w.new_zeros(num_seqs).index_add(0, seq_ids, log_w)[seq_ids]
+    w = torch.exp(log_w)
+    weights, keep = torch.ones_like(w), torch.ones_like(mask)
+    if mode == "tis":
+        weights = w.clamp(max=threshold)
+        stats["correction/truncated_frac"] = _masked_mean((w > threshold).float(), mask)
+    elif mode == "mis":
+        keep = (w >= 1.0 / threshold) & (w <= threshold)
+        stats["correction/masked_frac"] = _masked_mean((~keep).float(), mask)
+    return weights, keep, stats
+
+
+def aggregate(
+    per_token_loss: Tensor,
+    loss_mask: Tensor,
+    seq_ids: Tensor,
+    num_seqs: int,
+    mode: str,
+    global_tokens: Count | None = None,
+    global_seqs: Count | None = None,
+    norm_constant: float | None = None,
+) -> Tensor:
+    """Reduce ``per_token_loss [N]`` over masked tokens to a scalar.
+
+    - ``token-mean``: ``sum(masked loss) / global_tokens`` (default: the local masked count).
+    - ``seq-mean-token-mean``: ``sum_i mean_{t in i}(loss) / global_seqs`` (default ``num_seqs``).
+    - ``seq-mean-token-sum-norm``: ``sum_i (sum_{t in i}(loss) / norm_constant) / global_seqs``.
+
+    Pass the counts of the whole global batch (all data-parallel ranks and accumulation steps); the
+    sum of the per-micro-batch losses then equals the loss of the whole batch in one piece.
+    """
+    mask = loss_mask.bool()
+    masked_loss = torch.where(mask, per_token_loss, 0.0)
+    if mode == "token-mean":
+        denominator = mask.sum().clamp_min(1) if global_tokens is None else global_tokens
+        return masked_loss.sum() / denominator
+    seqs = num_seqs if global_seqs is None else global_seqs
+    if mode == "seq-mean-token-mean":
+        return sequence_mean(per_token_loss, mask, seq_ids, num_seqs).sum() / seqs
+    if mode == "seq-mean-token-sum-norm":
+        if norm_constant is None or norm_constant <= 0:
+            raise ValueError(f"seq-mean-token-sum-norm needs norm_constant > 0 (got {norm_constant})")
+        return masked_loss.sum() / norm_constant / seqs  # sum_i sum_{t in i} == sum over all masked tokens
+    raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def rl_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor | None,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    seq_ids: Tensor,
+    num_seqs: int,
+    cfg: LossConfig,
+    entropy: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    global_tokens: Count | None = None,
+    global_seqs: Count | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss (scalar, differentiable in ``logprobs`` / ``entropy``) and detached metrics.
+
+    Rollout-correction weights and keep mask -> policy loss (ppo or gspo) times the weights -> plus
+    ``kl_coef * KL`` -> minus ``entropy_coef * H`` -> aggregated over ``loss_mask & keep``. Metrics
+    (0-dim, over those tokens; 0 when there are none): loss, ratio/mean|min|max (token ratio),
+    ratio/seq_mean (gspo), clip_frac, entropy/mean, kl/mean, and the ``rollout_correction`` stats
+    over ``loss_mask`` (absent when ``rollout_logprobs`` is None, allowed only with correction "none").
+    """
+    mask = loss_mask.bool()
+    advantages = torch.where(mask, advantages, 0.0)  # garbage there would become 0 * inf in the backward
+    if rollout_logprobs is not None:
+        weights, keep, stats = rollout_correction(
+            old_logprobs,
+            rollout_logprobs,
+            mask,
+            seq_ids,
+            num_seqs,
+            cfg.correction,
+            cfg.correction_level,
+            cfg.correction_threshold,
+        )
+        mask = mask & keep
+    elif cfg.correction != "none":
+        raise ValueError(f"loss.correction = {cfg.correction!r} needs rollout_logprobs from the engine")
+    else:
+        weights, stats = torch.ones_like(logprobs), {}
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("loss.kl_coef > 0 needs ref_logprobs; run a reference model or set kl_coef = 0")
+    if cfg.entropy_coef != 0 and entropy is None:
+        raise ValueError("loss.entropy_coef != 0 needs the per-token entropy; pass entropy=")
+
+    metrics: dict[str, Tensor] = {}
+    if cfg.policy_loss == "ppo":
+        per_token, clipped = ppo_clip_token_loss(
+            logprobs, old_logprobs, advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip
+        )
+    else:  # the sequence ratio is over all sampled tokens; dropped tokens only leave the aggregation
+        per_token, clipped = gspo_token_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            loss_mask,
+            seq_ids,
+            num_seqs,
+            cfg.gspo_eps_low,
+            cfg.gspo_eps_high,
+        )
+        with torch.no_grad():
+            has_tokens = sequence_mean(mask.float(), mask, seq_ids, num_seqs) > 0  # [num_seqs]
+            seq_ratio = torch.exp(sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs))
+            metrics["ratio/seq_mean"] = _masked_mean(seq_ratio, has_tokens)
+    per_token = per_token * weights
+    if cfg.kl_coef > 0:
+        per_token = per_token + cfg.kl_coef * kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
+    if cfg.entropy_coef != 0:
+        per_token = per_token - cfg.entropy_coef * entropy
+    loss = aggregate(
+        per_token, mask, seq_ids, num_seqs, cfg.aggregation, global_tokens, global_seqs, cfg.norm_constant
+    )
+
+    with torch.no_grad():
+        ratio = torch.exp(logprobs - old_logprobs)
+        metrics["loss"] = loss.detach()
+        metrics["ratio/mean"] = _masked_mean(ratio, mask)
+        metrics["ratio/min"] = _masked_extreme(ratio, mask, torch.amin)
+        metrics["ratio/max"] = _masked_extreme(ratio, mask, torch.amax)
+        metrics["clip_frac"] = _masked_mean(clipped.float(), mask)
+        if entropy is not None:
+            metrics["entropy/mean"] = _masked_mean(entropy, mask)
+        if ref_logprobs is not None:
+            metrics["kl/mean"] = _masked_mean(kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator), mask)
+    return loss, metrics | stats
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, 0.0).sum().float() / mask.sum().clamp_min(1)
+
+
+def _masked_extreme(values: Tensor, mask: Tensor, reduce) -> Tensor:
+    """amin / amax over masked entries without a host sync; 0 when none is masked."""
+    fill = math.inf if reduce is torch.amin else -math.inf
+    extreme = reduce(values.masked_fill(~mask, fill)) if values.numel() else values.new_zeros(())
+    return torch.where(mask.any(), extreme, 0.0)

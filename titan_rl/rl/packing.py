@@ -1,0 +1,80 @@
+"""Pack trajectories into fixed-length rows of documents for one trainer forward.
+
+Row position p predicts token p + 1 of the same document; per-position tensors below are aligned
+to the *predicting* position, so ``hidden[p]`` scores ``targets[p]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from titan_rl.rl.types import Trajectory
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # [R, S] int64, padding 0
+    document_ids: torch.Tensor  # [R, S] int64; each trajectory (and the padding) its own document
+    targets: torch.Tensor  # [R, S] int64, the next token
+    target_mask: torch.Tensor  # [R, S] bool, True where targets[p] is a trained (sampled) token
+    rollout_logprobs: torch.Tensor  # [R, S] fp32, engine log-prob of targets[p]
+    seq_ids: torch.Tensor  # [R, S] int64, trajectory index of targets[p] (0 where unmasked)
+    advantages: torch.Tensor  # [R, S] fp32, the trajectory's advantage at trained positions
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, index: slice | torch.Tensor) -> PackedBatch:
+        return PackedBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], seq_len: int) -> PackedBatch:
+    """First-fit packing in order; a trajectory never spans two rows."""
+    rows: list[list[int]] = []  # trajectory indices per row
+    used: list[int] = []
+    for i, traj in enumerate(trajectories):
+        n = len(traj.tokens)
+        if n > seq_len:
+            raise ValueError(
+                f"trajectory {i} has {n} tokens > training.seq_len = {seq_len}; raise training.seq_len "
+                f"or lower rollout.max_new_tokens"
+            )
+        for r, fill in enumerate(used):
+            if fill + n <= seq_len:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+
+    shape = (len(rows), seq_len)
+    tokens = torch.zeros(shape, dtype=torch.long)
+    document_ids = torch.zeros(shape, dtype=torch.long)
+    targets = torch.zeros(shape, dtype=torch.long)
+    target_mask = torch.zeros(shape, dtype=torch.bool)
+    rollout_logprobs = torch.zeros(shape, dtype=torch.float32)
+    seq_ids = torch.zeros(shape, dtype=torch.long)
+    advantage = torch.zeros(shape, dtype=torch.float32)
+    for r, members in enumerate(rows):
+        start = 0
+        for doc, i in enumerate(members):
+            traj = trajectories[i]
+            n = len(traj.tokens)
+            span = slice(start, start + n)
+            predictor = slice(start, start + n - 1)  # position p predicts p + 1
+            tokens[r, span] = torch.tensor(traj.tokens)
+            document_ids[r, span] = doc
+            targets[r, predictor] = torch.tensor(traj.tokens[1:])
+            target_mask[r, predictor] = torch.tensor(traj.loss_mask[1:], dtype=torch.bool)
+            rollout_logprobs[r, predictor] = torch.tensor(traj.rollout_logprobs[1:])
+            seq_ids[r, predictor] = i
+            advantage[r, predictor] = advantages[i]
+            start += n
+        document_ids[r, start:] = len(members)  # padding: a document of its own
+    seq_ids = seq_ids * target_mask
+    advantage = advantage * target_mask
+    return PackedBatch(tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage)

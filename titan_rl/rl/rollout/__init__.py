@@ -1,0 +1,5 @@
+"""Rollout engines: generate tokens and their log-probs from the current policy."""
+
+from titan_rl.rl.rollout.native import Completion, NativeEngine, RolloutEngine, SamplingParams
+
+__all__ = ["Completion", "NativeEngine", "RolloutEngine", "SamplingParams"]

@@ -1,0 +1,396 @@
+"""The RL training entry point: ``torchrun -m titan_rl.train --config FILE [--section.key=value ...]``.
+
+Per step: prompts from the environment -> rollouts from the engine -> rewards and group
+advantages -> trajectories packed into rows -> ONE forward with grad giving log-probs and entropy
+(on-policy: ``old_logprobs = logprobs.detach()``, so the ratio is exactly 1 and MoE routing cannot
+drift) -> loss -> backward -> clip -> AdamW -> metrics -> checkpoint. With several minibatches per
+rollout batch, old log-probs come from a no-grad pass that records each token's experts, and the
+grad passes replay them (``rl.routing_replay``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
+from titan_rl.metrics import MetricsLogger, peak_memory_gb
+from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
+from titan_rl.rl.advantages import group_advantages, informative_groups
+from titan_rl.rl.envs import Environment, TokenPreferenceEnv
+from titan_rl.rl.losses import LossConfig, rl_loss
+from titan_rl.rl.packing import PackedBatch, pack_trajectories
+from titan_rl.rl.rollout import NativeEngine, RolloutEngine, SamplingParams
+from titan_rl.rl.types import Trajectory
+
+DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: JobConfig) -> GptOss:
+    if cfg.model.hf_path:
+        from titan_rl.checkpoint.hf import load_hf_model
+
+        model = load_hf_model(cfg.model.hf_path, dtype=DTYPES[cfg.model.dtype])
+        model.set_attention_backend(cfg.model.attn_backend)
+        return model
+    args = GptOssModelArgs.from_preset(cfg.model.preset, attn_backend=cfg.model.attn_backend)
+    return GptOss(args).to(DTYPES[cfg.model.dtype])
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig, total_steps: int):
+    sched = cfg.lr_scheduler
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < sched.warmup_steps:
+            return (step + 1) / sched.warmup_steps
+        if sched.decay == "constant":
+            return 1.0
+        progress = (step - sched.warmup_steps) / max(1, total_steps - sched.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_config(cfg: JobConfig) -> LossConfig:
+    rl = cfg.rl
+    return LossConfig(
+        policy_loss=rl.policy_loss,
+        clip_eps_low=rl.clip_eps_low,
+        clip_eps_high=rl.clip_eps_high,
+        dual_clip=rl.dual_clip or None,
+        gspo_eps_low=rl.gspo_eps_low,
+        gspo_eps_high=rl.gspo_eps_high,
+        aggregation=rl.aggregation,
+        norm_constant=float(cfg.rollout.max_new_tokens),
+        kl_coef=rl.kl_coef,
+        kl_estimator=rl.kl_estimator,
+        entropy_coef=rl.entropy_coef,
+        correction=rl.correction,
+        correction_level=rl.correction_level,
+        correction_threshold=rl.correction_threshold,
+    )
+
+
+def collect_rollouts(engine: RolloutEngine, env: Environment, step: int, cfg: JobConfig) -> list[Trajectory]:
+    """``prompts_per_step`` prompts x ``group_size`` samples, scored by the environment."""
+    prompts = env.prompts(step, cfg.rollout.prompts_per_step)
+    repeated = [p for p in prompts for _ in range(cfg.rollout.group_size)]
+    params = SamplingParams(
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    completions = engine.generate(repeated, params)
+    trajectories = []
+    for i, (prompt, completion) in enumerate(zip(repeated, completions)):
+        trajectories.append(
+            Trajectory(
+                tokens=prompt + completion.tokens,
+                loss_mask=[0] * len(prompt) + [1] * len(completion.tokens),
+                rollout_logprobs=[0.0] * len(prompt) + completion.logprobs,
+                reward=env.reward(prompt, completion.tokens),
+                group=i // cfg.rollout.group_size,
+            )
+        )
+    return trajectories
+
+
+@dataclass
+class StepStats:
+    """Merges per-micro-batch metrics: sums, token-weighted means, min / max."""
+
+    tokens: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+    mins: dict[str, float] = field(default_factory=dict)
+    maxs: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        self.loss += loss.item()
+        self.tokens += tokens
+        for key, value in metrics.items():
+            v = float(value)
+            if key.endswith("/min"):
+                self.mins[key] = min(self.mins.get(key, v), v)
+            elif key.endswith("/max"):
+                self.maxs[key] = max(self.maxs.get(key, v), v)
+            elif key != "loss":
+                self.sums[key] = self.sums.get(key, 0.0) + v * tokens
+
+    def result(self) -> dict[str, float]:
+        means = {k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
+        return {"loss": self.loss, **means, **self.mins, **self.maxs}
+
+
+class Trainer:
+    """Owns the policy, the optional frozen reference and the optimizer; runs one RL step."""
+
+    def __init__(self, model: GptOss, cfg: JobConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.loss_cfg = loss_config(cfg)
+        self.reference = None
+        if cfg.rl.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
+        )
+        total_optimizer_steps = cfg.training.steps * cfg.training.minibatches
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, total_optimizer_steps)
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+
+    def _logprobs(self, model: GptOss, mb: PackedBatch, expert_indices=None, record: bool = False):
+        """Log-probs and entropy of the trained positions of ``mb`` (+ routing when recording)."""
+        out = model(
+            mb.tokens,
+            document_ids=mb.document_ids,
+            return_hidden=True,
+            expert_indices=expert_indices,
+            return_expert_indices=record,
+        )
+        hidden, experts = out if record else (out, None)
+        sel = mb.target_mask
+        logprobs, entropy = token_logprobs_and_entropy(
+            hidden[sel], model.lm_head.weight, mb.targets[sel], self.cfg.rollout.temperature
+        )
+        return logprobs, entropy, experts
+
+    def _micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
+        size = self.cfg.training.micro_batch_rows
+        return [batch.rows(slice(i, i + size)) for i in range(0, batch.num_rows, size)]
+
+    def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
+        """All optimizer steps for one rollout batch; returns the merged metrics."""
+        cfg = self.cfg
+        rows = torch.arange(batch.num_rows)
+        minibatches = [
+            batch.rows(r) for r in rows.tensor_split(min(cfg.training.minibatches, batch.num_rows))
+        ]
+        unified = cfg.rl.old_logprob_mode == "unified"
+        needs_old_pass = not unified or len(minibatches) > 1
+        replay = unified and cfg.rl.routing_replay and len(minibatches) > 1
+        stats = StepStats()
+        grad_norms = []
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
+        for minibatch in minibatches:
+            micro = self._micro_batches(minibatch)
+            old, routing, ref = [], [], []
+            with torch.no_grad():  # old log-probs (recorded routing), reference log-probs
+                for mb in micro:
+                    if needs_old_pass:
+                        logprobs, _, experts = self._logprobs(self.model, mb, record=replay)
+                        old.append(logprobs)
+                        routing.append(experts)
+                    if self.reference is not None:
+                        ref.append(self._logprobs(self.reference, mb)[0])
+            global_tokens = float(minibatch.target_mask.sum())
+            global_seqs = float(minibatch.seq_ids[minibatch.target_mask].unique().numel())
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, mb in enumerate(micro):
+                if not mb.target_mask.any():
+                    continue
+                logprobs, entropy, _ = self._logprobs(
+                    self.model, mb, expert_indices=routing[i] if replay else None
+                )
+                old_logprobs = old[i] if needs_old_pass else logprobs.detach()
+                sel = mb.target_mask
+                loss, metrics = rl_loss(
+                    logprobs,
+                    old_logprobs,
+                    mb.rollout_logprobs[sel],
+                    mb.advantages[sel],
+                    torch.ones_like(logprobs),
+                    mb.seq_ids[sel],
+                    num_seqs,
+                    self.loss_cfg,
+                    entropy=entropy,
+                    ref_logprobs=ref[i] if ref else None,
+                    global_tokens=global_tokens,
+                    global_seqs=global_seqs,
+                )
+                loss.backward()
+                stats.add(loss.detach(), metrics, int(sel.sum()))
+            grad_norms.append(self._optimizer_step())
+        result = stats.result()
+        result["grad_norm"] = max(grad_norms)
+        result["lr"] = lr
+        result["train/skipped_steps"] = self.skipped_steps
+        return result
+
+    def _optimizer_step(self) -> float:
+        clip = self.cfg.training.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            return float(grad_norm)
+        self.consecutive_skips = 0
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return float(grad_norm)
+
+
+def build_env(cfg: JobConfig, vocab_size: int) -> Environment:
+    env = cfg.env
+    return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
+
+
+def check_world_size(cfg: JobConfig, world_size: int) -> None:
+    p = cfg.parallelism
+    mesh = p.dp_replicate * p.dp_shard * p.cp
+    if mesh != world_size:
+        raise ConfigError(
+            f"mesh dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x cp={p.cp} = {mesh} != world "
+            f"size {world_size}; set parallelism.dp_shard = {max(1, world_size // (p.dp_replicate * p.cp))} "
+            f"or launch {mesh} processes (NPROC={mesh} ./run_train.sh)"
+        )
+    if world_size > 1:
+        raise ConfigError(
+            f"{world_size} processes requested, but multi-process training needs titan_rl.parallel "
+            "(not in this version yet); run with NPROC=1"
+        )
+
+
+def run(cfg: JobConfig, console: Console) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(cfg, world_size)
+    dump = Path(cfg.job.dump_folder)
+    dump.mkdir(parents=True, exist_ok=True)
+    (dump / "config.toml").write_text(to_toml(cfg))
+    seed_everything(cfg.job.seed)
+    model = build_model(cfg)
+    trainer = Trainer(model, cfg)
+    engine = NativeEngine(model, seed=cfg.job.seed)
+    env = build_env(cfg, model.args.vocab_size)
+    logger = MetricsLogger(dump, cfg.metrics.log_freq, wandb_run=start_wandb(cfg))
+
+    manager, start_step = None, 0
+    if cfg.checkpoint.enable:
+        from titan_rl.checkpoint.manager import CheckpointManager
+
+        folder = Path(cfg.checkpoint.folder)
+        manager = CheckpointManager(
+            folder if folder.is_absolute() else dump / folder,
+            cfg.checkpoint.interval,
+            cfg.checkpoint.keep_last,
+        )
+        resumed = manager.load(
+            model, trainer.optimizer, trainer.lr_scheduler, path=cfg.checkpoint.load_path or None
+        )
+        if resumed is not None:
+            start_step, extra = resumed
+            engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
+            env.load_state_dict(extra["env"])
+            console.print(f"resumed from step {start_step}")
+
+    counts = model.args.num_params()
+    console.print(
+        f"titan_rl: {counts['total'] / 1e6:.2f}M params, {cfg.training.steps} steps, "
+        f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, dump {dump}"
+    )
+    for step in range(start_step + 1, cfg.training.steps + 1):
+        t0 = time.perf_counter()
+        model.eval()
+        trajectories = collect_rollouts(engine, env, step, cfg)
+        model.train()
+        t1 = time.perf_counter()
+        rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
+        advantages = group_advantages(rewards, cfg.rl.advantage)
+        if cfg.rl.drop_uninformative_groups:
+            advantages = advantages * informative_groups(rewards)[:, None]
+        batch = pack_trajectories(trajectories, advantages.flatten().tolist(), cfg.training.seq_len)
+        metrics = trainer.train_step(batch, len(trajectories))
+        engine.update_weights(model)
+        t2 = time.perf_counter()
+        response = torch.tensor([float(t.response_len) for t in trajectories])
+        metrics.update(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "reward/min": rewards.min().item(),
+                "reward/max": rewards.max().item(),
+                "response_len/mean": response.mean().item(),
+                "tokens_per_s/rollout": response.sum().item() / (t1 - t0),
+                "tokens_per_s/train": float((batch.document_ids >= 0).sum()) / (t2 - t1),
+                "time/rollout_s": t1 - t0,
+                "time/train_s": t2 - t1,
+                "mem/peak_gb": peak_memory_gb(),
+            }
+        )
+        logger.log(step, metrics, console)
+        if trainer.consecutive_skips >= cfg.training.max_skipped_steps:
+            console.print(
+                f"[red]stopping: {trainer.consecutive_skips} consecutive steps with non-finite gradients "
+                f"(training.max_skipped_steps = {cfg.training.max_skipped_steps})[/]"
+            )
+            return 1
+        if manager is not None and (manager.should_save(step) or step == cfg.training.steps):
+            extra = {"engine_rng": engine.generator.get_state().tolist(), "env": env.state_dict()}
+            manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
+    console.print(f"done: {cfg.training.steps} steps, metrics in {dump / 'metrics.jsonl'}")
+    return 0
+
+
+def start_wandb(cfg: JobConfig):
+    if not cfg.metrics.enable_wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("metrics.enable_wandb = true needs wandb: pip install 'titan_rl[wandb]'") from None
+    return wandb.init(
+        project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="titan_rl.train",
+        description="On-policy RL for GPT-OSS.",
+        epilog="Overrides: --section.key=value",
+    )
+    parser.add_argument("--config", default=os.environ.get("CONFIG_FILE", DEFAULT_CONFIG), help="TOML file")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config for $WORLD_SIZE processes and exit"
+    )
+    known, overrides = parser.parse_known_args(argv)
+    console = Console(stderr=False)
+    try:
+        cfg = load_config(known.config, overrides)
+        if known.check_config:
+            check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            return 0
+        return run(cfg, console)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if known.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
