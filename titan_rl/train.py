@@ -193,17 +193,18 @@ class Trainer:
         stats = StepStats()
         grad_norms = []
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
-        for minibatch in minibatches:
-            micro = self._micro_batches(minibatch)
-            old, routing, ref = [], [], []
-            with torch.no_grad():  # old log-probs (recorded routing), reference log-probs
-                for mb in micro:
+        # Old (and reference) log-probs of every minibatch come from the policy that sampled the
+        # batch, i.e. before any update; the experts they used are recorded for replay.
+        old, routing, ref = {}, {}, {}
+        with torch.no_grad():
+            for m, minibatch in enumerate(minibatches):
+                for i, mb in enumerate(self._micro_batches(minibatch)):
                     if needs_old_pass:
-                        logprobs, _, experts = self._logprobs(self.model, mb, record=replay)
-                        old.append(logprobs)
-                        routing.append(experts)
+                        old[m, i], _, routing[m, i] = self._logprobs(self.model, mb, record=replay)
                     if self.reference is not None:
-                        ref.append(self._logprobs(self.reference, mb)[0])
+                        ref[m, i] = self._logprobs(self.reference, mb)[0]
+        for m, minibatch in enumerate(minibatches):
+            micro = self._micro_batches(minibatch)
             global_tokens = float(minibatch.target_mask.sum())
             global_seqs = float(minibatch.seq_ids[minibatch.target_mask].unique().numel())
             self.optimizer.zero_grad(set_to_none=True)
@@ -211,9 +212,9 @@ class Trainer:
                 if not mb.target_mask.any():
                     continue
                 logprobs, entropy, _ = self._logprobs(
-                    self.model, mb, expert_indices=routing[i] if replay else None
+                    self.model, mb, expert_indices=routing[m, i] if replay else None
                 )
-                old_logprobs = old[i] if needs_old_pass else logprobs.detach()
+                old_logprobs = old[m, i] if needs_old_pass else logprobs.detach()
                 sel = mb.target_mask
                 loss, metrics = rl_loss(
                     logprobs,
@@ -225,7 +226,7 @@ class Trainer:
                     num_seqs,
                     self.loss_cfg,
                     entropy=entropy,
-                    ref_logprobs=ref[i] if ref else None,
+                    ref_logprobs=ref.get((m, i)),
                     global_tokens=global_tokens,
                     global_seqs=global_seqs,
                 )

@@ -1,0 +1,95 @@
+"""Trainer internals: unified forward, minibatches with routing replay, LR schedule."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from titan_rl.config import load_config
+from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.rl.advantages import group_advantages
+from titan_rl.rl.packing import pack_trajectories
+from titan_rl.rl.rollout import NativeEngine
+from titan_rl.train import Trainer, build_env, collect_rollouts
+
+
+def setup(*overrides: str):
+    cfg = load_config(None, ["--training.seq_len=64", "--rollout.prompts_per_step=4", *overrides])
+    torch.manual_seed(0)
+    args = GptOssModelArgs.from_preset(
+        "debug", num_local_experts=8, num_experts_per_tok=2, initializer_range=0.1
+    )
+    model = GptOss(args)
+    trainer = Trainer(model, cfg)
+    env = build_env(cfg, args.vocab_size)
+    trajectories = collect_rollouts(NativeEngine(model, seed=1), env, 1, cfg)
+    rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
+    advantages = group_advantages(rewards, cfg.rl.advantage).flatten().tolist()
+    batch = pack_trajectories(trajectories, advantages, cfg.training.seq_len)
+    return trainer, batch, len(trajectories)
+
+
+class ExpertRecorder:
+    """Observes the experts each MoE layer picks, split into no-grad and grad passes."""
+
+    def __init__(self, model: GptOss) -> None:
+        self.no_grad: list[torch.Tensor] = []
+        self.grad: list[torch.Tensor] = []
+        for block in model.layers:
+            block.mlp.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        (self.grad if torch.is_grad_enabled() else self.no_grad).append(output[1].clone())
+
+
+def test_on_policy_step_has_ratio_exactly_one_and_one_forward():
+    trainer, batch, n = setup()
+    recorder = ExpertRecorder(trainer.model)
+    metrics = trainer.train_step(batch, n)
+    assert metrics["ratio/min"] == 1.0 and metrics["ratio/max"] == 1.0
+    assert recorder.no_grad == []  # no second (no-grad) forward on-policy
+    assert len(recorder.grad) == trainer.model.args.num_hidden_layers * len(trainer._micro_batches(batch))
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_minibatches_replay_recorded_experts(replay):
+    trainer, batch, n = setup(
+        "--training.minibatches=2", f"--rl.routing_replay={str(replay).lower()}", "--optimizer.lr=0.05"
+    )
+    recorder = ExpertRecorder(trainer.model)
+    metrics = trainer.train_step(batch, n)
+    layers = trainer.model.args.num_hidden_layers
+    # second minibatch: its grad pass runs after one optimizer step changed the router
+    recorded = torch.cat([e.flatten() for e in recorder.no_grad[-layers:]])
+    used = torch.cat([e.flatten() for e in recorder.grad[-layers:]])
+    if replay:
+        assert torch.equal(recorded, used)
+    else:
+        assert not torch.equal(recorded, used)  # routing drifted between the two passes
+    assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0  # off-policy after the first update
+
+
+def test_recompute_mode_runs_a_second_forward():
+    trainer, batch, n = setup("--rl.old_logprob_mode=recompute")
+    recorder = ExpertRecorder(trainer.model)
+    trainer.train_step(batch, n)
+    assert len(recorder.no_grad) == len(recorder.grad) > 0
+
+
+def test_warmup_then_cosine_schedule():
+    trainer, _, _ = setup(
+        "--lr_scheduler.warmup_steps=2",
+        "--training.steps=10",
+        "--optimizer.lr=1.0",
+        "--lr_scheduler.min_lr_ratio=0.1",
+    )
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
