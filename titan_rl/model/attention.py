@@ -18,6 +18,8 @@ Backends (``GptOssModelArgs.attn_backend``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -49,7 +51,12 @@ def eager_sink_attention(
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
 
 
-BACKENDS = {
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int | None, torch.Tensor | None],
+    torch.Tensor,
+]
+
+BACKENDS: dict[str, AttentionFn] = {
     "eager": eager_sink_attention,
     "chunked": chunked_sink_attention,
     "flash": flash_sink_attention,
@@ -76,6 +83,10 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
         self.window = args.window_of(layer)
         self.backend = args.attn_backend
+        # Parallel code may re-place the attention computation (e.g. context parallelism) by setting
+        # this to a function with the backends' signature
+        # (q, k, v, sinks, scale, window, document_ids) -> out; the model math never changes.
+        self.attention_fn: AttentionFn | None = None
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
@@ -94,8 +105,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = BACKENDS[resolve_backend(self.backend, x.device, x.dtype)]
-        out = backend(q, k, v, self.sinks, self.scale, self.window, document_ids)
+        attend = self.attention_fn or BACKENDS[resolve_backend(self.backend, x.device, x.dtype)]
+        out = attend(q, k, v, self.sinks, self.scale, self.window, document_ids)
         return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
 
     def init_weights(self, std: float) -> None:
