@@ -19,14 +19,39 @@ Backends (``GptOssModelArgs.attn_backend``):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
+
+if TYPE_CHECKING:
+    from titan_rl.model.kv_cache import LayerCache
 from titan_rl.model.masks import allowed_keys
 from titan_rl.model.rope import apply_rope
 from titan_rl.model.sink_kernels import chunked_sink_attention, flash_sink_attention
+
+
+def sink_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """The math of sink attention, written out. q ``[B, Tq, H, D]``, k/v ``[B, Tk, KV, D]``,
+    ``allowed`` broadcastable to ``[B, H, Tq, Tk]`` -> ``[B, Tq, H, D]``."""
+    batch, q_len, n_heads, _ = q.shape
+    groups = n_heads // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2)
+    v = v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, Tq, Tk]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink_column = sinks.float().view(1, n_heads, 1, 1).expand(batch, n_heads, q_len, 1)
+    probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
 
 
 def eager_sink_attention(
@@ -39,16 +64,9 @@ def eager_sink_attention(
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference sink attention. q ``[B, T, H, D]``, k/v ``[B, T, KV, D]`` -> ``[B, T, H, D]``."""
-    batch, seq, n_heads, _ = q.shape
-    groups = n_heads // k.shape[2]
-    k = k.repeat_interleave(groups, dim=2)
-    v = v.repeat_interleave(groups, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, T, T]
-    mask = allowed_keys(0, seq, 0, seq, window, document_ids, q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink_column = sinks.float().view(1, n_heads, 1, 1).expand(batch, n_heads, seq, 1)
-    probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+    seq = q.shape[1]
+    allowed = allowed_keys(0, seq, 0, seq, window, document_ids, q.device)
+    return sink_softmax_attention(q, k, v, sinks, scale, allowed)
 
 
 AttentionFn = Callable[
@@ -99,6 +117,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [B, T, head_dim // 2]
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,  # [B, T]
+        kv_cache: LayerCache | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
@@ -106,7 +125,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend = self.attention_fn or BACKENDS[resolve_backend(self.backend, x.device, x.dtype)]
-        out = attend(q, k, v, self.sinks, self.scale, self.window, document_ids)
+        if kv_cache is None:
+            out = attend(q, k, v, self.sinks, self.scale, self.window, document_ids)
+        else:
+            out = kv_cache.attend(q, k, v, self.sinks, self.scale, self.window, document_ids, attend)
         return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
 
     def init_weights(self, std: float) -> None:

@@ -22,6 +22,8 @@ For a large model build it on the meta device, move it, then initialize::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -29,6 +31,9 @@ from titan_rl.model.args import GptOssModelArgs
 from titan_rl.model.attention import Attention
 from titan_rl.model.moe import MoE
 from titan_rl.model.rope import rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from titan_rl.model.kv_cache import KVCache, LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +70,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         expert_indices: torch.Tensor | None = None,
+        kv_cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache)
         moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices)
         return x + moe_out, expert_indices
 
@@ -128,6 +134,7 @@ class GptOss(nn.Module):
         expert_indices: torch.Tensor | None = None,
         return_hidden: bool = False,
         return_expert_indices: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, T, vocab]`` (or final hidden states with ``return_hidden``).
 
@@ -136,7 +143,12 @@ class GptOss(nn.Module):
         document_ids: ``[B, T]``; tokens attend only within their document (packed rows).
         expert_indices: ``[layers, B, T, top_k]`` to replay a recorded routing.
         return_expert_indices: also return the routing used, ``[layers, B, T, top_k]``.
+        kv_cache: generation cache (``titan_rl.model.kv_cache``); needs explicit ``positions``.
         """
+        if kv_cache is not None:
+            if positions is None:
+                raise ValueError("generation with a kv_cache needs explicit positions")
+            kv_cache.begin(positions)
         if positions is None:
             if document_ids is None:
                 positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -147,8 +159,11 @@ class GptOss(nn.Module):
         used = []
         for i, block in enumerate(self.layers):
             forced = None if expert_indices is None else expert_indices[i]
-            x, chosen = block(x, cos, sin, document_ids, forced)
+            layer_cache = None if kv_cache is None else kv_cache.layers[i]
+            x, chosen = block(x, cos, sin, document_ids, forced, layer_cache)
             used.append(chosen)
+        if kv_cache is not None:
+            kv_cache.end()
         out = self.norm(x)
         if not return_hidden:
             out = self.lm_head(out)

@@ -2,8 +2,9 @@
 
 Same module, same attention and MoE code as the trainer, so there is no second model
 implementation and no weight sync (the engine holds a reference to the live module). This
-version re-runs the full prefix for every new token (no KV cache yet): simple and exact, meant
-for the CPU debug runs and tests.
+engine prefills the left-padded prompts with the model's ordinary attention backend, then decodes
+one token at a time against a KV cache (``titan_rl.model.kv_cache``; sliding-window layers keep
+only their window).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 import torch
 
 from titan_rl.model import GptOss
+from titan_rl.model.kv_cache import KVCache
 
 
 @dataclass
@@ -65,21 +67,32 @@ class NativeEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        model, device = self.model, self.model.lm_head.weight.device
-        batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        total = int(lengths.max()) + params.max_new_tokens
-        tokens = torch.zeros(batch, total, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
+        model = self.model
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        # left padding: every row writes its next token into the same cache slot
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.full((batch, width), -1, dtype=torch.long)
+        document_ids = torch.zeros(batch, width, dtype=torch.long)  # padding 0, prompt 1
+        for i, prompt in enumerate(prompts):
+            pad = width - len(prompt)
+            tokens[i, pad:] = torch.tensor(prompt)
+            positions[i, pad:] = torch.arange(len(prompt))
+            document_ids[i, pad:] = 1
+        cache = KVCache(model.args, batch, width + params.max_new_tokens, device, dtype)
+        hidden = model(
+            tokens.to(device),
+            positions=positions.to(device),
+            document_ids=document_ids.to(device),
+            return_hidden=True,
+            kv_cache=cache,
+        )[:, -1]
+        next_position = torch.tensor([len(p) for p in prompts])
         done = torch.zeros(batch, dtype=torch.bool)
-        outputs: list[Completion] = [Completion([], [], "length") for _ in prompts]
+        outputs = [Completion([], [], "length") for _ in prompts]
         stop = torch.tensor(list(params.stop_token_ids), dtype=torch.long)
-        for _ in range(params.max_new_tokens):
-            width = int(lengths.max())
-            hidden = model(tokens[:, :width].to(device), return_hidden=True)  # right padding is causal-safe
-            last = hidden[torch.arange(batch), (lengths - 1).to(device)]  # [B, hidden]
-            logits = (last @ model.lm_head.weight.T).float().cpu() / params.temperature
+        for step in range(params.max_new_tokens):
+            logits = (hidden @ model.lm_head.weight.T).float().cpu() / params.temperature  # [B, vocab]
             logprobs = torch.log_softmax(logits, dim=-1)
             probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
             sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
@@ -87,11 +100,16 @@ class NativeEngine:
                 token = int(sampled[i])
                 outputs[i].tokens.append(token)
                 outputs[i].logprobs.append(float(logprobs[i, token]))
-                tokens[i, lengths[i]] = token
-                lengths[i] += 1
                 if stop.numel() and bool((stop == token).any()):
                     done[i] = True
                     outputs[i].finish_reason = "stop"
-            if done.all():
+            if done.all() or step == params.max_new_tokens - 1:
                 break
+            hidden = model(
+                sampled[:, None].to(device),
+                positions=next_position[:, None].to(device),
+                return_hidden=True,
+                kv_cache=cache,
+            )[:, -1]
+            next_position += 1
         return outputs
