@@ -1,0 +1,149 @@
+"""HF folders: bitwise bf16 round trip, transformers parity, MXFP4 experts both ways."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.conftest import rel_err, tiny_model
+from titan_rl.checkpoint.hf import (
+    INDEX_FILE,
+    MXFP4_NOT_CONVERTED,
+    TOKENIZER_FILES,
+    args_from_hf_folder,
+    load_hf_model,
+    save_hf_model,
+    shard_names,
+)
+from titan_rl.checkpoint.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from titan_rl.checkpoint.names import to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+MXFP4_DIMS = dict(hidden_size=64, intermediate_size=64)  # MXFP4 blocks need multiples of 32
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file, names in shard_names(folder).items():
+        with safe_open(folder / file, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        (folder / name).write_text(json.dumps({"file": name, "random": torch.rand(1).item()}))
+
+
+def hf_source_folder(folder: Path, seed: int) -> Path:
+    """A bf16 checkpoint written by transformers' own save_pretrained, in several shards."""
+    from tests.unit.model.test_hf_parity import hf_twin
+
+    hf_twin(tiny_model(seed)).to(torch.bfloat16).save_pretrained(folder, max_shard_size="20KB")
+    write_tokenizer_files(folder)
+    return folder
+
+
+def from_pretrained(folder: Path, **kwargs):
+    from transformers import GptOssForCausalLM
+
+    kwargs.update(dtype=torch.float32, attn_implementation="eager")
+    return GptOssForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def test_bf16_folder_round_trip_is_bitwise(tmp_path):
+    source = hf_source_folder(tmp_path / "source", seed=int(torch.randint(0, 1000, ())))
+    model = load_hf_model(source)
+    assert model.lm_head.weight.dtype == torch.float32
+    out = tmp_path / "out"
+    save_hf_model(model, out, source=source, max_shard_bytes=30_000)
+    theirs, ours = read_folder(source), read_folder(out)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], tensor), name
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert all(p.stat().st_size < 30_000 + 10_000 for p in shards)  # limit plus the safetensors header
+    for name in TOKENIZER_FILES:
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert args_from_hf_folder(out) == args_from_hf_folder(source)
+
+
+def test_transformers_loads_our_fp32_folder(tmp_path):
+    model = tiny_model(seed=int(torch.randint(0, 1000, ()))).eval()
+    save_hf_model(model, tmp_path, dtype=torch.float32)
+    hf = from_pretrained(tmp_path)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 13))
+    with torch.no_grad():
+        assert rel_err(model(tokens), hf(input_ids=tokens).logits) <= 1e-5
+
+
+def quantized_folder(folder: Path, model) -> None:
+    """An MXFP4 checkpoint built by hand: random codes, scales around 2**-6 (weights of ~0.02-0.1).
+
+    The blocks go to a second shard, away from their scales, as a loader must not assume pairs share one.
+    """
+    tensors = {k: v.to(torch.bfloat16) for k, v in to_hf_state_dict(model.state_dict()).items()}
+    for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, cols, rows = tensors.pop(name).shape
+        tensors[f"{name}_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), dtype=torch.uint8)
+        tensors[f"{name}_scales"] = torch.randint(118, 125, (experts, rows, cols // 32), dtype=torch.uint8)
+    folder.mkdir()
+    shards = {"a.safetensors": {}, "b.safetensors": {}}
+    for name, tensor in tensors.items():
+        shards["b.safetensors" if name.endswith("_blocks") else "a.safetensors"][name] = tensor
+    for file, members in shards.items():
+        save_file(members, folder / file, metadata={"format": "pt"})
+    weight_map = {name: file for file, members in shards.items() for name in members}
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = model.args.to_hf_config()
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def assert_same_as_transformers(folder: Path, model) -> None:
+    from transformers import Mxfp4Config
+
+    hf = from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True))
+    hf_state = hf.state_dict()
+    for name, tensor in to_hf_state_dict(model.state_dict()).items():
+        assert torch.equal(hf_state[name], tensor), name
+    tokens = torch.randint(0, model.args.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert rel_err(model(tokens), hf(input_ids=tokens).logits) <= 1e-5
+
+
+def test_mxfp4_checkpoint_loads_like_transformers(tmp_path):
+    quantized_folder(tmp_path / "mxfp4", tiny_model(seed=int(torch.randint(0, 1000, ())), **MXFP4_DIMS))
+    model = load_hf_model(tmp_path / "mxfp4").eval()
+    assert_same_as_transformers(tmp_path / "mxfp4", model)
+
+
+def test_save_mxfp4_is_read_back_by_transformers(tmp_path):
+    original = tiny_model(seed=int(torch.randint(0, 1000, ())), **MXFP4_DIMS)
+    save_hf_model(original, tmp_path, mxfp4=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": MXFP4_NOT_CONVERTED,
+    }
+    stored = read_folder(tmp_path)
+    assert stored["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 128, 2, 16)
+    assert stored["model.layers.0.mlp.experts.down_proj_scales"].shape == (4, 64, 2)
+    assert "model.layers.0.mlp.experts.down_proj" not in stored
+    model = load_hf_model(tmp_path).eval()
+    for name, param in original.named_parameters():
+        loaded = dict(model.named_parameters())[name]
+        if name.endswith("proj") and ".experts." in name:  # MXFP4 of the transposed [E, out, in] matrix
+            rounded = dequantize_mxfp4(*quantize_mxfp4(param.detach().transpose(1, 2))).transpose(1, 2)
+            assert torch.equal(loaded, rounded) and not torch.equal(loaded, param), name
+        else:
+            assert torch.equal(loaded, param.bfloat16().float()), name
+    assert_same_as_transformers(tmp_path, model)

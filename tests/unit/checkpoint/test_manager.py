@@ -1,0 +1,120 @@
+"""Training-state checkpoints: bitwise resume, rotation, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.checkpoint.training import make_training, train
+from titan_rl.checkpoint.hf import CheckpointError
+from titan_rl.checkpoint.manager import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_resume_gives_bitwise_equal_steps(tmp_path):
+    seed = int(torch.randint(0, 1000, ()))
+    manager = CheckpointManager(tmp_path, interval=2, keep_last=3)
+    model, optimizer, scheduler = make_training(seed)
+    torch.manual_seed(seed + 1)
+    reference = train(model, optimizer, scheduler, range(1, 5), manager)
+    assert [p.name for p in manager.checkpoints()] == ["step-000002", "step-000004"]
+
+    resumed, optimizer2, scheduler2 = make_training(seed + 2)
+    torch.manual_seed(seed + 3)  # overwritten by the restored RNG state
+    assert manager.load(resumed, optimizer2, scheduler2, path=tmp_path / "step-000002") == (2, {"cursor": 20})
+    assert scheduler2.last_epoch == 2
+    losses = train(resumed, optimizer2, scheduler2, range(3, 5))
+    for a, b in zip(reference[2:], losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "step-000002" / "config.json").read_text().strip() == '{\n  "seed": 0\n}'
+
+
+def tiny_state():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer
+
+
+def test_rotation_latest_and_nothing_to_resume(tmp_path):
+    manager = CheckpointManager(tmp_path, interval=2, keep_last=2)
+    model, optimizer = tiny_state()
+    assert manager.latest() is None and manager.load(model, optimizer) is None
+    assert [s for s in range(1, 7) if manager.should_save(s)] == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert manager.save(step, model, optimizer) == tmp_path / f"step-{step:06d}"
+    assert [p.name for p in manager.checkpoints()] == ["step-000004", "step-000006"]
+    (tmp_path / "step-000008.tmp").mkdir()  # an unfinished save is never "latest"
+    assert manager.latest() == tmp_path / "step-000006"
+    assert manager.load(model, optimizer) == (6, {})
+    with pytest.raises(CheckpointError, match=r"step-000008\.tmp"):
+        manager.load(model, optimizer, path=tmp_path / "step-000008.tmp")
+    off = CheckpointManager(tmp_path / "off", interval=1, enable=False)
+    assert not off.should_save(1) and off.save(1, model, optimizer) is None
+    assert not (tmp_path / "off").exists()
+
+
+CRASHING_CHILD = """
+import sys, time
+import titan_rl.checkpoint.manager as manager
+from tests.unit.checkpoint.training import make_training, train
+
+folder = sys.argv[1]
+checkpoints = manager.CheckpointManager(folder, interval=2)
+model, optimizer, scheduler = make_training(0)
+train(model, optimizer, scheduler, [1, 2], checkpoints)
+write = manager._dcp
+
+def slow_write(*args):
+    write(*args)
+    time.sleep(120)  # the test kills us here, in the middle of saving step 4
+
+manager._dcp = slow_write
+train(model, optimizer, scheduler, [3, 4], checkpoints)
+"""
+
+
+def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CRASHING_CHILD, str(tmp_path)], cwd=REPO, env=env)
+    partial = tmp_path / "step-000004.tmp" / ".metadata"
+    deadline = time.monotonic() + 60
+    try:
+        while not partial.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "the child ended before it was killed mid-save"
+    assert partial.exists()
+
+    manager = CheckpointManager(tmp_path, interval=2)
+    assert manager.latest() == tmp_path / "step-000002"
+    model, optimizer, scheduler = make_training(1)
+    assert manager.load(model, optimizer, scheduler) == (2, {"cursor": 20})
+    manager.save(4, model, optimizer, scheduler)  # a new save clears the debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_training_checkpoint_converts_to_hf(tmp_path):
+    from titan_rl.checkpoint.hf import load_hf_model, save_hf_model
+    from titan_rl.checkpoint.manager import convert_dcp_to_hf
+
+    model, optimizer, scheduler = make_training(int(torch.randint(0, 1000, ())))
+    train(model, optimizer, scheduler, [1, 2], CheckpointManager(tmp_path / "ckpt", interval=2))
+    save_hf_model(model, tmp_path / "base")  # only its config.json is used
+    out = tmp_path / "hf"
+    convert_dcp_to_hf(
+        tmp_path / "ckpt" / "step-000002", out, dtype=torch.float32, hf_config=tmp_path / "base"
+    )
+    for (name, a), b in zip(model.named_parameters(), load_hf_model(out).parameters()):
+        assert torch.equal(a, b), name

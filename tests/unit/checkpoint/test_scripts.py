@@ -1,0 +1,133 @@
+"""scripts/convert_*.py: HF -> DCP -> HF gives the same folder; bad inputs exit 1 naming the culprit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import tiny_model
+from tests.unit.checkpoint.test_hf import read_folder, write_tokenizer_files
+from titan_rl.checkpoint.hf import TOKENIZER_FILES, CheckpointError, save_hf_model
+from titan_rl.checkpoint.manager import save_model_dcp
+
+REPO = Path(__file__).resolve().parents[3]
+SCRIPTS = REPO / "scripts"
+
+
+def script_main(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # this checkout's titan_rl
+    cmd = [sys.executable, str(SCRIPTS / f"{name}.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+
+@pytest.fixture
+def hf_folder(tmp_path) -> Path:
+    folder = tmp_path / "hf"
+    save_hf_model(tiny_model(seed=int(torch.randint(0, 1000, ()))), folder, max_shard_bytes=40_000)
+    write_tokenizer_files(folder)
+    return folder
+
+
+def test_hf_to_dcp_to_hf_round_trip(tmp_path, hf_folder):
+    done = run_script("convert_hf_to_dcp", str(hf_folder), str(tmp_path / "dcp"))
+    assert done.returncode == 0, done.stderr
+    back = ("convert_dcp_to_hf", str(tmp_path / "dcp"), str(tmp_path / "back"), "--max-shard-bytes", "40000")
+    done = run_script(*back, "--source", str(hf_folder))
+    assert done.returncode == 0, done.stderr
+    before, after = read_folder(hf_folder), read_folder(tmp_path / "back")
+    assert sorted(before) == sorted(after)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    for name in [*TOKENIZER_FILES, "config.json", "model.safetensors.index.json"]:
+        assert (tmp_path / "back" / name).read_bytes() == (hf_folder / name).read_bytes(), name
+
+
+def test_help_describes_the_scripts(capsys):
+    for name in ("convert_hf_to_dcp", "convert_dcp_to_hf"):
+        with pytest.raises(SystemExit) as exit_info:
+            script_main(name)(["--help"])
+        assert exit_info.value.code == 0
+    assert "--mxfp4" in capsys.readouterr().out
+
+
+def first_shard(folder: Path) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder / index["weight_map"]["model.embed_tokens.weight"]
+
+
+def add_unknown_tensor(folder: Path) -> str:
+    shard = first_shard(folder)
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.shared_expert.weight"] = torch.zeros(2)
+    save_file(tensors, shard)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.shared_expert.weight"] = shard.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "model.layers.0.mlp.shared_expert.weight"
+
+
+def reshape_embedding(folder: Path) -> str:
+    shard = first_shard(folder)
+    tensors = load_file(shard)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:-1].contiguous()
+    save_file(tensors, shard)
+    return "model.embed_tokens.weight"
+
+
+HF_BREAKAGES = {
+    "missing config": lambda folder: (folder / "config.json").unlink() or "config.json",
+    "missing shard": lambda folder: first_shard(folder).unlink() or first_shard(folder).name,
+    "unknown tensor": add_unknown_tensor,
+    "wrong shape": reshape_embedding,
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(HF_BREAKAGES))
+def test_hf_to_dcp_bad_input_exits_with_a_message(tmp_path, hf_folder, capsys, breakage):
+    culprit = HF_BREAKAGES[breakage](hf_folder)
+    assert script_main("convert_hf_to_dcp")([str(hf_folder), str(tmp_path / "dcp")]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("error: ") and culprit in error, error
+
+
+def dcp_folder(tmp_path: Path, breakage: str) -> tuple[Path, str]:
+    model = tiny_model(seed=1)
+    folder = tmp_path / "dcp"
+    if breakage != "unknown tensor":
+        save_model_dcp(model, folder)
+    if breakage == "missing metadata":
+        (folder / ".metadata").unlink()
+        return folder, ".metadata"
+    if breakage == "wrong shape":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 95}))
+        return folder, "model.embed_tokens.weight"
+    model.layers[0].mlp.shared_expert = torch.nn.Linear(2, 2)  # an unknown tensor in the folder
+    save_model_dcp(model, folder)
+    return folder, "model.layers.0.mlp.shared_expert.weight"
+
+
+@pytest.mark.parametrize("breakage", ["missing metadata", "unknown tensor", "wrong shape"])
+def test_dcp_to_hf_bad_input_exits_with_a_message(tmp_path, capsys, breakage):
+    folder, culprit = dcp_folder(tmp_path, breakage)
+    main = script_main("convert_dcp_to_hf")
+    assert main([str(folder), str(tmp_path / "hf")]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("error: ") and culprit in error, error
+    with pytest.raises(CheckpointError, match=culprit):
+        main([str(folder), str(tmp_path / "hf"), "--debug"])

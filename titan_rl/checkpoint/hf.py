@@ -1,0 +1,331 @@
+"""Hugging Face GPT-OSS folders <-> ``GptOss``: streaming load (bf16 or MXFP4 experts), sharded save.
+
+A folder holds ``config.json``, ``model.safetensors.index.json`` + shards (or one ``model.safetensors``)
+and tokenizer files. Tensors are read one at a time with ``safe_open``; MXFP4 experts are dequantized
+on load into the model's ``[E, in, out]`` layout. FSDP2 models (DTensor parameters) work too: every
+rank reads the full tensor and keeps its shard on load; on save every rank gathers each tensor in
+turn and rank 0 writes. Expert-parallel layouts are not handled yet (TODO when EP lands).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from titan_rl.checkpoint.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
+from titan_rl.checkpoint.names import from_hf_name, to_hf_name
+from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.model.rope import rope_inv_freq
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+# What the released gpt-oss config.json keeps unquantized.
+MXFP4_NOT_CONVERTED = [
+    "model.layers.*.self_attn",
+    "model.layers.*.mlp.router",
+    "model.embed_tokens",
+    "lm_head",
+]
+MXFP4_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's "5GB"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file or tensor."""
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a HF folder as a dict."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found; a HF checkpoint folder needs its config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def args_from_hf_folder(path: str | Path) -> GptOssModelArgs:
+    """Model args from a folder's ``config.json``."""
+    config = read_hf_config(path)
+    try:
+        return GptOssModelArgs.from_hf_config(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE} is not a GPT-OSS config: {e!r}") from e
+
+
+def shard_names(path: str | Path) -> dict[str, list[str]]:
+    """``{shard file: [tensor names]}`` from the index, or from a single ``model.safetensors``."""
+    folder = Path(path)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint")
+        shards: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(file, []).append(name)
+    elif (folder / SINGLE_FILE).is_file():
+        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+            shards = {SINGLE_FILE: list(f.keys())}
+    else:
+        raise CheckpointError(
+            f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}; is this a HF checkpoint folder?"
+        )
+    for file in shards:
+        if not (folder / file).is_file():
+            raise CheckpointError(f"shard {folder / file} listed in {INDEX_FILE} is missing")
+    return shards
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a plain or FSDP-sharded (DTensor) parameter."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+class _ShardReader:
+    """Reads named tensors of one shard, fetching an MXFP4 partner from another shard if needed."""
+
+    def __init__(self, folder: Path, file: str, where: dict[str, str]) -> None:
+        self.folder, self.file, self.where = folder, file, where
+        self.handle = safe_open(folder / file, framework="pt")
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.where.get(name, self.file)
+        try:
+            if file == self.file:
+                return self.handle.get_tensor(name)
+            with safe_open(self.folder / file, framework="pt") as other:
+                return other.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.folder / file}: {e}") from e
+
+
+@torch.no_grad()
+def load_hf_state_dict_into(model: nn.Module, path: str | Path, progress: bool = False) -> None:
+    """Fill every parameter of ``model`` from a HF folder, one tensor at a time."""
+    folder = Path(path)
+    shards = shard_names(folder)
+    where = {name: file for file, names in shards.items() for name in names}
+    params = dict(model.state_dict(keep_vars=True))
+    loaded: set[str] = set()
+    with tqdm(total=len(where), desc="loading", unit="tensor", disable=not progress) as bar:
+        for file, names in shards.items():
+            reader = _ShardReader(folder, file, where)
+            for name in names:
+                bar.update()
+                if not (name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in where):
+                    loaded.add(_load_tensor(reader, name, params))  # scales come with their blocks
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0])!r}")
+
+
+def _load_tensor(reader: _ShardReader, name: str, params: dict[str, torch.Tensor]) -> str:
+    """Load HF tensor ``name`` (or an MXFP4 ``*_blocks`` pair) into its parameter; returns its name."""
+    file = reader.folder / reader.file
+    stem = name.removesuffix("_blocks")
+    try:
+        native = from_hf_name(stem)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: {e.args[0]}") from e
+    if native not in params:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} is not a GPT-OSS parameter of this config; "
+            "is config.json from the same checkpoint?"
+        )
+    param = params[native]
+    if name.endswith("_blocks"):
+        full = _read_mxfp4(reader, stem, param, file)
+    else:
+        full = reader.get(name)
+        if tuple(full.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(full.shape)} but config.json "
+                f"implies {tuple(param.shape)}"
+            )
+    if full is not None:
+        _assign(param, full.to(param.dtype))
+    return native
+
+
+def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path) -> torch.Tensor | None:
+    """Dequantize ``stem_blocks`` / ``stem_scales`` into the layout ``[E, cols, rows]``.
+
+    A plain parameter is filled in place (returns None); for a DTensor the full tensor is returned.
+    """
+    if f"{stem}_scales" not in reader.where:
+        raise CheckpointError(f"{file}: {stem}_blocks has no matching {stem}_scales tensor")
+    blocks, scales = reader.get(f"{stem}_blocks"), reader.get(f"{stem}_scales")
+    experts, cols, rows = param.shape
+    expected = (experts, rows, cols // BLOCK_SIZE, BLOCK_SIZE // 2)
+    if tuple(blocks.shape) != expected or tuple(scales.shape) != expected[:-1]:
+        raise CheckpointError(
+            f"{file}: {stem}_blocks {tuple(blocks.shape)} / _scales {tuple(scales.shape)} do not match "
+            f"config.json, which implies {expected} / {expected[:-1]}"
+        )
+    plain = not _is_dtensor(param)
+    out = param.data if plain else torch.empty(param.shape, dtype=param.dtype)
+    for e in range(experts):  # one expert at a time bounds the dequantization scratch memory
+        out[e].copy_(dequantize_mxfp4(blocks[e], scales[e], param.dtype).T)
+    return None if plain else out
+
+
+def load_hf_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> GptOss:
+    """Build a ``GptOss`` from a HF folder's config.json (on meta, then ``device``) and load its weights."""
+    args = args_from_hf_folder(path)
+    with torch.device("meta"):
+        model = GptOss(args).to(dtype)
+    model.to_empty(device=device)
+    model.rope_inv_freq = rope_inv_freq(args, device=device)
+    load_hf_state_dict_into(model, path, progress=progress)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU (gathers FSDP shards: a collective every rank must join)."""
+    return (tensor.full_tensor() if _is_dtensor(tensor) else tensor).detach().cpu()
+
+
+def _quantized(tensor: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:
+    """Parameter ``[E, cols, rows]`` -> HF ``stem_blocks [E, rows, cols/32, 16]`` and ``stem_scales``."""
+    pairs = [quantize_mxfp4(w.T) for w in _full(tensor)]
+    return {
+        f"{stem}_blocks": torch.stack([b for b, _ in pairs]),
+        f"{stem}_scales": torch.stack([s for _, s in pairs]),
+    }
+
+
+def _tensor_groups(
+    model: nn.Module, mxfp4: bool, dtype: torch.dtype
+) -> Iterator[tuple[dict[str, int], Callable[[], dict[str, torch.Tensor]]]]:
+    """(``{hf name: bytes}``, producer) per parameter; MXFP4 blocks and scales stay together."""
+    for native, tensor in model.state_dict().items():
+        name = to_hf_name(native)
+        if mxfp4 and native.endswith(MXFP4_WEIGHTS):
+            experts, cols, rows = tensor.shape
+            if cols % BLOCK_SIZE:
+                raise CheckpointError(f"{name}: MXFP4 needs its input dim {cols} to be a multiple of 32")
+            size = {
+                f"{name}_blocks": experts * rows * cols // 2,
+                f"{name}_scales": experts * rows * cols // 32,
+            }
+            yield size, lambda t=tensor, n=name: _quantized(t, n)
+        else:
+            size = {name: tensor.numel() * dtype.itemsize}
+            yield size, lambda t=tensor, n=name: {n: _full(t).to(dtype).contiguous()}
+
+
+def _plan_shards(groups: list[tuple[dict[str, int], Any]], max_shard_bytes: int) -> list[list[int]]:
+    shards: list[list[int]] = [[]]
+    used = 0
+    for i, (sizes, _) in enumerate(groups):
+        size = sum(sizes.values())
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(i)
+        used += size
+    return shards
+
+
+def _hf_config(model: nn.Module, mxfp4: bool, dtype: torch.dtype, source: Path | None) -> dict[str, Any]:
+    config = read_hf_config(source) if source and (source / CONFIG_FILE).is_file() else {}
+    for stale in ("quantization_config", "torch_dtype"):
+        config.pop(stale, None)
+    config.update(model.args.to_hf_config())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 spelling of torch_dtype
+    if mxfp4:
+        config["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": list(MXFP4_NOT_CONVERTED),
+        }
+    return config
+
+
+def save_hf_model(
+    model: nn.Module,
+    path: str | Path,
+    mxfp4: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    source: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> None:
+    """Write ``model`` as a HF folder: shards + index + config.json (+ tokenizer files from ``source``).
+
+    ``mxfp4`` stores the expert weights as MXFP4 blocks/scales (as released); everything else is
+    ``dtype``. With FSDP every rank must call this (tensors are gathered one at a time).
+    """
+    folder = Path(path)
+    source_dir = Path(source) if source is not None else None
+    if source_dir is not None and not source_dir.is_dir():
+        raise CheckpointError(f"--source folder {source_dir} does not exist")
+    groups = list(_tensor_groups(model, mxfp4, dtype))
+    plan = _plan_shards(groups, max_shard_bytes)
+    writer = _rank() == 0
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in [*folder.glob("model-*-of-*.safetensors"), folder / SINGLE_FILE, folder / INDEX_FILE]:
+            old.unlink(missing_ok=True)  # shards of an earlier save would confuse loaders
+    weight_map: dict[str, str] = {}
+    total = 0
+    with tqdm(total=len(groups), desc="saving", unit="tensor", disable=not (progress and writer)) as bar:
+        for n, members in enumerate(plan, start=1):
+            file = f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for i in members:
+                tensors.update(groups[i][1]())
+                bar.update()
+            if writer:
+                save_file(tensors, folder / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+    if not writer:
+        return
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config = _hf_config(model, mxfp4, dtype, source_dir)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file() and (source_dir / name).resolve() != (folder / name).resolve():
+                shutil.copy2(source_dir / name, folder / name)

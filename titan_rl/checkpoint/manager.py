@@ -1,0 +1,287 @@
+"""Training-state checkpoints with torch.distributed.checkpoint (DCP), and model-only DCP folders.
+
+A training checkpoint ``folder/step-000004/`` holds the DCP shards of ``{"model", "optimizer"}``
+(any FSDP2 sharding; DCP reshards on load), ``trainer_state.pt`` (step, LR scheduler),
+``rank-00000.pt`` per rank (RNG states and that rank's ``extra`` dict) and ``config.json``.
+It is written as ``step-000004.tmp`` and renamed by rank 0 once every rank finished, so a folder
+without ``.tmp`` is always complete. A model-only DCP folder (``save_model_dcp``, the convert
+scripts) holds ``{"model": state_dict}`` plus the model's HF config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from titan_rl.checkpoint.hf import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointError,
+    load_hf_model,
+    save_hf_model,
+)
+from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.model.rope import rope_inv_freq
+
+TRAINER_STATE = "trainer_state.pt"
+DCP_METADATA = ".metadata"  # written last by dcp.save
+_STEP_RE = re.compile(r"step-(\d+)")
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _dcp(action: str, state: dict[str, Any], folder: Path) -> None:
+    """``dcp.save`` / ``dcp.load``; in a single process without the warning that says so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        getattr(dcp, action)(state, checkpoint_id=folder, no_dist=not _dist())
+
+
+def _rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(folder: Path) -> bool:
+    """A finished training checkpoint: DCP metadata and trainer state are both there."""
+    return (folder / DCP_METADATA).is_file() and (folder / TRAINER_STATE).is_file()
+
+
+class CheckpointManager:
+    """Save every ``interval`` steps into ``folder``, keep the newest ``keep_last``, resume the newest."""
+
+    def __init__(self, folder: str | Path, interval: int, keep_last: int = 2, enable: bool = True) -> None:
+        if enable and interval < 1:
+            raise ValueError(f"checkpoint interval={interval} must be >= 1 (or disable checkpointing)")
+        self.folder = Path(folder)
+        self.interval = interval
+        self.keep_last = keep_last  # <= 0 keeps all
+        self.enable = enable
+
+    def should_save(self, step: int) -> bool:
+        return self.enable and step % self.interval == 0
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in self.folder.iterdir() if _STEP_RE.fullmatch(p.name) and is_complete(p)]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        extra: dict | None = None,
+        config: dict | None = None,
+    ) -> Path | None:
+        """Write the whole training state for ``step``; every rank must call it. Returns the folder.
+
+        ``extra`` is this rank's own (data / environment cursor), saved per rank with its RNG state;
+        ``config`` (rank 0's) is written as config.json for the record.
+        """
+        if not self.enable:
+            return None
+        rng = _rng_state()  # before anything below could draw random numbers
+        rank = _rank()
+        final = self.folder / f"step-{step:06d}"
+        tmp = self.folder / f"step-{step:06d}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        _dcp("save", {"model": model_state, "optimizer": optim_state}, tmp)
+        torch.save({"rng": rng, "extra": dict(extra or {})}, _rank_file(tmp, rank))
+        if rank == 0:
+            scheduler_state = lr_scheduler.state_dict() if lr_scheduler is not None else None
+            world = dist.get_world_size() if _dist() else 1
+            torch.save(
+                {"step": step, "lr_scheduler": scheduler_state, "world_size": world}, tmp / TRAINER_STATE
+            )
+            (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, default=str) + "\n")
+        _barrier()  # every rank's files are in tmp
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for stale in self.folder.glob("step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        complete = self.checkpoints()
+        if self.keep_last > 0:
+            for old in complete[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        path: str | Path | None = None,
+    ) -> tuple[int, dict] | None:
+        """Restore model, optimizer, scheduler and RNG from ``path`` or the newest complete checkpoint.
+
+        Returns ``(step, extra)``, or None when there is nothing to resume (or checkpointing is off
+        and no ``path`` is given).
+        """
+        if path is None:
+            folder = self.latest() if self.enable else None
+            if folder is None:
+                return None
+        else:
+            folder = Path(path)
+            if not is_complete(folder):
+                raise CheckpointError(
+                    f"{folder} is not a complete checkpoint (no {DCP_METADATA} or {TRAINER_STATE}); "
+                    f"pick one of {[str(p) for p in self.checkpoints()]}"
+                )
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        _dcp("load", state, folder)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        # our own files (RNG tuples, user extras): not loadable with weights_only
+        trainer = torch.load(folder / TRAINER_STATE, weights_only=False)
+        if lr_scheduler is not None:
+            if trainer["lr_scheduler"] is None:
+                raise CheckpointError(f"{folder} was saved without an LR scheduler; pass lr_scheduler=None")
+            lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+        rank = _rank()
+        own = _rank_file(folder, rank)
+        if own.is_file():
+            per_rank = torch.load(own, weights_only=False)
+            _set_rng_state(per_rank["rng"])
+        else:
+            warnings.warn(
+                f"{folder} was saved by {trainer['world_size']} ranks and has no state for rank {rank}; "
+                "this rank keeps its RNG state and gets rank 0's extra dict",
+                stacklevel=2,
+            )
+            per_rank = torch.load(_rank_file(folder, 0), weights_only=False)
+        return trainer["step"], per_rank["extra"]
+
+
+def save_model_dcp(model: GptOss, folder: str | Path) -> None:
+    """A model-only DCP folder (``{"model": state_dict}``) plus the HF config.json of its shapes."""
+    folder = Path(folder)
+    _dcp("save", {"model": model.state_dict()}, folder)
+    if _rank() == 0:
+        (folder / CONFIG_FILE).write_text(json.dumps(model.args.to_hf_config(), indent=2) + "\n")
+
+
+def load_model_dcp(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    hf_config: str | Path | None = None,
+) -> GptOss:
+    """Inverse of ``save_model_dcp``; checks every name and shape against the config first.
+
+    ``hf_config`` (a HF config.json or its folder) replaces ``folder/config.json``, e.g. to read the
+    model out of a training checkpoint, whose config.json is the training config.
+    """
+    folder = Path(folder)
+    config_file = Path(hf_config) if hf_config is not None else folder / CONFIG_FILE
+    config_file = config_file / CONFIG_FILE if config_file.is_dir() else config_file
+    for needed in (config_file, folder / DCP_METADATA):
+        if not needed.is_file():
+            raise CheckpointError(f"{needed} not found; is {folder} a model DCP folder?")
+    try:
+        args = GptOssModelArgs.from_hf_config(json.loads(config_file.read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file} is not a GPT-OSS HF config: {e!r}") from e
+    with torch.device("meta"):
+        model = GptOss(args).to(dtype)
+    model.to_empty(device=device)
+    model.rope_inv_freq = rope_inv_freq(args, device=device)
+    state = model.state_dict()
+    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    for key, meta in stored.items():
+        if key.startswith("optimizer."):
+            continue  # a training checkpoint converts too; its optimizer state is not needed
+        name = key.removeprefix("model.")
+        if name not in state:
+            raise CheckpointError(f"{folder}: tensor {key!r} is not a GPT-OSS parameter of {config_file}")
+        shape = tuple(getattr(meta, "size", ()))
+        if shape != tuple(state[name].shape):
+            expected = tuple(state[name].shape)
+            raise CheckpointError(
+                f"{folder}: tensor {key!r} has shape {shape} but {config_file} implies {expected}"
+            )
+    missing = sorted(f"model.{name}" for name in state if f"model.{name}" not in stored)
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    _dcp("load", {"model": state}, folder)
+    return model
+
+
+def convert_hf_to_dcp(
+    hf_dir: str | Path, dcp_dir: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False
+) -> None:
+    """HF folder (bf16 or MXFP4 experts) -> model-only DCP folder in ``dtype``."""
+    save_model_dcp(load_hf_model(hf_dir, dtype=dtype, progress=progress), dcp_dir)
+
+
+def convert_dcp_to_hf(
+    dcp_dir: str | Path,
+    hf_dir: str | Path,
+    mxfp4: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    source: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
+    hf_config: str | Path | None = None,
+) -> None:
+    """Model-only DCP folder (or a training checkpoint with ``hf_config``) -> HF folder.
+
+    See ``save_hf_model`` for the other arguments.
+    """
+    model = load_model_dcp(dcp_dir, hf_config=hf_config)
+    save_hf_model(model, hf_dir, mxfp4, dtype, source, max_shard_bytes, progress)
