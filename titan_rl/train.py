@@ -199,7 +199,9 @@ class Trainer:
         with torch.no_grad():
             for m, minibatch in enumerate(minibatches):
                 for i, mb in enumerate(self._micro_batches(minibatch)):
-                    if needs_old_pass:
+                    if not unified:  # the two-forward failure: an inference-style pass per trajectory
+                        old[m, i] = torch.cat([self._logprobs(self.model, doc)[0] for doc in mb.documents()])
+                    elif needs_old_pass:
                         old[m, i], _, routing[m, i] = self._logprobs(self.model, mb, record=replay)
                     if self.reference is not None:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]

@@ -75,7 +75,9 @@ def test_recompute_mode_runs_a_second_forward():
     trainer, batch, n = setup("--rl.old_logprob_mode=recompute")
     recorder = ExpertRecorder(trainer.model)
     trainer.train_step(batch, n)
-    assert len(recorder.no_grad) == len(recorder.grad) > 0
+    layers = trainer.model.args.num_hidden_layers
+    assert len(recorder.grad) == layers * len(trainer._micro_batches(batch))
+    assert len(recorder.no_grad) == layers * len(batch.documents()) == layers * n  # one per trajectory
 
 
 def test_warmup_then_cosine_schedule():
@@ -93,3 +95,20 @@ def test_warmup_then_cosine_schedule():
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
+
+
+def test_bf16_recompute_drifts_but_unified_does_not():
+    """The failure this project exists to prevent: a second forward of the same bf16 weights with
+    other batch shapes / kernels gives other log-probs, so the "on-policy" ratio is not 1."""
+    ratios = {}
+    for mode in ("unified", "recompute"):
+        trainer, batch, n = setup(f"--rl.old_logprob_mode={mode}")
+        trainer.model.to(torch.bfloat16)
+        with torch.no_grad():  # near-ties in every router: tiny logit changes flip experts
+            for block in trainer.model.layers:
+                block.mlp.router.weight.mul_(0.01)
+                block.mlp.router.bias.zero_()
+        metrics = trainer.train_step(batch, n)
+        ratios[mode] = (metrics["ratio/min"], metrics["ratio/max"])
+    assert ratios["unified"] == (1.0, 1.0)
+    assert ratios["recompute"] != (1.0, 1.0)

@@ -100,7 +100,8 @@ class LRScheduler:
 @dataclass
 class RL:
     old_logprob_mode: str = "unified"
-    """unified: old log-probs from the grad forward itself (ratio 1); recompute: a second forward."""
+    """unified: old log-probs are the grad forward's own (ratio exactly 1); recompute: a second
+    no-grad forward over each trajectory unpacked, as other frameworks do (for comparison)."""
     routing_replay: bool = True
     """With several minibatches, replay the experts recorded by the no-grad pass in the grad passes."""
     advantage: str = "grpo"

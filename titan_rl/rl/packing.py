@@ -30,6 +30,20 @@ class PackedBatch:
     def rows(self, index: slice | torch.Tensor) -> PackedBatch:
         return PackedBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
+    def documents(self) -> list[PackedBatch]:
+        """Each trained document on its own as a one-row batch, in row-major order."""
+        out = []
+        for r in range(self.num_rows):
+            ids = self.document_ids[r]
+            for doc in ids.unique(sorted=True).tolist():
+                cols = torch.nonzero(ids == doc).flatten()
+                span = slice(int(cols[0]), int(cols[-1]) + 1)
+                if self.target_mask[r, span].any():
+                    out.append(
+                        PackedBatch(*(getattr(self, f)[r : r + 1, span] for f in self.__dataclass_fields__))
+                    )
+        return out
+
 
 def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], seq_len: int) -> PackedBatch:
     """First-fit packing in order; a trajectory never spans two rows."""
