@@ -1,0 +1,181 @@
+"""Harmony rendering and parsing: round trips, and hand-written well-formed / malformed turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from titan_rl.rl.envs.agentic import Message, ToolSpec, final_answer, tool_call, tool_result
+from titan_rl.rl.harmony import (
+    AssistantTurn,
+    ParseError,
+    generation_prompt,
+    parse_assistant,
+    render_conversation,
+    render_message,
+    render_tools,
+)
+from titan_rl.rl.tokenizer import build_tiny_tokenizer
+
+TOKENIZER = build_tiny_tokenizer()
+LOOKUP = ToolSpec("lookup", "Look up a key.", {"type": "object", "properties": {"key": {"type": "string"}}})
+
+
+def sampled(text_and_specials: list[str]) -> list[int]:
+    """Tokens as the engine would sample them: special tokens by id, the rest as text."""
+    ids = []
+    for piece in text_and_specials:
+        ids += [TOKENIZER.special[piece]] if piece in TOKENIZER.special else TOKENIZER.encode(piece)
+    return ids
+
+
+def after_prompt(ids: list[int]) -> list[int]:
+    prompt = generation_prompt(TOKENIZER)
+    assert ids[: len(prompt)] == prompt, "an assistant message must start with the generation prompt"
+    return ids[len(prompt) :]
+
+
+def test_render_matches_the_harmony_layout():
+    text = TOKENIZER.decode(render_message(tool_call("lookup", '{"key": "fox"}'), TOKENIZER))
+    assert text == (
+        "<|start|>assistant to=functions.lookup<|channel|>commentary <|constrain|>json<|message|>"
+        '{"key": "fox"}<|call|>'
+    )
+    text = TOKENIZER.decode(render_message(tool_result("lookup", "42"), TOKENIZER))
+    assert text == "<|start|>functions.lookup to=assistant<|channel|>commentary<|message|>42<|end|>"
+    assert (
+        TOKENIZER.decode(render_message(Message("user", "hi"), TOKENIZER))
+        == "<|start|>user<|message|>hi<|end|>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "stop"),
+    [
+        (tool_call("lookup", '{"key": "fox", "n": [1, 2]}'), "<|call|>"),
+        (final_answer("The answer is 42."), "<|return|>"),
+        (final_answer("42"), "<|end|>"),
+        (Message("assistant", "Let me think: 6 * 7.", channel="analysis"), "<|end|>"),
+        (Message("assistant", "Looking it up.", channel="commentary"), "<|end|>"),
+    ],
+)
+def test_render_then_parse_round_trips(message, stop):
+    turn = parse_assistant(after_prompt(render_message(message, TOKENIZER, stop)), TOKENIZER)
+    assert isinstance(turn, AssistantTurn)
+    assert turn.message == message and turn.stop == stop
+    assert turn.is_final == (message.channel == "final")
+    if message.recipient:
+        assert turn.tool_name == "lookup" and turn.arguments == {"key": "fox", "n": [1, 2]}
+
+
+def test_content_that_spells_special_tokens_round_trips_as_text():
+    message = final_answer("a <|call|> b <|start|>user")
+    turn = parse_assistant(after_prompt(render_message(message, TOKENIZER, "<|return|>")), TOKENIZER)
+    assert isinstance(turn, AssistantTurn) and turn.message.content == message.content
+
+
+def test_well_formed_variants_are_accepted():
+    # recipient after the channel (what gpt-oss usually samples) and "json" without <|constrain|>
+    turn = parse_assistant(
+        sampled(
+            [
+                "<|channel|>",
+                "commentary to=functions.lookup json",
+                "<|message|>",
+                '{"key": "owl"}',
+                "<|call|>",
+            ]
+        ),
+        TOKENIZER,
+    )
+    assert isinstance(turn, AssistantTurn) and turn.tool_name == "lookup" and turn.arguments == {"key": "owl"}
+    assert turn.message.constrain == "json"
+
+
+MALFORMED = [
+    (["<|channel|>", "final", "<|message|>", "42"], "no stop token", None),  # missing <|end|>: cut off
+    (
+        [" to=functions.lookup", "<|channel|>", "commentary", "<|message|>", "{key: 1}", "<|call|>"],
+        "not valid JSON",
+        "lookup",
+    ),
+    (
+        [" to=functions.lookup", "<|channel|>", "commentary", "<|message|>", "[1]", "<|call|>"],
+        "JSON object",
+        "lookup",
+    ),
+    (
+        [" to=browser.search", "<|channel|>", "commentary", "<|message|>", "{}", "<|call|>"],
+        "unknown recipient",
+        None,
+    ),
+    (
+        [" to=functions.lookup", "<|channel|>", "commentary", "<|message|>", "{}", "<|call|>", "more"],
+        "text after <|call|>",
+        None,
+    ),
+    (["<|channel|>", "final", "<|message|>", "4", "<|return|>", "<|start|>"], "text after <|return|>", None),
+    (["<|channel|>", "final", "<|message|>", "4", "<|start|>", "x", "<|end|>"], "<|start|> inside", None),
+    (["<|channel|>", "final", "4", "<|return|>"], "missing <|message|>", None),
+    (["<|message|>", "4", "<|return|>"], "missing <|channel|>", None),
+    (["<|channel|>", "thoughts", "<|message|>", "hm", "<|end|>"], "unknown channel", None),
+    (["<|channel|>", "commentary", "<|message|>", "{}", "<|call|>"], "without a recipient", None),
+    (["<|channel|>", "analysis", "<|message|>", "done", "<|return|>"], "final-channel messages only", None),
+    (
+        [" to=functions.lookup", "<|channel|>", "commentary", "<|message|>", "{}", "<|end|>"],
+        "must end with <|call|>",
+        "lookup",
+    ),
+    (
+        ["<|channel|>", "final", "<|message|>", "4", "<|channel|>", "<|return|>"],
+        "inside the message content",
+        None,
+    ),
+    (["garbage", "<|channel|>", "final", "<|message|>", "4", "<|return|>"], "malformed header", None),
+    ([], "no stop token", None),
+]
+
+
+@pytest.mark.parametrize(("pieces", "reason", "tool"), MALFORMED)
+def test_malformed_turns_are_parse_errors_not_exceptions(pieces, reason, tool):
+    result = parse_assistant(sampled(pieces), TOKENIZER)
+    assert isinstance(result, ParseError)
+    assert reason in result.reason
+    assert result.tool == tool
+
+
+def test_conversation_puts_tool_schemas_in_the_developer_message():
+    messages = [Message("system", "You are helpful."), Message("user", "What is the value of fox?")]
+    text = TOKENIZER.decode(render_conversation(messages, [LOOKUP], TOKENIZER))
+    assert text.startswith("<|start|>system<|message|>You are helpful.\nCalls to these tools must go to the ")
+    assert "<|end|><|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {" in text
+    assert text.endswith("<|start|>user<|message|>What is the value of fox?<|end|>")
+    with_developer = [Message("developer", "Be brief."), *messages[1:]]
+    text = TOKENIZER.decode(render_conversation(with_developer, [LOOKUP], TOKENIZER))
+    assert text.startswith("<|start|>developer<|message|>Be brief.\n\n# Tools")
+    assert render_conversation(messages, [], TOKENIZER) == [
+        t for m in messages for t in render_message(m, TOKENIZER)
+    ]
+
+
+def test_tool_schema_rendering():
+    spec = ToolSpec(
+        "convert",
+        "Convert units.",
+        {
+            "type": "object",
+            "properties": {
+                "value": {"type": "number", "description": "the amount"},
+                "unit": {"type": "string", "enum": ["km", "mi"]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["value"],
+        },
+    )
+    text = render_tools([spec, ToolSpec("now", "The time.", {"type": "object"})])
+    assert (
+        '// Convert units.\ntype convert = (_: {\n// the amount\nvalue: number,\nunit?: "km" | "mi",\n'
+        in text
+    )
+    assert "tags?: string[],\n}) => any;" in text
+    assert "// The time.\ntype now = () => any;" in text
+    assert text.endswith("} // namespace functions")

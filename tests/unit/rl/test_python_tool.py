@@ -1,0 +1,151 @@
+"""The Python tool sandbox: what the OS enforces (network, writes outside the temp dir, memory, forks,
+CPU), and that an episode goes on after the code is stopped.
+
+The isolation tests need Linux namespaces as root (the fallback mode enforces rlimits only); they are
+skipped, with the reason, where the sandbox had to fall back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from titan_rl.rl.agent_loop import AgentLoopConfig, start_episode, step_episodes
+from titan_rl.rl.envs.agentic import tool_call
+from titan_rl.rl.envs.math_task import MathEnv
+from titan_rl.rl.envs.python_tool import THROWAWAY_UID_BASE, PythonSandbox, SandboxLimits
+from titan_rl.rl.harmony import generation_prompt, render_message
+from titan_rl.rl.rollout import Completion
+from titan_rl.rl.tokenizer import build_tiny_tokenizer
+
+FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> PythonSandbox:
+    return PythonSandbox(SandboxLimits(timeout_s=1.0, max_output_chars=500))
+
+
+@pytest.fixture
+def isolated(sandbox) -> PythonSandbox:
+    if not sandbox.isolated:
+        pytest.skip("isolated mode unavailable here (needs root and namespaces); only rlimits are enforced")
+    return sandbox
+
+
+def sandbox_processes() -> list[int]:
+    """Pids of processes running as a throwaway sandbox uid."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            uid = int(
+                next(line for line in status.read_text().splitlines() if line.startswith("Uid:")).split()[1]
+            )
+        except (OSError, StopIteration):
+            continue
+        if THROWAWAY_UID_BASE <= uid < THROWAWAY_UID_BASE + (1 << 24):
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def assert_no_process_left() -> None:
+    deadline = time.monotonic() + 3
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
+
+
+def test_runs_code_and_reports_failures(sandbox):
+    assert sandbox.run("print(6 * 7)") == "42\n"
+    failed = sandbox.run("x = 1\n1 / 0")
+    assert (
+        'File "<stdin>", line 2' in failed
+        and "ZeroDivisionError" in failed
+        and failed.endswith("[exit code 1]")
+    )
+    assert len(sandbox.run("print('y' * 10_000)")) == 500
+    assert "timeout" in sandbox.protections and "rlimit_as" in sandbox.protections
+
+
+def test_network_is_unreachable(isolated):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    try:
+        assert PythonSandbox(isolate=False).run(code) == "connected\n", "control: the host can reach the port"
+        blocked = isolated.run(code)
+        external = isolated.run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)")
+    finally:
+        listener.close()
+    assert "Network is unreachable" in blocked and "connected" not in blocked
+    assert "Network is unreachable" in external
+    assert "no_network" in isolated.protections
+
+
+def test_writes_outside_the_temp_dir_are_blocked(isolated):
+    shared = Path(tempfile.mkdtemp(prefix="titan_rl_shared_"))
+    shared.chmod(0o777)  # in /tmp and writable by anyone: only the read-only mount can stop the write
+    try:
+        for target in (shared / "escape.txt", Path("/tmp") / f"escape_{uuid.uuid4().hex}.txt"):
+            out = isolated.run(f"open({str(target)!r}, 'w').write('x')")
+            assert "Read-only file system" in out, out
+            assert not target.exists()
+    finally:
+        shutil.rmtree(shared)
+    escape = Path.cwd() / f"escape_{uuid.uuid4().hex}.txt"
+    assert "Error" in isolated.run(f"open({str(escape)!r}, 'w').write('x')") and not escape.exists()
+    assert isolated.run("open('own.txt', 'w').write('ok')\nprint(open('own.txt').read())") == "ok\n"
+    assert "read_only_fs" in isolated.protections
+
+
+def test_memory_bombs_hit_the_address_space_limit(sandbox):
+    assert "MemoryError" in sandbox.run("x = bytearray(1 << 33)")
+    assert "MemoryError" in sandbox.run("chunks = []\nwhile True:\n    chunks.append(bytearray(50 << 20))")
+
+
+def test_fork_bombs_hit_the_process_limit_and_leave_nothing_behind(isolated):
+    code = (
+        "import os, time\nchildren = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            time.sleep(60)\n            os._exit(0)\n        children += 1\n"
+        "except OSError as error:\n    print('refused after', children, error)"
+    )
+    out = isolated.run(code)
+    assert out.startswith("refused after") and "Resource temporarily unavailable" in out
+    assert int(out.split()[2]) < isolated.limits.max_processes
+    assert_no_process_left()  # the sleeping children died with the pid namespace
+    begin = time.monotonic()
+    assert "[timed out after 1 s]" in isolated.run(FORK_BOMB)
+    assert time.monotonic() - begin < 3
+    assert_no_process_left()
+
+
+def test_cpu_spin_is_stopped(sandbox):
+    begin = time.monotonic()
+    assert sandbox.run("while True:\n    pass").endswith("[timed out after 1 s]")
+    assert time.monotonic() - begin < 3
+
+
+def test_an_episode_goes_on_after_a_fork_bomb(isolated):
+    tokenizer = build_tiny_tokenizer()
+    env = MathEnv(python=isolated)
+    episode = start_episode(env, 0, 0, tokenizer)
+    call = render_message(tool_call("python", json.dumps({"code": FORK_BOMB})), tokenizer)
+    sampled = call[len(generation_prompt(tokenizer)) :]
+    step_episodes(
+        env, tokenizer, [episode], [Completion(sampled, [-1.0] * len(sampled), "stop")], AgentLoopConfig()
+    )
+    assert episode.end is None, "the episode continues with the tool's report"
+    assert episode.transcript.tool_calls[0].result == "[timed out after 1 s]"
+    reply = tokenizer.decode(episode.tokens[len(episode.tokens) - episode.loss_mask[::-1].index(1) :])
+    assert reply == (
+        "<|start|>functions.python to=assistant<|channel|>commentary<|message|>[timed out after 1 s]<|end|>"
+        "<|start|>assistant"
+    )
+    assert_no_process_left()

@@ -1,0 +1,124 @@
+"""GSM8K-style math word problems with an exact-answer reward and an optional Python tool.
+
+Data: JSONL, one ``{"question": ..., "answer": ...}`` per line. ``answer`` is either the bare
+answer or a GSM8K solution ending in ``#### ANSWER``. A small self-written sample ships in
+``data/math_sample.jsonl`` (``SAMPLE_PATH``).
+
+Reward: 1.0 when the number in the final answer (``\\boxed{..}`` if present, else the last number
+in the text; commas, ``$`` and trailing zeros ignored) equals the gold number, else 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from titan_rl.rl.envs.agentic import EpisodeStart, Message, ToolSpec, Transcript
+from titan_rl.rl.envs.python_tool import PythonSandbox
+
+SAMPLE_PATH = Path(__file__).parent / "data" / "math_sample.jsonl"
+SYSTEM = "You are a helpful assistant that solves math word problems."
+INSTRUCTIONS = "Solve the problem. In the final channel, give only the final number."
+PYTHON_INSTRUCTIONS = " You may run Python with the python tool; print what you need to see."
+PYTHON = ToolSpec(
+    name="python",
+    description="Run Python 3 code in a sandbox (no network, no files outside its folder); returns output.",
+    parameters={"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
+)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    question: str
+    answer: str  # the gold answer alone (the part after "####" for GSM8K solutions)
+
+
+def load_math_jsonl(path: str | Path) -> list[MathProblem]:
+    """Read ``{"question", "answer"}`` lines; errors name the file and line."""
+    problems = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
+                found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(
+                    f"{path}:{number}: each line needs 'question' and 'answer' keys, got {found}"
+                )
+            answer = str(row["answer"])
+            problems.append(MathProblem(str(row["question"]), answer.rsplit("####", 1)[-1].strip()))
+    if not problems:
+        raise ValueError(f"{path}: no problems found (expected JSONL lines with 'question' and 'answer')")
+    return problems
+
+
+def parse_number(text: str) -> Fraction | None:
+    """``"$1,234.50"`` -> 1234.5; None if there is no number."""
+    match = _NUMBER.search(text.replace("$", ""))
+    return Fraction(match.group().replace(",", "")) if match else None
+
+
+def extract_answer(text: str) -> Fraction | None:
+    """The model's answer: the last ``\\boxed{..}`` if any, else the last number in the text."""
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return parse_number(boxed[-1])
+    numbers = _NUMBER.findall(text.replace("$", ""))
+    return Fraction(numbers[-1].replace(",", "")) if numbers else None
+
+
+def is_correct(final_answer: str | None, gold: str) -> bool:
+    if final_answer is None:
+        return False
+    expected = parse_number(gold)
+    if expected is None:  # a non-numeric gold answer: exact text match
+        return final_answer.strip().lower() == gold.strip().lower()
+    return extract_answer(final_answer) == expected
+
+
+class MathEnv:
+    """One task per problem; ``python`` (a ``PythonSandbox``) adds the ``python`` tool."""
+
+    def __init__(
+        self, problems: list[MathProblem] | None = None, python: PythonSandbox | None = None
+    ) -> None:
+        self.problems = problems if problems is not None else load_math_jsonl(SAMPLE_PATH)
+        self.python = python
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, python: PythonSandbox | None = None) -> MathEnv:
+        return cls(load_math_jsonl(path), python)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def reset(self, index: int) -> EpisodeStart:
+        problem = self.problems[index]
+        instructions = INSTRUCTIONS + (PYTHON_INSTRUCTIONS if self.python else "")
+        messages = [
+            Message("system", SYSTEM),
+            Message("developer", instructions),
+            Message("user", problem.question),
+        ]
+        return EpisodeStart(messages, [PYTHON] if self.python else [], state=problem)
+
+    def call_tool(self, state: MathProblem, name: str, arguments: dict[str, Any]) -> str:
+        if name != "python" or self.python is None:
+            raise ValueError(f"unknown tool {name!r}")
+        code = arguments.get("code")
+        if not isinstance(code, str) or set(arguments) != {"code"}:
+            raise ValueError('python takes one string argument: {"code": "..."}')
+        return self.python.run(code)
+
+    def reward(self, transcript: Transcript) -> float:
+        return float(is_correct(transcript.final_answer, transcript.state.answer))

@@ -1,0 +1,199 @@
+"""The Harmony chat format: messages and tool schemas to token ids, sampled tokens back to messages.
+
+A message renders as
+``<|start|>{role}[ to={recipient}]<|channel|>{channel}[ <|constrain|>json]<|message|>{content}{stop}``
+where stop is ``<|call|>`` on tool calls, ``<|return|>`` on a sampled final answer and ``<|end|>``
+otherwise. Special tokens are placed by id; text pieces go through ``Tokenizer.encode`` (which never
+emits a special token). The role is encoded on its own, so ``generation_prompt`` (``<|start|>assistant``)
+is a token prefix of every rendered assistant message: a demonstration tokenizes exactly like a
+sampled turn.
+
+Parsing never raises on model output: anything malformed comes back as a ``ParseError`` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from titan_rl.rl.envs.agentic import Message, ToolSpec
+from titan_rl.rl.tokenizer import Tokenizer
+
+CHANNELS = ("analysis", "commentary", "final")
+STOP_TOKENS = ("<|call|>", "<|return|>", "<|end|>")  # what ends a sampled assistant turn
+TOOL_NAMESPACE = "functions."
+TOOL_CHANNEL_NOTE = "Calls to these tools must go to the commentary channel: 'functions'."
+
+
+def generation_prompt(tokenizer: Tokenizer) -> list[int]:
+    """``<|start|>assistant``: appended to the context before each assistant turn is sampled."""
+    return [tokenizer.special["<|start|>"], *tokenizer.encode("assistant")]
+
+
+def default_stop(message: Message) -> str:
+    return "<|call|>" if message.role == "assistant" and message.recipient else "<|end|>"
+
+
+def render_message(message: Message, tokenizer: Tokenizer, stop: str | None = None) -> list[int]:
+    """One message to ids; ``stop`` defaults to ``<|call|>`` for tool calls, else ``<|end|>``."""
+    special = tokenizer.special
+    ids = [special["<|start|>"], *tokenizer.encode(message.role)]
+    if message.recipient:
+        ids += tokenizer.encode(f" to={message.recipient}")
+    if message.channel:
+        ids += [
+            special["<|channel|>"],
+            *tokenizer.encode(message.channel + (" " if message.constrain else "")),
+        ]
+    if message.constrain:
+        ids += [special["<|constrain|>"], *tokenizer.encode(message.constrain)]
+    ids += [special["<|message|>"], *tokenizer.encode(message.content)]
+    return [*ids, special[stop or default_stop(message)]]
+
+
+def _typescript_type(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return " | ".join(json.dumps(value) for value in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"{_typescript_type(schema.get('items', {}))}[]"
+    return {"integer": "number", "object": "object"}.get(kind, kind)
+
+
+def render_tools(tools: list[ToolSpec]) -> str:
+    """Tool schemas as the TypeScript-like ``namespace functions`` block of the developer message."""
+    lines = ["# Tools", "", "## functions", "", "namespace functions {", ""]
+    for tool in tools:
+        lines.append(f"// {tool.description}")
+        properties = tool.parameters.get("properties", {})
+        if not properties:
+            lines += [f"type {tool.name} = () => any;", ""]
+            continue
+        required = set(tool.parameters.get("required", []))
+        lines.append(f"type {tool.name} = (_: {{")
+        for name, schema in properties.items():
+            if "description" in schema:
+                lines.append(f"// {schema['description']}")
+            optional = "" if name in required else "?"
+            lines.append(f"{name}{optional}: {_typescript_type(schema)},")
+        lines += ["}) => any;", ""]
+    lines.append("} // namespace functions")
+    return "\n".join(lines)
+
+
+def render_conversation(messages: list[Message], tools: list[ToolSpec], tokenizer: Tokenizer) -> list[int]:
+    """The whole conversation; tool schemas join the developer message (one is added if missing)."""
+    messages = list(messages)
+    if tools:
+        section = render_tools(tools)
+        developer = next((i for i, m in enumerate(messages) if m.role == "developer"), None)
+        if developer is None:
+            developer = sum(1 for m in messages if m.role == "system")  # right after the system messages
+            messages.insert(developer, Message("developer", section))
+        else:
+            old = messages[developer]
+            messages[developer] = Message("developer", f"{old.content}\n\n{section}")
+        for i, m in enumerate(messages):
+            if m.role == "system" and TOOL_CHANNEL_NOTE not in m.content:
+                messages[i] = Message("system", f"{m.content}\n{TOOL_CHANNEL_NOTE}")
+    return [token for message in messages for token in render_message(message, tokenizer)]
+
+
+@dataclass
+class AssistantTurn:
+    """A well-formed sampled assistant message."""
+
+    message: Message
+    stop: str  # "<|call|>", "<|return|>" or "<|end|>"
+    arguments: dict[str, Any] | None = None  # parsed JSON arguments of a tool call
+
+    @property
+    def tool_name(self) -> str | None:
+        recipient = self.message.recipient
+        return recipient[len(TOOL_NAMESPACE) :] if recipient else None
+
+    @property
+    def is_final(self) -> bool:
+        return self.message.channel == "final"
+
+
+@dataclass
+class ParseError:
+    """Why a sampled turn is not a valid Harmony message; ``tool`` is set when the turn did address
+    a ``functions.NAME`` recipient, so the error can come back as that tool's result."""
+
+    reason: str
+    tool: str | None = None
+
+
+_HEADER = re.compile(
+    r"^(?:\s*to=(?P<before>\S+?))?\s*<\|channel\|>(?P<channel>\w+)(?:\s+to=(?P<after>\S+?))?"
+    r"(?:\s*<\|constrain\|>(?P<constrain>\w+)|\s+(?P<content_type>json))?\s*$"
+)
+
+
+def _header_text(ids: list[int], tokenizer: Tokenizer) -> str:
+    """Decode text runs and write special tokens by name, so a regex can read the header."""
+    names = {v: k for k, v in tokenizer.special.items()}
+    parts, run = [], []
+    for token in ids:
+        if token in names:
+            parts += [tokenizer.decode(run), names[token]]
+            run = []
+        else:
+            run.append(token)
+    return "".join([*parts, tokenizer.decode(run)])
+
+
+def parse_assistant(ids: list[int], tokenizer: Tokenizer) -> AssistantTurn | ParseError:
+    """Parse the tokens sampled after ``<|start|>assistant`` (header rest, content, stop token)."""
+    special, names = tokenizer.special, {v: k for k, v in tokenizer.special.items()}
+    stop_ids = {special[s] for s in STOP_TOKENS}
+    for token in ids[:-1]:
+        if token in stop_ids:
+            return ParseError(f"text after {names[token]}: a turn must end at its first stop token")
+        if token == special["<|start|>"]:
+            return ParseError("<|start|> inside an assistant message")
+    if not ids or ids[-1] not in stop_ids:
+        return ParseError("no stop token: the message was cut off before <|end|>, <|call|> or <|return|>")
+    if special["<|message|>"] not in ids:
+        return ParseError("missing <|message|> after the header")
+    split = ids.index(special["<|message|>"])
+    header, body, stop = ids[:split], ids[split + 1 : -1], names[ids[-1]]
+    stray = [names[t] for t in body if t in names]
+    if stray:
+        return ParseError(f"special token {stray[0]} inside the message content")
+    header_text = _header_text(header, tokenizer)
+    if "<|channel|>" not in header_text:
+        return ParseError("missing <|channel|>: every assistant message needs a channel")
+    match = _HEADER.match(header_text)
+    if match is None:
+        return ParseError(f"malformed header {header_text!r}")
+    channel, recipient = match["channel"], match["before"] or match["after"]
+    constrain = match["constrain"] or match["content_type"]
+    if channel not in CHANNELS:
+        return ParseError(f"unknown channel {channel!r}; valid channels: {', '.join(CHANNELS)}")
+    content = tokenizer.decode(body)
+    message = Message("assistant", content, channel=channel, recipient=recipient, constrain=constrain)
+    if recipient is None:
+        if stop == "<|call|>":
+            return ParseError("<|call|> without a recipient: tool calls need to=functions.NAME")
+        if stop == "<|return|>" and channel != "final":
+            return ParseError(f"<|return|> ends final-channel messages only, not {channel}")
+        return AssistantTurn(message, stop)
+    if not recipient.startswith(TOOL_NAMESPACE) or recipient == TOOL_NAMESPACE:
+        return ParseError(f"unknown recipient {recipient!r}; call tools as functions.NAME")
+    tool = recipient[len(TOOL_NAMESPACE) :]
+    if stop != "<|call|>":
+        return ParseError(f"a message to {recipient} must end with <|call|>, not {stop}", tool=tool)
+    if channel == "final":
+        return ParseError("tool calls go to the commentary channel, not final", tool=tool)
+    try:
+        arguments = json.loads(content)
+    except json.JSONDecodeError as error:
+        return ParseError(f"arguments are not valid JSON ({error})", tool=tool)
+    if not isinstance(arguments, dict):
+        return ParseError(f"arguments must be a JSON object, got {type(arguments).__name__}", tool=tool)
+    return AssistantTurn(message, stop, arguments)
