@@ -28,11 +28,10 @@ from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config,
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
 from titan_rl.rl.advantages import group_advantages, informative_groups
-from titan_rl.rl.envs import Environment, TokenPreferenceEnv
+from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
 from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import PackedBatch, pack_trajectories
-from titan_rl.rl.rollout import NativeEngine, RolloutEngine, SamplingParams
-from titan_rl.rl.types import Trajectory
+from titan_rl.rl.rollout import NativeEngine
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,31 +87,6 @@ def loss_config(cfg: JobConfig) -> LossConfig:
         correction_level=rl.correction_level,
         correction_threshold=rl.correction_threshold,
     )
-
-
-def collect_rollouts(engine: RolloutEngine, env: Environment, step: int, cfg: JobConfig) -> list[Trajectory]:
-    """``prompts_per_step`` prompts x ``group_size`` samples, scored by the environment."""
-    prompts = env.prompts(step, cfg.rollout.prompts_per_step)
-    repeated = [p for p in prompts for _ in range(cfg.rollout.group_size)]
-    params = SamplingParams(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-    )
-    completions = engine.generate(repeated, params)
-    trajectories = []
-    for i, (prompt, completion) in enumerate(zip(repeated, completions)):
-        trajectories.append(
-            Trajectory(
-                tokens=prompt + completion.tokens,
-                loss_mask=[0] * len(prompt) + [1] * len(completion.tokens),
-                rollout_logprobs=[0.0] * len(prompt) + completion.logprobs,
-                reward=env.reward(prompt, completion.tokens),
-                group=i // cfg.rollout.group_size,
-            )
-        )
-    return trajectories
 
 
 @dataclass
@@ -241,6 +215,21 @@ class Trainer:
         result["train/skipped_steps"] = self.skipped_steps
         return result
 
+    def sft_step(self, batch: PackedBatch, optimizer: torch.optim.Optimizer) -> float:
+        """One supervised step: mean negative log-likelihood of the demonstrations' trained tokens."""
+        optimizer.zero_grad(set_to_none=True)
+        tokens = float(batch.target_mask.sum())
+        total = 0.0
+        for mb in self._micro_batches(batch):
+            logprobs, _, _ = self._logprobs(self.model, mb)
+            loss = -logprobs.sum() / tokens
+            loss.backward()
+            total += loss.item()
+        clip = self.cfg.training.grad_clip
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        optimizer.step()
+        return total
+
     def _optimizer_step(self) -> float:
         clip = self.cfg.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -254,11 +243,6 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         return float(grad_norm)
-
-
-def build_env(cfg: JobConfig, vocab_size: int) -> Environment:
-    env = cfg.env
-    return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
 
 
 def check_world_size(cfg: JobConfig, world_size: int) -> None:
@@ -288,6 +272,7 @@ def run(cfg: JobConfig, console: Console) -> int:
     trainer = Trainer(model, cfg)
     engine = NativeEngine(model, seed=cfg.job.seed)
     env = build_env(cfg, model.args.vocab_size)
+    tokenizer = build_tokenizer(cfg, model.args.vocab_size)
     logger = MetricsLogger(dump, cfg.metrics.log_freq, wandb_run=start_wandb(cfg))
 
     manager, start_step = None, 0
@@ -306,9 +291,10 @@ def run(cfg: JobConfig, console: Console) -> int:
         if resumed is not None:
             start_step, extra = resumed
             engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
-            env.load_state_dict(extra["env"])
             console.print(f"resumed from step {start_step}")
 
+    if start_step == 0 and cfg.sft.steps > 0:
+        supervised_warmup(trainer, env, tokenizer, cfg, console)
     counts = model.args.num_params()
     console.print(
         f"titan_rl: {counts['total'] / 1e6:.2f}M params, {cfg.training.steps} steps, "
@@ -317,7 +303,7 @@ def run(cfg: JobConfig, console: Console) -> int:
     for step in range(start_step + 1, cfg.training.steps + 1):
         t0 = time.perf_counter()
         model.eval()
-        trajectories = collect_rollouts(engine, env, step, cfg)
+        trajectories, env_metrics = collect_rollouts(engine, env, tokenizer, step, cfg)
         model.train()
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
@@ -341,6 +327,7 @@ def run(cfg: JobConfig, console: Console) -> int:
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
                 "mem/peak_gb": peak_memory_gb(),
+                **env_metrics,
             }
         )
         logger.log(step, metrics, console)
@@ -351,10 +338,23 @@ def run(cfg: JobConfig, console: Console) -> int:
             )
             return 1
         if manager is not None and (manager.should_save(step) or step == cfg.training.steps):
-            extra = {"engine_rng": engine.generator.get_state().tolist(), "env": env.state_dict()}
+            # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
+            extra = {"engine_rng": engine.generator.get_state().tolist()}
             manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
     console.print(f"done: {cfg.training.steps} steps, metrics in {dump / 'metrics.jsonl'}")
     return 0
+
+
+def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console: Console) -> None:
+    """``sft.steps`` steps of next-token training on scripted correct episodes, before RL."""
+    optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.sft.lr)
+    trainer.model.train()
+    for step in range(cfg.sft.steps):
+        demos = demonstrations(env, tokenizer, step, cfg.sft.batch_size)
+        batch = pack_trajectories(demos, [0.0] * len(demos), cfg.training.seq_len)
+        loss = trainer.sft_step(batch, optimizer)
+        if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.sft.steps:
+            console.print(f"sft {step + 1:4d}/{cfg.sft.steps}  loss {loss:.4f}", highlight=False)
 
 
 def start_wandb(cfg: JobConfig):

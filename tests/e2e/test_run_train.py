@@ -95,3 +95,25 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a[2:], b[2:]):
         assert {k: row_a[k] for k in DETERMINISTIC} == {k: row_b[k] for k in DETERMINISTIC}
+
+
+def test_agentic_tool_task_with_sft_warmup(tmp_path):
+    """The multi-turn tool environment through run_train.sh: warm-up, then RL with env metrics."""
+    dump = tmp_path / "tool"
+    result = run_train(
+        "--env.name=tool_lookup",
+        "--sft.steps=3",
+        "--training.steps=2",
+        "--training.seq_len=256",
+        "--env.max_episode_tokens=256",
+        "--rollout.max_new_tokens=32",
+        "--rollout.prompts_per_step=4",
+        f"--job.dump_folder={dump}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sft    3/3" in result.stdout
+    rows = read_metrics(dump)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0
+        assert {"env/turns_mean", "env/tool_calls", "env/tool_errors", "env/parse_errors"} <= set(row)

@@ -157,11 +157,35 @@ class Rollout:
 @dataclass
 class Env:
     name: str = "token_preference"
-    """Built-in environment: token_preference (reward = share of response tokens in a target set)."""
+    """token_preference (single turn, toy), tool_lookup (multi-turn tool task) or math (GSM8K-style)."""
     prompt_len: int = 8
-    """Prompt tokens per episode."""
+    """token_preference: prompt tokens per episode."""
     target_modulus: int = 8
     """token_preference: token ids divisible by this are rewarded."""
+    num_tasks: int = 1000
+    """tool_lookup: number of distinct tasks."""
+    keys_per_task: int = 3
+    """tool_lookup: keys the lookup tool knows per task."""
+    data_path: str = ""
+    """math: a JSONL file of {"question", "answer"}; empty: the shipped sample."""
+    python_tool: bool = False
+    """math: offer a sandboxed Python tool."""
+    max_turns: int = 4
+    """Agentic episodes: assistant turns per episode."""
+    max_episode_tokens: int = 512
+    """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
+    tool_timeout_s: float = 10.0
+    """Agentic episodes: wall-clock limit of one tool call."""
+
+
+@dataclass
+class Sft:
+    steps: int = 0
+    """Supervised warm-up steps on the environment's demonstrations before RL (0: none)."""
+    lr: float = 3e-3
+    """Warm-up learning rate (AdamW, constant)."""
+    batch_size: int = 16
+    """Demonstrations per warm-up step."""
 
 
 @dataclass
@@ -188,4 +212,5 @@ class JobConfig:
     rl: RL = field(default_factory=RL)
     rollout: Rollout = field(default_factory=Rollout)
     env: Env = field(default_factory=Env)
+    sft: Sft = field(default_factory=Sft)
     metrics: Metrics = field(default_factory=Metrics)

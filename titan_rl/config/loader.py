@@ -120,13 +120,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.correction": ("none", "tis", "mis"),
     "rl.correction_level": ("token", "sequence"),
     "rollout.engine": ("native",),
-    "env.name": ("token_preference",),
+    "env.name": ("token_preference", "tool_lookup", "math"),
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }
 POSITIVE = ("training.steps", "training.minibatches", "training.micro_batch_rows", "training.seq_len",
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
-            "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq")  # fmt: skip
+            "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq", "env.num_tasks",
+            "env.max_turns", "env.max_episode_tokens", "sft.batch_size")  # fmt: skip
 
 
 def validate(config: JobConfig) -> None:
@@ -141,6 +142,11 @@ def validate(config: JobConfig) -> None:
         value = getattr(getattr(config, section), key)
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if config.env.name != "token_preference" and config.training.seq_len < config.env.max_episode_tokens:
+        raise ConfigError(
+            f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
+            f"{config.env.max_episode_tokens}: an episode must fit in one packed row; raise training.seq_len"
+        )
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
 

@@ -1,0 +1,94 @@
+"""From config to trajectories: build the environment (and tokenizer), run one step's episodes."""
+
+from __future__ import annotations
+
+from titan_rl.config import ConfigError, JobConfig
+from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes
+from titan_rl.rl.envs import (
+    AgentEnvironment,
+    Environment,
+    MathEnv,
+    PythonSandbox,
+    TokenPreferenceEnv,
+    ToolLookupEnv,
+)
+from titan_rl.rl.rollout import RolloutEngine, SamplingParams
+from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
+from titan_rl.rl.types import Trajectory
+
+AGENTIC = ("tool_lookup", "math")
+
+
+def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment:
+    env = cfg.env
+    if env.name == "token_preference":
+        return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
+    if env.name == "tool_lookup":
+        return ToolLookupEnv(env.num_tasks, env.keys_per_task, seed=cfg.job.seed)
+    python = PythonSandbox() if env.python_tool else None
+    return MathEnv.from_jsonl(env.data_path, python) if env.data_path else MathEnv(python=python)
+
+
+def build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
+    """The checkpoint's tokenizer.json, or the project's tiny tokenizer for the debug model."""
+    if cfg.env.name not in AGENTIC:
+        return None
+    if cfg.model.hf_path:
+        return Tokenizer.from_folder(cfg.model.hf_path)
+    if vocab_size != 512:
+        raise ConfigError(
+            f"env.name = {cfg.env.name!r} without model.hf_path uses the built-in 512-token tokenizer, "
+            f"but the model's vocab is {vocab_size}; use model.preset = 'debug' or give model.hf_path"
+        )
+    return build_tiny_tokenizer(vocab_size)
+
+
+def sampling_params(cfg: JobConfig) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
+    )
+
+
+def collect_rollouts(
+    engine: RolloutEngine, env, tokenizer: Tokenizer | None, step: int, cfg: JobConfig
+) -> tuple[list[Trajectory], dict[str, float]]:
+    """``prompts_per_step`` tasks x ``group_size`` episodes for RL step ``step`` (1-based)."""
+    per_step, group = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    if tokenizer is not None:  # multi-turn agentic episodes
+        indices = [((step - 1) * per_step + i) % len(env) for i in range(per_step)]
+        loop = AgentLoopConfig(
+            max_turns=cfg.env.max_turns,
+            max_episode_tokens=cfg.env.max_episode_tokens,
+            max_new_tokens_per_turn=cfg.rollout.max_new_tokens,
+            tool_timeout_s=cfg.env.tool_timeout_s,
+        )
+        trajectories, stats = run_episodes(engine, tokenizer, env, indices, group, sampling_params(cfg), loop)
+        return trajectories, {f"env/{k}": v for k, v in stats.items()}
+    prompts = env.prompts(step, per_step)
+    repeated = [p for p in prompts for _ in range(group)]
+    completions = engine.generate(repeated, sampling_params(cfg))
+    trajectories = [
+        Trajectory(
+            tokens=prompt + c.tokens,
+            loss_mask=[0] * len(prompt) + [1] * len(c.tokens),
+            rollout_logprobs=[0.0] * len(prompt) + c.logprobs,
+            reward=env.reward(prompt, c.tokens),
+            group=i // group,
+        )
+        for i, (prompt, c) in enumerate(zip(repeated, completions))
+    ]
+    return trajectories, {}
+
+
+def demonstrations(env, tokenizer: Tokenizer | None, step: int, count: int) -> list[Trajectory]:
+    """Scripted correct episodes for the supervised warm-up (tasks from the end of the task list)."""
+    if tokenizer is None or not hasattr(env, "demonstration"):
+        raise ConfigError(
+            f"sft.steps > 0 needs an environment with demonstrations (tool_lookup), not {env!r}"
+        )
+    indices = [len(env) - 1 - (step * count + i) % len(env) for i in range(count)]
+    return [demonstration_trajectory(env.reset(i), env.demonstration(i), tokenizer) for i in indices]
+
+
+__all__ = ["AGENTIC", "build_env", "build_tokenizer", "collect_rollouts", "demonstrations"]
