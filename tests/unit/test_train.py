@@ -10,9 +10,10 @@ import torch
 from titan_rl.config import load_config
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.advantages import group_advantages
+from titan_rl.rl.collect import build_env, collect_rollouts
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.train import Trainer, build_env, collect_rollouts
+from titan_rl.train import Trainer
 
 
 def setup(*overrides: str):
@@ -24,7 +25,7 @@ def setup(*overrides: str):
     model = GptOss(args)
     trainer = Trainer(model, cfg)
     env = build_env(cfg, args.vocab_size)
-    trajectories = collect_rollouts(NativeEngine(model, seed=1), env, 1, cfg)
+    trajectories, _ = collect_rollouts(NativeEngine(model, seed=1), env, None, 1, cfg)
     rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
     advantages = group_advantages(rewards, cfg.rl.advantage).flatten().tolist()
     batch = pack_trajectories(trajectories, advantages, cfg.training.seq_len)
