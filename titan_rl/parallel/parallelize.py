@@ -1,0 +1,91 @@
+"""``parallelize_gpt_oss``: EP, CP, activation checkpointing, compile and FSDP2 on an unmodified model.
+
+Usage (every rank)::
+
+    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=4, cp=1, ep=2, world_size=4)
+    parallel_dims.build_mesh()
+    model = parallelize_gpt_oss(GptOss(args), parallel_dims, ParallelConfig(activation_checkpoint="full"))
+
+Gradients are summed over the data ranks: normalize each rank's loss by the global token count
+(see ``fsdp.py``). The order matters: expert parallelism swaps the expert modules, context
+parallelism re-places the attention computation, checkpointing and compile wrap whole blocks, and
+FSDP comes last so that it shards the parameters as the other steps left them. None of them
+changes the model's math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from titan_rl.model.model import GptOss
+from titan_rl.parallel.activation_checkpoint import AC_MODES, apply_activation_checkpointing
+from titan_rl.parallel.expert_parallel import apply_expert_parallel
+from titan_rl.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from titan_rl.parallel.parallel_dims import ParallelDims
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is parallelized beyond the mesh degrees (which live in ``ParallelDims``)."""
+
+    activation_checkpoint: str = "none"
+    """``none``, ``full`` (every block) or ``selective`` (every ``selective_every``-th block)."""
+    selective_every: int = 2
+    """With ``selective``: checkpoint blocks 0, n, 2n, ... for n = this."""
+    compile: bool = False
+    """``torch.compile`` each block in place (parameter names unchanged); meant for CUDA + bf16
+    (on CPU in fp32, tracing ``torch._grouped_mm`` fails)."""
+    compile_backend: str = "inductor"
+    """Backend for ``torch.compile``."""
+    reshard_after_forward: bool = True
+    """FSDP frees gathered parameters after each block's forward (re-gathers them in backward)."""
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 params + fp32 gradient reduction on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpoint not in AC_MODES:
+            raise ValueError(
+                f"activation_checkpoint = {self.activation_checkpoint!r} is not one of {', '.join(AC_MODES)}"
+            )
+        if self.selective_every < 1:
+            raise ValueError(f"selective_every = {self.selective_every} must be >= 1")
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"mixed_precision = {self.mixed_precision!r} is not one of auto, bf16, fp32")
+
+
+def apply_compile(model: GptOss, backend: str = "inductor") -> None:
+    """Compile each block in place (blocks repeat, so one compiled graph serves them all)."""
+    for block in model.layers:
+        block.compile(backend=backend)
+
+
+def parallelize_gpt_oss(
+    model: GptOss, parallel_dims: ParallelDims, config: ParallelConfig | None = None
+) -> GptOss:
+    """Apply EP, CP, activation checkpointing, compile and FSDP2 in place; returns ``model``.
+
+    Builds the mesh if ``parallel_dims.build_mesh()`` has not run (a collective: call this on every
+    rank). With one process only activation checkpointing and compile apply.
+    """
+    config = config or ParallelConfig()
+    parallel_dims.validate_model(model.args)
+    if parallel_dims.distributed:
+        parallel_dims.build_mesh()
+    if parallel_dims.ep_enabled:
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
+    if parallel_dims.cp_enabled:
+        from titan_rl.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, parallel_dims.get_mesh("cp"), parallel_dims.cp_mode)
+    if config.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, config.activation_checkpoint, config.selective_every)
+    if config.compile:
+        apply_compile(model, config.compile_backend)
+    if parallel_dims.distributed:
+        apply_fsdp(
+            model,
+            parallel_dims,
+            mixed_precision_policy(config.mixed_precision, parallel_dims.device_type),
+            reshard_after_forward=config.reshard_after_forward,
+        )
+    return model
