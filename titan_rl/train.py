@@ -27,6 +27,7 @@ from rich.console import Console
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
+from titan_rl.parallel import ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 from titan_rl.rl.advantages import group_advantages, informative_groups
 from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
 from titan_rl.rl.losses import LossConfig, rl_loss
@@ -111,6 +112,22 @@ class StepStats:
             elif key != "loss":
                 self.sums[key] = self.sums.get(key, 0.0) + v * tokens
 
+    def all_reduce(self, group) -> None:
+        """Combine the data-parallel ranks' stats (sums add, mins / maxs reduce)."""
+        keys = sorted(self.sums)
+        sums = torch.tensor([self.loss, self.tokens, *(self.sums[k] for k in keys)], dtype=torch.float64)
+        torch.distributed.all_reduce(sums, group=group)
+        self.loss, self.tokens = float(sums[0]), float(sums[1])
+        self.sums = {k: float(v) for k, v in zip(keys, sums[2:])}
+        for values, op in (
+            (self.mins, torch.distributed.ReduceOp.MIN),
+            (self.maxs, torch.distributed.ReduceOp.MAX),
+        ):
+            names = sorted(values)
+            t = torch.tensor([values[k] for k in names], dtype=torch.float64)
+            torch.distributed.all_reduce(t, op=op, group=group)
+            values.update({k: float(v) for k, v in zip(names, t)})
+
     def result(self) -> dict[str, float]:
         means = {k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
         return {"loss": self.loss, **means, **self.mins, **self.maxs}
@@ -119,12 +136,18 @@ class StepStats:
 class Trainer:
     """Owns the policy, the optional frozen reference and the optimizer; runs one RL step."""
 
-    def __init__(self, model: GptOss, cfg: JobConfig) -> None:
+    def __init__(self, model: GptOss, cfg: JobConfig, dims: ParallelDims | None = None) -> None:
         self.model, self.cfg = model, cfg
+        self.dims = dims or ParallelDims.from_config(cfg.parallelism, 1)
         self.loss_cfg = loss_config(cfg)
         self.reference = None
         if cfg.rl.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.dims.distributed:
+            # every rank runs the same rollouts and trains on its share of the rows (see train_step)
+            parallelize_gpt_oss(model, self.dims)
+            if self.reference is not None:
+                parallelize_gpt_oss(self.reference, self.dims)
         opt = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
@@ -150,6 +173,22 @@ class Trainer:
         )
         return logprobs, entropy, experts
 
+    def _local_rows(self, batch: PackedBatch) -> PackedBatch:
+        """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many."""
+        if not self.dims.distributed:
+            return batch
+        dp, rank = self.dims.dp, self.dims.get_mesh("dp").get_local_rank()
+        batch = batch.padded_rows(-(-batch.num_rows // dp) * dp)
+        return batch.rows(slice(rank, None, dp))
+
+    def _global_counts(self, minibatch: PackedBatch) -> tuple[float, float]:
+        """Trained tokens and trajectories of this minibatch summed over data-parallel ranks."""
+        mask = minibatch.target_mask
+        counts = torch.tensor([float(mask.sum()), float(minibatch.seq_ids[mask].unique().numel())])
+        if self.dims.distributed:
+            torch.distributed.all_reduce(counts, group=self.dims.get_mesh("dp").get_group())
+        return float(counts[0]), float(counts[1])
+
     def _micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
         size = self.cfg.training.micro_batch_rows
         return [batch.rows(slice(i, i + size)) for i in range(0, batch.num_rows, size)]
@@ -157,6 +196,7 @@ class Trainer:
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
         """All optimizer steps for one rollout batch; returns the merged metrics."""
         cfg = self.cfg
+        batch = self._local_rows(batch)
         rows = torch.arange(batch.num_rows)
         minibatches = [
             batch.rows(r) for r in rows.tensor_split(min(cfg.training.minibatches, batch.num_rows))
@@ -181,12 +221,11 @@ class Trainer:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
         for m, minibatch in enumerate(minibatches):
             micro = self._micro_batches(minibatch)
-            global_tokens = float(minibatch.target_mask.sum())
-            global_seqs = float(minibatch.seq_ids[minibatch.target_mask].unique().numel())
+            global_tokens, global_seqs = self._global_counts(minibatch)
             self.optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(micro):
-                if not mb.target_mask.any():
-                    continue
+                if not mb.target_mask.any() and not self.dims.distributed:
+                    continue  # (with FSDP every rank must run the same forwards, even empty ones)
                 logprobs, entropy, _ = self._logprobs(
                     self.model, mb, expert_indices=routing[m, i] if replay else None
                 )
@@ -209,6 +248,8 @@ class Trainer:
                 loss.backward()
                 stats.add(loss.detach(), metrics, int(sel.sum()))
             grad_norms.append(self._optimizer_step())
+        if self.dims.distributed:
+            stats.all_reduce(self.dims.get_mesh("dp").get_group())
         result = stats.result()
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
@@ -226,14 +267,14 @@ class Trainer:
             loss.backward()
             total += loss.item()
         clip = self.cfg.training.grad_clip
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         optimizer.step()
         return total
 
     def _optimizer_step(self) -> float:
         clip = self.cfg.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
@@ -245,35 +286,36 @@ class Trainer:
         return float(grad_norm)
 
 
-def check_world_size(cfg: JobConfig, world_size: int) -> None:
-    p = cfg.parallelism
-    mesh = p.dp_replicate * p.dp_shard * p.cp
-    if mesh != world_size:
+def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """The layout for ``world_size`` processes; layout mistakes become one-line config errors."""
+    try:
+        dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if dims.cp_enabled:
         raise ConfigError(
-            f"mesh dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x cp={p.cp} = {mesh} != world "
-            f"size {world_size}; set parallelism.dp_shard = {max(1, world_size // (p.dp_replicate * p.cp))} "
-            f"or launch {mesh} processes (NPROC={mesh} ./run_train.sh)"
+            "parallelism.cp > 1 is not wired into the trainer yet (titan_rl.parallel has it for the "
+            "model); use dp_shard / dp_replicate / ep"
         )
-    if world_size > 1:
-        raise ConfigError(
-            f"{world_size} processes requested, but multi-process training needs titan_rl.parallel "
-            "(not in this version yet); run with NPROC=1"
-        )
+    return dims
 
 
 def run(cfg: JobConfig, console: Console) -> int:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world_size(cfg, world_size)
+    dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
-    dump.mkdir(parents=True, exist_ok=True)
-    (dump / "config.toml").write_text(to_toml(cfg))
-    seed_everything(cfg.job.seed)
+    if rank == 0:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / "config.toml").write_text(to_toml(cfg))
+    seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     model = build_model(cfg)
-    trainer = Trainer(model, cfg)
+    trainer = Trainer(model, cfg, dims)
     engine = NativeEngine(model, seed=cfg.job.seed)
     env = build_env(cfg, model.args.vocab_size)
     tokenizer = build_tokenizer(cfg, model.args.vocab_size)
-    logger = MetricsLogger(dump, cfg.metrics.log_freq, wandb_run=start_wandb(cfg))
+    logger = MetricsLogger(
+        dump, cfg.metrics.log_freq, rank=rank, wandb_run=start_wandb(cfg) if rank == 0 else None
+    )
 
     manager, start_step = None, 0
     if cfg.checkpoint.enable:
@@ -385,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(known.config, overrides)
         if known.check_config:
-            check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
             return 0
         return run(cfg, console)
     except (ConfigError, FileNotFoundError, ValueError) as e:

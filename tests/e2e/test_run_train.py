@@ -117,3 +117,22 @@ def test_agentic_tool_task_with_sft_warmup(tmp_path):
     for row in rows:
         assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0
         assert {"env/turns_mean", "env/tool_calls", "env/tool_errors", "env/parse_errors"} <= set(row)
+
+
+@pytest.mark.parametrize(
+    "layout", [["--parallelism.dp_shard=2"], ["--parallelism.dp_shard=2", "--parallelism.ep=2"]]
+)
+def test_two_processes_match_one(tmp_path, layout):
+    """NPROC=2 with FSDP2 (and expert parallelism) gives the single-process losses (fp32, rel 1e-5)."""
+    common = ["--training.steps=3", "--rollout.prompts_per_step=4", "--training.micro_batch_rows=2"]
+    single = run_train(*common, f"--job.dump_folder={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run_train(*common, *layout, f"--job.dump_folder={tmp_path / 'two'}", env={"NPROC": "2"})
+    assert double.returncode == 0, (double.stdout + double.stderr)[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["ratio/min"] == 1.0 and b["ratio/max"] == 1.0
+        assert b["reward/mean"] == a["reward/mean"]  # same rollouts on every rank
+        for key in ("loss", "grad_norm", "entropy/mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

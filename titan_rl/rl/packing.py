@@ -30,6 +30,18 @@ class PackedBatch:
     def rows(self, index: slice | torch.Tensor) -> PackedBatch:
         return PackedBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
+    def padded_rows(self, num_rows: int) -> PackedBatch:
+        """The same batch with empty rows (nothing trained) appended up to ``num_rows``."""
+        extra = num_rows - self.num_rows
+        if extra <= 0:
+            return self
+        return PackedBatch(
+            *(
+                torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+                for t in (getattr(self, f) for f in self.__dataclass_fields__)
+            )
+        )
+
     def documents(self) -> list[PackedBatch]:
         """Each trained document on its own as a one-row batch, in row-major order."""
         out = []
