@@ -42,16 +42,19 @@ def sink_softmax_attention(
     allowed: torch.Tensor,
 ) -> torch.Tensor:
     """The math of sink attention, written out. q ``[B, Tq, H, D]``, k/v ``[B, Tk, KV, D]``,
-    ``allowed`` broadcastable to ``[B, H, Tq, Tk]`` -> ``[B, Tq, H, D]``."""
-    batch, q_len, n_heads, _ = q.shape
-    groups = n_heads // k.shape[2]
-    k = k.repeat_interleave(groups, dim=2)
-    v = v.repeat_interleave(groups, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, Tq, Tk]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    ``allowed`` broadcastable to ``[B, H, Tq, Tk]`` -> ``[B, Tq, H, D]``.
+
+    Query head h reads kv head h // (H / KV); the grouped einsum does that without copying k/v."""
+    batch, q_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q = q.float().view(batch, q_len, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.einsum("bqkgd,bskd->bkgqs", q, k.float()).reshape(batch, n_heads, q_len, -1) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))  # [B, H, Tq, Tk]
     sink_column = sinks.float().view(1, n_heads, 1, 1).expand(batch, n_heads, q_len, 1)
     probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+    probs = probs.view(batch, n_kv, n_heads // n_kv, q_len, -1)
+    out = torch.einsum("bkgqs,bskd->bqkgd", probs, v.float())
+    return out.reshape(batch, q_len, n_heads, head_dim).to(v.dtype)
 
 
 def eager_sink_attention(

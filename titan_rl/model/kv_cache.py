@@ -52,12 +52,14 @@ class LayerCache:
             self._write(k, v, positions)
             return out
         self._write(k, v, positions)
-        key_pos = self.key_positions[:, None, None, :]  # [B, 1, 1, S]
+        used = min(self.cache.index + k.shape[1], self.k.shape[1])  # slots written so far
+        keys, values = self.k[:, :used], self.v[:, :used]
+        key_pos = self.key_positions[:, None, None, :used]  # [B, 1, 1, S]
         query_pos = positions[:, None, :, None]  # [B, 1, T, 1]
         allowed = (key_pos >= 0) & (key_pos <= query_pos)
         if window is not None:
             allowed = allowed & (query_pos - key_pos < window)
-        return sink_softmax_attention(q, self.k, self.v, sinks, scale, allowed)
+        return sink_softmax_attention(q, keys, values, sinks, scale, allowed)
 
 
 class KVCache:

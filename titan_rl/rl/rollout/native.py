@@ -94,8 +94,11 @@ class NativeEngine:
         for step in range(params.max_new_tokens):
             logits = (hidden @ model.lm_head.weight.T).float().cpu() / params.temperature  # [B, vocab]
             logprobs = torch.log_softmax(logits, dim=-1)
-            probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
-            sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            if params.top_k == 1:  # greedy
+                sampled = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
+                sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
             for i in torch.nonzero(~done).flatten().tolist():
                 token = int(sampled[i])
                 outputs[i].tokens.append(token)

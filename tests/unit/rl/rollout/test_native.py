@@ -54,3 +54,14 @@ def test_stop_tokens_end_an_episode():
     for completion in completions:
         assert completion.finish_reason == "stop" and completion.tokens[-1] % 2 == 0
         assert all(t % 2 for t in completion.tokens[:-1])
+
+
+def test_greedy_equals_argmax_of_full_forward():
+    model = tiny_model(seed=6).eval()
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    (a, b) = NativeEngine(model).generate(prompts, SamplingParams(top_k=1, max_new_tokens=12))
+    for prompt, completion in zip(prompts, (a, b)):
+        row = list(prompt)
+        for _ in range(12):
+            row.append(int(model(torch.tensor([row]))[0, -1].argmax()))
+        assert completion.tokens == row[len(prompt) :]
