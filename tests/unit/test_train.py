@@ -113,3 +113,17 @@ def test_bf16_recompute_drifts_but_unified_does_not():
         ratios[mode] = (metrics["ratio/min"], metrics["ratio/max"])
     assert ratios["unified"] == (1.0, 1.0)
     assert ratios["recompute"] != (1.0, 1.0)
+
+
+def test_non_finite_gradients_skip_the_step_and_are_counted():
+    trainer, batch, n = setup("--training.max_skipped_steps=2")
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("inf")  # every logit row -> NaN log-probs
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.train_step(batch, n)
+    assert metrics["train/skipped_steps"] == 1 and trainer.consecutive_skips == 1
+    after = trainer.model.state_dict()
+    for key, value in before.items():  # the optimizer did not touch anything
+        assert torch.equal(value, after[key]), key
+    trainer.train_step(batch, n)
+    assert trainer.consecutive_skips == 2  # the run loop stops at training.max_skipped_steps
