@@ -28,6 +28,7 @@ from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config,
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
 from titan_rl.parallel import ParallelDims, clip_grad_norm_, parallelize_gpt_oss
+from titan_rl.report import write_report
 from titan_rl.rl.advantages import group_advantages, informative_groups
 from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
 from titan_rl.rl.losses import LossConfig, rl_loss
@@ -383,7 +384,11 @@ def run(cfg: JobConfig, console: Console) -> int:
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             extra = {"engine_rng": engine.generator.get_state().tolist()}
             manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
-    console.print(f"done: {cfg.training.steps} steps, metrics in {dump / 'metrics.jsonl'}")
+    if rank == 0:
+        write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
+    console.print(
+        f"done: {cfg.training.steps} steps; metrics {dump / 'metrics.jsonl'}, report {dump / 'report.html'}"
+    )
     return 0
 
 

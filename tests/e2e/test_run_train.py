@@ -47,6 +47,8 @@ def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
         assert row["clip_frac"] == 0.0
     resolved = tomllib.loads((dump / "config.toml").read_text())
     assert resolved["training"]["steps"] == 5 and resolved["job"]["dump_folder"] == str(dump)
+    report = (dump / "report.html").read_text()
+    assert report.count("<svg") >= 6 and "reward/mean" in report and "5 steps" in report
 
 
 def test_kl_to_reference_is_logged(tmp_path):
