@@ -1,4 +1,4 @@
-"""Trainer internals: unified forward, minibatches with routing replay, LR schedule."""
+"""titan_rl.trainer: unified forward, minibatches with routing replay, LR schedule."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from titan_rl.rl.advantages import group_advantages
 from titan_rl.rl.collect import build_env, collect_rollouts
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.train import Trainer
+from titan_rl.trainer import Trainer
 
 
 def setup(*overrides: str):
