@@ -8,7 +8,6 @@ Layouts with context parallelism (expert-parallel ranks borrowed from cp) run wh
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 from pathlib import Path
 
@@ -33,9 +32,14 @@ LAYOUTS = {
         "dp_shard=4,ep=4,ac=selective,reshard=0",
     ],
 }
-if importlib.util.find_spec("titan_rl.parallel.context_parallel") is not None:
-    LAYOUTS[2].append("cp=2,ep=2")
-    LAYOUTS[4] += ["dp_shard=2,cp=2,ep=4", "cp=4,ep=2,cp_mode=ring"]
+# context parallelism, both modes, alone and under FSDP (dp_shard=2 x cp=2) and with EP
+LAYOUTS[2] += ["cp=2", "cp=2,cp_mode=ring", "cp=2,ep=2"]
+LAYOUTS[4] += [
+    "dp_shard=2,cp=2",
+    "dp_shard=2,cp=2,cp_mode=ring",
+    "dp_shard=2,cp=2,ep=4",
+    "cp=4,ep=2,cp_mode=ring",
+]
 MEMORY = re.compile(r"memory (\S+) N=(\d+) rank=(\d+) bytes=(\d+)")
 
 
