@@ -60,10 +60,17 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if dims.cp_enabled:
-        raise ConfigError(
-            "parallelism.cp > 1 is not wired into the trainer yet (titan_rl.parallel has it for the "
-            "model); use dp_shard / dp_replicate / ep"
-        )
+        rl, shard = cfg.rl, dims.cp * (2 if dims.cp_mode == "ring" else 1)
+        if rl.aggregation != "token-mean" or rl.policy_loss != "ppo" or rl.old_logprob_mode != "unified":
+            raise ConfigError(
+                "parallelism.cp > 1 supports rl.aggregation = 'token-mean', rl.policy_loss = 'ppo' and "
+                "rl.old_logprob_mode = 'unified' (sequence-level terms would span cp shards)"
+            )
+        if cfg.training.seq_len % shard:
+            raise ConfigError(
+                f"training.seq_len = {cfg.training.seq_len} must be a multiple of {shard} for "
+                f"cp = {dims.cp} ({dims.cp_mode}); round it up"
+            )
     return dims
 
 
@@ -206,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():  # leave together, or gloo may abort a slower rank
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

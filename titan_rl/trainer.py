@@ -127,6 +127,7 @@ class Trainer:
         """Log-probs and entropy of the trained positions of ``mb`` (+ routing when recording)."""
         out = model(
             mb.tokens,
+            positions=mb.positions,
             document_ids=mb.document_ids,
             return_hidden=True,
             expert_indices=expert_indices,
@@ -156,8 +157,15 @@ class Trainer:
         return float(counts[0]), float(counts[1])
 
     def _micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
+        """Micro-batches of rows; with context parallelism each is this rank's sequence shard."""
         size = self.cfg.training.micro_batch_rows
-        return [batch.rows(slice(i, i + size)) for i in range(0, batch.num_rows, size)]
+        micro = [batch.rows(slice(i, i + size)) for i in range(0, batch.num_rows, size)]
+        if self.dims.cp_enabled:
+            from titan_rl.parallel.context_parallel import shard_sequence
+
+            cp_mesh, mode = self.dims.get_mesh("cp"), self.dims.cp_mode
+            micro = [mb.map(lambda t: shard_sequence(t, cp_mesh, mode, dim=1)) for mb in micro]
+        return micro
 
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
         """All optimizer steps for one rollout batch; returns the merged metrics."""
@@ -215,7 +223,7 @@ class Trainer:
                 stats.add(loss.detach(), metrics, int(sel.sum()))
             grad_norms.append(self._optimizer_step())
         if self.dims.distributed:
-            stats.all_reduce(self.dims.get_mesh("dp").get_group())
+            stats.all_reduce(self.dims.get_mesh("dp_cp").get_group())
         result = stats.result()
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
@@ -225,7 +233,8 @@ class Trainer:
     def sft_step(self, batch: PackedBatch, optimizer: torch.optim.Optimizer) -> float:
         """One supervised step: mean negative log-likelihood of the demonstrations' trained tokens."""
         optimizer.zero_grad(set_to_none=True)
-        tokens = float(batch.target_mask.sum())
+        batch = self._local_rows(batch)
+        tokens, _ = self._global_counts(batch)
         total = 0.0
         for mb in self._micro_batches(batch):
             logprobs, _, _ = self._logprobs(self.model, mb)

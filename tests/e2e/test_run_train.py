@@ -122,10 +122,17 @@ def test_agentic_tool_task_with_sft_warmup(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout", [["--parallelism.dp_shard=2"], ["--parallelism.dp_shard=2", "--parallelism.ep=2"]]
+    "layout",
+    [
+        ["--parallelism.dp_shard=2"],
+        ["--parallelism.dp_shard=2", "--parallelism.ep=2"],
+        ["--parallelism.cp=2"],
+        ["--parallelism.cp=2", "--parallelism.cp_mode=ring"],
+    ],
+    ids=["fsdp", "fsdp-ep", "cp-ulysses", "cp-ring"],
 )
 def test_two_processes_match_one(tmp_path, layout):
-    """NPROC=2 with FSDP2 (and expert parallelism) gives the single-process losses (fp32, rel 1e-5)."""
+    """NPROC=2 with FSDP2, expert or context parallelism gives the single-process losses (fp32, rel 1e-5)."""
     common = ["--training.steps=3", "--rollout.prompts_per_step=4", "--training.micro_batch_rows=2"]
     single = run_train(*common, f"--job.dump_folder={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr[-2000:]

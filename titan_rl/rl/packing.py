@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from titan_rl.model import positions_from_document_ids
 from titan_rl.rl.types import Trajectory
 
 
@@ -22,25 +23,25 @@ class PackedBatch:
     rollout_logprobs: torch.Tensor  # [R, S] fp32, engine log-prob of targets[p]
     seq_ids: torch.Tensor  # [R, S] int64, trajectory index of targets[p] (0 where unmasked)
     advantages: torch.Tensor  # [R, S] fp32, the trajectory's advantage at trained positions
+    positions: torch.Tensor  # [R, S] int64, position within the document (RoPE), restarting at 0
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
+    def map(self, fn) -> PackedBatch:
+        """The batch with ``fn`` applied to every field."""
+        return PackedBatch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
+
     def rows(self, index: slice | torch.Tensor) -> PackedBatch:
-        return PackedBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+        return self.map(lambda t: t[index])
 
     def padded_rows(self, num_rows: int) -> PackedBatch:
         """The same batch with empty rows (nothing trained) appended up to ``num_rows``."""
         extra = num_rows - self.num_rows
         if extra <= 0:
             return self
-        return PackedBatch(
-            *(
-                torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
-                for t in (getattr(self, f) for f in self.__dataclass_fields__)
-            )
-        )
+        return self.map(lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
 
     def documents(self) -> list[PackedBatch]:
         """Each trained document on its own as a one-row batch, in row-major order."""
@@ -103,4 +104,7 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
         document_ids[r, start:] = len(members)  # padding: a document of its own
     seq_ids = seq_ids * target_mask
     advantage = advantage * target_mask
-    return PackedBatch(tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage)
+    positions = positions_from_document_ids(document_ids)
+    return PackedBatch(
+        tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage, positions
+    )

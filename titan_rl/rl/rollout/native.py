@@ -9,6 +9,7 @@ only their window).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,19 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
     return logits
 
 
+@contextmanager
+def full_sequence_attention(model: GptOss):
+    """Undo a context-parallel re-placement of attention for the duration (rollouts see whole rows)."""
+    saved = [block.self_attn.attention_fn for block in model.layers]
+    for block in model.layers:
+        block.self_attn.attention_fn = None
+    try:
+        yield
+    finally:
+        for block, fn in zip(model.layers, saved):
+            block.self_attn.attention_fn = fn
+
+
 class NativeEngine:
     """Batched sampling from a live ``GptOss``; reproducible through its own generator."""
 
@@ -67,6 +81,10 @@ class NativeEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        with full_sequence_attention(self.model):  # every rank generates whole sequences
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         model = self.model
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         batch, width = len(prompts), max(len(p) for p in prompts)
