@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch titan_rl training with torchrun (torchtitan style).
 #
-#   ./run_train.sh                                   # 1 process, train_configs/debug_cpu.toml
+#   ./run_train.sh                                   # 1 process, train_configs/debug_cpu.toml (tool task)
 #   ./run_train.sh --training.steps=5                # any --section.key=value override
 #   NPROC=2 CONFIG_FILE=train_configs/x.toml ./run_train.sh
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NGPU=8 ./run_train.sh   # multi-node

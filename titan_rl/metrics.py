@@ -51,6 +51,17 @@ class MetricsLogger:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def start(self, resumed_step: int) -> None:
+        """Keep only records up to ``resumed_step`` (0 for a fresh run), so each step appears once."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resumed_step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def log(self, step: int, metrics: dict[str, Any], console: Any = None) -> dict[str, Any]:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if not self.enabled:

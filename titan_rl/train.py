@@ -109,6 +109,7 @@ def run(cfg: JobConfig, console: Console) -> int:
             engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
             console.print(f"resumed from step {start_step}")
 
+    logger.start(start_step)
     if start_step == 0 and cfg.sft.steps > 0:
         supervised_warmup(trainer, env, tokenizer, cfg, console)
     counts = model.args.num_params()

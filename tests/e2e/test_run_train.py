@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_CONFIG = "train_configs/smoke_cpu.toml"  # seconds per run; the default config takes minutes
 SCHEMA = [
     "step", "reward/mean", "reward/std", "loss", "ratio/mean", "ratio/min", "ratio/max", "clip_frac",
     "entropy/mean", "grad_norm", "mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/k3",
@@ -26,7 +27,7 @@ def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "CONFIG_FILE": SMOKE_CONFIG, **(env or {})},
     )
 
 
@@ -145,3 +146,10 @@ def test_two_processes_match_one(tmp_path, layout):
         assert b["reward/mean"] == a["reward/mean"]  # same rollouts on every rank
         for key in ("loss", "grad_norm", "entropy/mean"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_fresh_run_replaces_old_metrics(tmp_path):
+    dump = tmp_path / "again"
+    for steps in (3, 2):
+        assert run_train(f"--training.steps={steps}", f"--job.dump_folder={dump}").returncode == 0
+    assert [r["step"] for r in read_metrics(dump)] == [1, 2]
