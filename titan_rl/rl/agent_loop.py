@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,8 +288,21 @@ def run_episodes(
             for c, limit in zip(engine.generate([e.tokens for e in active], params), room)
         ]
         step_episodes(env, tokenizer, active, completions, config)
-    trajectories = [e.to_trajectory(env.reward(e.transcript)) for e in episodes]
-    return trajectories, episode_stats(episodes, trajectories)
+    rewards = [safe_reward(env, e.transcript) for e in episodes]
+    trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
+    stats = episode_stats(episodes, trajectories)
+    stats["reward_errors"] = float(sum(failed for _, failed in rewards))
+    stats["errors"] = stats["tool_errors"] + stats["parse_errors"] + stats["reward_errors"]
+    return trajectories, stats
+
+
+def safe_reward(env: AgentEnvironment, transcript: Transcript) -> tuple[float, bool]:
+    """The environment's reward, or 0 (and ``True``: counted as an error) when it raises."""
+    try:
+        return float(env.reward(transcript)), False
+    except Exception as e:  # a buggy reward function must not end the run
+        warnings.warn(f"reward function raised {type(e).__name__}: {e}; reward 0", stacklevel=2)
+        return 0.0, True
 
 
 def episode_stats(episodes: list[EpisodeRollout], trajectories: list[Trajectory]) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from tests.conftest import tiny_model
@@ -263,3 +264,18 @@ def test_real_engine_episodes_train_exactly_the_sampled_tokens():
         trained = torch.tensor(mask[1:], dtype=torch.bool)
         assert (trainer[0][trained] - torch.tensor(logprobs[1:])[trained]).abs().max() < 1e-4
     assert stats["episodes"] == 6 and stats["turns_mean"] == sum(t.turns for t in trajectories) / 6
+
+
+def test_a_raising_reward_function_is_contained_and_counted():
+    class BrokenReward(ToolLookupEnv):
+        def reward(self, transcript):
+            raise ZeroDivisionError("bug in the user's reward")
+
+    model = tiny_model(seed=1, vocab_size=TOKENIZER.vocab_size).eval()
+    config = AgentLoopConfig(max_turns=2, max_new_tokens_per_turn=8, max_episode_tokens=160)
+    with pytest.warns(UserWarning, match="reward function raised ZeroDivisionError"):
+        trajectories, stats = run_episodes(
+            NativeEngine(model, seed=0), TOKENIZER, BrokenReward(), [1, 2], 2, SamplingParams(), config
+        )
+    assert [t.reward for t in trajectories] == [0.0] * 4
+    assert stats["reward_errors"] == 4 and stats["errors"] >= 4
