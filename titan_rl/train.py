@@ -11,6 +11,7 @@ grad passes replay them (``rl.routing_replay``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import random
 import sys
@@ -81,6 +82,11 @@ def run(cfg: JobConfig, console: Console) -> int:
     if rank == 0:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
+    if dims.distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "nccl" if dims.device_type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
+        )
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     model = build_model(cfg)
     trainer = Trainer(model, cfg, dims)

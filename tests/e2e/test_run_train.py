@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -153,3 +155,51 @@ def test_a_fresh_run_replaces_old_metrics(tmp_path):
     for steps in (3, 2):
         assert run_train(f"--training.steps={steps}", f"--job.dump_folder={dump}").returncode == 0
     assert [r["step"] for r in read_metrics(dump)] == [1, 2]
+
+
+def _pid_of_rank(rank: int, marker: str) -> int | None:
+    """The pid of the worker with ``RANK=rank`` whose command line contains ``marker``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and b"titan_rl.train" in cmdline and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def test_a_dead_rank_stops_the_run_without_hanging(tmp_path):
+    """SIGKILL one of 2 processes mid-run: the other is stopped within seconds, the failed rank is named."""
+    dump = tmp_path / "dies"
+    args = [
+        "./run_train.sh",
+        "--training.steps=1000",
+        "--parallelism.dp_shard=2",
+        f"--job.dump_folder={dump}",
+    ]
+    env = {**os.environ, "CONFIG_FILE": SMOKE_CONFIG, "NPROC": "2", "LOG_RANK": "0,1"}
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (dump / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        pid = _pid_of_rank(1, str(dump))
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.time() - killed < 60
+    assert "rank      : 1" in output.split("Root Cause")[-1]  # torchrun names the failed rank
