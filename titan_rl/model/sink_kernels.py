@@ -110,15 +110,31 @@ def default_kernel(device: torch.device) -> str:
     return "aten_cpu" if device.type == "cpu" else "math"
 
 
+def apply_sink(
+    out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sink identity. out ``[B, H, T, D]``, lse ``[B, H, T]``, sinks ``[H]`` ->
+    (``o * exp(lse - lse_s)`` in out's dtype, ``lse_s = logaddexp(lse, sink)`` fp32)."""
+    lse_sink = torch.logaddexp(lse.float(), sinks.float()[None, :, None])
+    return (out.float() * torch.exp(lse - lse_sink)[..., None]).to(out.dtype), lse_sink
+
+
+def sink_gradient(
+    grad_out: torch.Tensor, out_sink: torch.Tensor, lse_sink: torch.Tensor, sinks: torch.Tensor
+) -> torch.Tensor:
+    """``d sink_h = -sum_i exp(sink_h - lse_s_i) * rowsum(dO_i * o_s_i)``, shapes as ``apply_sink``."""
+    delta = (grad_out.float() * out_sink.float()).sum(-1)  # [B, H, T]
+    grad = -(torch.exp(sinks.float()[None, :, None] - lse_sink) * delta).sum(dim=(0, 2))
+    return grad.to(sinks.dtype)
+
+
 class _SinkAttention(torch.autograd.Function):
     """o_s = o * exp(lse - logaddexp(lse, sink)); backward by the kernel with (o_s, lse_s)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, scale, kernel):
         out, lse = kernel.forward(q, k, v, mask, scale)  # [B, H, C, D], [B, H, C]
-        sink = sinks.float()[None, :, None]
-        lse_sink = torch.logaddexp(lse, sink)
-        out_sink = (out.float() * torch.exp(lse - lse_sink)[..., None]).to(q.dtype)
+        out_sink, lse_sink = apply_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, sinks, mask, out_sink, lse_sink)
         ctx.scale, ctx.kernel = scale, kernel
         return out_sink
@@ -127,10 +143,8 @@ class _SinkAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, sinks, mask, out_sink, lse_sink = ctx.saved_tensors
         grad_q, grad_k, grad_v = ctx.kernel.backward(grad_out, q, k, v, out_sink, lse_sink, mask, ctx.scale)
-        delta = (grad_out.float() * out_sink.float()).sum(-1)  # [B, H, C]
-        sink_prob = torch.exp(sinks.float()[None, :, None] - lse_sink)
-        grad_sinks = -(sink_prob * delta).sum(dim=(0, 2))
-        return grad_q, grad_k, grad_v, grad_sinks.to(sinks.dtype), None, None, None
+        grad_sinks = sink_gradient(grad_out, out_sink, lse_sink, sinks)
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -218,9 +232,9 @@ class _FlashSinkAttention(torch.autograd.Function):
             q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
             scale=scale, window_size_left=left, window_size_right=0,
         )  # fmt: skip
-        lse = lse.float()  # [H, tokens]
-        lse_sink = torch.logaddexp(lse, sinks.float()[:, None])
-        out_sink = (out.float() * torch.exp(lse - lse_sink).transpose(0, 1)[..., None]).to(q.dtype)
+        # varlen layout: out [tokens, H, D], lse [H, tokens]; seen as one [1, H, tokens] batch
+        out_sink, lse_sink = apply_sink(out.transpose(0, 1)[None], lse[None], sinks)
+        out_sink, lse_sink = out_sink[0].transpose(0, 1).contiguous(), lse_sink[0]
         ctx.save_for_backward(q, k, v, sinks, cu, out_sink, lse_sink, seed, offset)
         ctx.max_len, ctx.scale, ctx.left = max_len, scale, left
         return out_sink
@@ -233,9 +247,10 @@ class _FlashSinkAttention(torch.autograd.Function):
             grad_out, q, k, v, out_sink, lse_sink, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
             seed, offset, scale=ctx.scale, window_size_left=ctx.left, window_size_right=0,
         )  # fmt: skip
-        delta = (grad_out.float() * out_sink.float()).sum(-1).transpose(0, 1)  # [H, tokens]
-        grad_sinks = -(torch.exp(sinks.float()[:, None] - lse_sink) * delta).sum(-1)
-        return grad_q, grad_k, grad_v, grad_sinks.to(sinks.dtype), None, None, None, None
+        grad_sinks = sink_gradient(
+            grad_out.transpose(0, 1)[None], out_sink.transpose(0, 1)[None], lse_sink[None], sinks
+        )
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None
 
 
 def flash_sink_attention(

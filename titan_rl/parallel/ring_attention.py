@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from titan_rl.model.masks import allowed_keys
-from titan_rl.model.sink_kernels import KERNELS, LseKernel, default_kernel
+from titan_rl.model.sink_kernels import KERNELS, LseKernel, apply_sink, default_kernel, sink_gradient
 
 _KV_TAG, _GRAD_TAG = 11, 12
 
@@ -133,8 +133,8 @@ class _RingSinkAttention(torch.autograd.Function):
                 lse[:, :, qs] = merged
             if next_kv is not None:
                 kv = next_kv()
-        lse_sink = torch.logaddexp(lse, sinks.float()[None, :, None])  # every row sees its own key
-        out_sink = (out * torch.exp(lse - lse_sink)[..., None]).to(q.dtype)
+        out_sink, lse_sink = apply_sink(out, lse, sinks)  # every row sees its own key
+        out_sink = out_sink.to(q.dtype)
         ctx.save_for_backward(q, k, v, sinks, out_sink, lse_sink)
         ctx.plan, ctx.scale, ctx.kernel = plan, scale, kernel
         return out_sink
@@ -162,11 +162,9 @@ class _RingSinkAttention(torch.autograd.Function):
             grad_kv = ring.shift(grad_kv, _GRAD_TAG)()  # after cp hops it is back at the owner
             if next_kv is not None:
                 kv = next_kv()
-        delta = (grad_out.float() * out_sink.float()).sum(-1)  # [B, H, T/cp]
-        grad_sinks = -(torch.exp(sinks.float()[None, :, None] - lse_sink) * delta).sum(dim=(0, 2))
+        grad_sinks = sink_gradient(grad_out, out_sink, lse_sink, sinks)  # this rank's queries only
         return (
-            grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype),
-            grad_sinks.to(sinks.dtype), None, None, None,
+            grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype), grad_sinks, None, None, None,
         )  # fmt: skip
 
 
