@@ -17,24 +17,18 @@ import time
 from importlib.metadata import version
 
 import torch
-from bench_model import build  # same model construction as the training benchmark
+from bench_model import add_model_flags, build  # same model and flags as the training benchmark
 
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_flags(p, vocab=32000)
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="generated tokens per prompt")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-experts", default="default")
     return p.parse_args()
 
 

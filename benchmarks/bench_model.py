@@ -137,20 +137,25 @@ def run_worker(side: str) -> dict[str, Any]:
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_flags(p: argparse.ArgumentParser, vocab: int) -> None:
+    """The model shape flags both benchmarks share (8 query / 2 kv heads x 64, window 128)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=201_088)
+    p.add_argument("--vocab", type=int, default=vocab)
+    experts = ["default", "eager", "grouped_mm", "batched_mm"]
+    p.add_argument("--hf-experts", default="default", choices=experts, help="default: HF's own choice")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p, vocab=201_088)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
-    experts = ["default", "eager", "grouped_mm", "batched_mm"]
-    p.add_argument("--hf-experts", default="default", choices=experts, help="default: HF's own choice")
     p.add_argument("--tol", type=float, default=1e-4, help="largest accepted relative loss difference")
     p.add_argument("--worker", choices=["check", "ours", "hf"], help=argparse.SUPPRESS)
     a = p.parse_args()
