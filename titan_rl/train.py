@@ -146,7 +146,7 @@ def run(cfg: JobConfig, console: Console) -> int:
                 "reward/max": rewards.max().item(),
                 "response_len/mean": response.mean().item(),
                 "tokens_per_s/rollout": response.sum().item() / (t1 - t0),
-                "tokens_per_s/train": float((batch.document_ids >= 0).sum()) / (t2 - t1),
+                "tokens_per_s/train": sum(len(t.tokens) for t in trajectories) / (t2 - t1),  # no padding
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
                 "mem/peak_gb": peak_memory_gb(),

@@ -24,9 +24,3 @@ class TokenPreferenceEnv:
         if not response:
             return 0.0
         return sum(token % self.target_modulus == 0 for token in response) / len(response)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = state["seed"]
