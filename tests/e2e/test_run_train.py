@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from titan_rl import report
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = "train_configs/smoke_cpu.toml"  # seconds per run; the default config takes minutes
@@ -34,7 +35,7 @@ def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 
 def read_metrics(dump: Path) -> list[dict]:
-    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    return report.read_metrics(dump / "metrics.jsonl")
 
 
 def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
