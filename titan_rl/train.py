@@ -54,6 +54,15 @@ def build_model(cfg: JobConfig) -> GptOss:
     return GptOss(args).to(DTYPES[cfg.model.dtype])
 
 
+def build_engine(cfg: JobConfig, model: GptOss):
+    """The rollout engine: the native one (the trainer's own module) or vLLM (CUDA only, lazy import)."""
+    if cfg.rollout.engine == "vllm":
+        from titan_rl.rl.rollout.vllm_engine import VllmEngine
+
+        return VllmEngine.from_config(cfg, model)
+    return NativeEngine(model, seed=cfg.job.seed)
+
+
 def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     """The layout for ``world_size`` processes; layout mistakes become one-line config errors."""
     try:
@@ -90,7 +99,7 @@ def run(cfg: JobConfig, console: Console) -> int:
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     model = build_model(cfg)
     trainer = Trainer(model, cfg, dims)
-    engine = NativeEngine(model, seed=cfg.job.seed)
+    engine = build_engine(cfg, model)
     env = build_env(cfg, model.args.vocab_size)
     tokenizer = build_tokenizer(cfg, model.args.vocab_size)
     logger = MetricsLogger(
@@ -112,7 +121,8 @@ def run(cfg: JobConfig, console: Console) -> int:
         )
         if resumed is not None:
             start_step, extra = resumed
-            engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
+            if "engine_rng" in extra:
+                engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
             console.print(f"resumed from step {start_step}")
 
     logger.start(start_step)
@@ -162,7 +172,9 @@ def run(cfg: JobConfig, console: Console) -> int:
             return 1
         if manager is not None and (manager.should_save(step) or step == cfg.training.steps):
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
-            extra = {"engine_rng": engine.generator.get_state().tolist()}
+            extra = (
+                {"engine_rng": engine.generator.get_state().tolist()} if hasattr(engine, "generator") else {}
+            )
             manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
     if rank == 0:
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")

@@ -141,7 +141,7 @@ class RL:
 @dataclass
 class Rollout:
     engine: str = "native"
-    """Rollout engine: native (the trainer's own model)."""
+    """Rollout engine: native (the trainer's own model; CPU or GPU) or vllm (CUDA; titan_rl[gpu])."""
     temperature: float = 1.0
     """Sampling temperature; the trainer's log-probs use the same one."""
     top_p: float = 1.0
@@ -154,6 +154,16 @@ class Rollout:
     """Samples per prompt (the advantage group)."""
     prompts_per_step: int = 8
     """Prompts per RL step; a step trains on prompts_per_step x group_size trajectories."""
+    vllm_gpu_memory_utilization: float = 0.4
+    """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm: tensor-parallel degree of each vLLM engine."""
+    vllm_sleep: bool = True
+    """vllm: put vLLM to sleep (free its KV cache) while the trainer runs; wake it for rollouts."""
+    vllm_batch_invariant: bool = False
+    """vllm: ask vLLM for batch-invariant kernels (results independent of batch composition)."""
+    vllm_max_model_len: int = 0
+    """vllm: longest sequence vLLM serves; 0 uses training.seq_len."""
 
 
 @dataclass

@@ -119,7 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.kl_estimator": ("k1", "k2", "k3"),
     "rl.correction": ("none", "tis", "mis"),
     "rl.correction_level": ("token", "sequence"),
-    "rollout.engine": ("native",),
+    "rollout.engine": ("native", "vllm"),
     "env.name": ("token_preference", "tool_lookup", "math"),
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -127,7 +127,8 @@ POSITIVE = ("training.steps", "training.minibatches", "training.micro_batch_rows
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
             "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq", "env.num_tasks",
-            "env.max_turns", "env.max_episode_tokens", "sft.batch_size")  # fmt: skip
+            "env.max_turns", "env.max_episode_tokens", "sft.batch_size",
+            "rollout.vllm_tensor_parallel_size")  # fmt: skip
 
 
 def validate(config: JobConfig) -> None:
