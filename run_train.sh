@@ -27,6 +27,7 @@ fi
 # Validate the config in one plain process first: a bad key or layout is one line, no launcher noise.
 WORLD_SIZE=$((NPROC * NNODES)) python -m titan_rl.train --check-config --config "$CONFIG_FILE" "$@"
 
-exec torchrun "${rendezvous[@]}" --nproc-per-node="$NPROC" \
+# titan_rl.launch is torchrun with a one-line failure report instead of the launcher's traceback.
+exec python -m titan_rl.launch "${rendezvous[@]}" --nproc-per-node="$NPROC" \
     --local-ranks-filter="$LOG_RANK" --role=rank --tee=3 \
     -m titan_rl.train --config "$CONFIG_FILE" "$@"

@@ -26,6 +26,8 @@ from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config,
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.parallel import ParallelDims
+from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_collective_failure
+from titan_rl.preflight import check_inputs
 from titan_rl.report import write_report
 from titan_rl.rl.advantages import group_advantages, informative_groups
 from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
@@ -34,6 +36,7 @@ from titan_rl.rl.rollout import NativeEngine
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
+_heartbeat: Heartbeat | None = None
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -86,6 +89,7 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 def run(cfg: JobConfig, console: Console) -> int:
     dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_inputs(cfg)  # run_train.sh did this already; direct torchrun users get it here
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
     if rank == 0:
@@ -96,6 +100,8 @@ def run(cfg: JobConfig, console: Console) -> int:
             "nccl" if dims.device_type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
         )
+        global _heartbeat
+        _heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     model = build_model(cfg)
     trainer = Trainer(model, cfg, dims)
@@ -221,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False)
+    healthy = True
     try:
         cfg = load_config(known.config, overrides)
         if known.check_config:
             parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            check_inputs(cfg)  # files: HF folder, tokenizer, dataset, the checkpoint to resume
             return 0
         return run(cfg, console)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -232,8 +240,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not (torch.distributed.is_initialized() and is_collective_failure(e)):
+            raise
+        healthy = False  # a peer is gone: no barrier on the way out
+        if known.debug:
+            raise
+        print(
+            f"error: {describe_collective_failure(e, _heartbeat, cfg.parallelism.collective_timeout_s)}",
+            file=sys.stderr,
+        )
+        return 3
     finally:
-        if torch.distributed.is_initialized():  # leave together, or gloo may abort a slower rank
+        if _heartbeat is not None:
+            _heartbeat.stop()
+        if torch.distributed.is_initialized() and healthy:  # leave together, or gloo may abort a slower rank
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 

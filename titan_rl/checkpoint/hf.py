@@ -329,3 +329,58 @@ def save_hf_model(
         for name in TOKENIZER_FILES:
             if (source_dir / name).is_file() and (source_dir / name).resolve() != (folder / name).resolve():
                 shutil.copy2(source_dir / name, folder / name)
+
+
+def expected_hf_shape(name: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of HF tensor ``name`` for a parameter of ``param_shape`` (MXFP4 pairs too)."""
+    if name.endswith(("_blocks", "_scales")):
+        experts, cols, rows = param_shape
+        blocks = (experts, rows, cols // BLOCK_SIZE, BLOCK_SIZE // 2)
+        return blocks if name.endswith("_blocks") else blocks[:-1]
+    return tuple(param_shape)
+
+
+def verify_hf_folder(path: str | Path) -> GptOssModelArgs:
+    """Check a HF folder without reading its tensors: config.json, shards, every name and shape.
+
+    Reads only the safetensors headers, so it is cheap for gpt-oss-120b too; raises CheckpointError
+    naming the first problem. Returns the model args of its config.json.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    args = args_from_hf_folder(folder)
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in GptOss(args).state_dict().items()}
+    found: set[str] = set()
+    for file, names in shard_names(folder).items():
+        try:
+            handle = safe_open(folder / file, framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"cannot read {folder / file}: {e}") from e
+        stored = set(handle.keys())
+        for name in names:
+            if name not in stored:
+                raise CheckpointError(f"{folder / file} lacks tensor {name!r} listed in {INDEX_FILE}")
+            try:
+                native = from_hf_name(name.removesuffix("_blocks").removesuffix("_scales"))
+            except KeyError as e:
+                raise CheckpointError(f"{folder / file}: {e.args[0]}") from e
+            if native not in shapes:
+                raise CheckpointError(
+                    f"{folder / file}: tensor {name!r} is not a GPT-OSS parameter of this config; "
+                    "is config.json from the same checkpoint?"
+                )
+            shape, expected = (
+                tuple(handle.get_slice(name).get_shape()),
+                expected_hf_shape(name, shapes[native]),
+            )
+            if shape != expected:
+                raise CheckpointError(
+                    f"{folder / file}: tensor {name!r} has shape {shape} but config.json implies {expected}"
+                )
+            found.add(native)
+    missing = sorted(set(shapes) - found)
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0])!r}")
+    return args

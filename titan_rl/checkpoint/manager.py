@@ -208,6 +208,46 @@ class CheckpointManager:
         return trainer["step"], per_rank["extra"]
 
 
+def verify_dcp_folder(folder: str | Path, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Check a DCP folder against the model's parameter ``shapes`` without reading tensor data.
+
+    Every ``model.*`` tensor must be a parameter of the config (``source`` names it in errors) with
+    the same shape, none may be missing, and every shard file the metadata points to must be there
+    and long enough (a copy that lost a file fails here, not halfway through loading).
+    """
+    folder = Path(folder)
+    if not (folder / DCP_METADATA).is_file():
+        raise CheckpointError(f"{folder / DCP_METADATA} not found; is {folder} a DCP checkpoint folder?")
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"cannot read {folder / DCP_METADATA}: {e}") from e
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for file, end in sorted(ends.items()):
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint {folder} is incomplete")
+        if path.stat().st_size < end:
+            raise CheckpointError(f"{path} is truncated ({path.stat().st_size} of {end} bytes)")
+    stored = metadata.state_dict_metadata
+    for key, meta in stored.items():
+        if not key.startswith("model."):
+            continue  # optimizer state is checked by DCP itself when it loads
+        name = key.removeprefix("model.")
+        if name not in shapes:
+            raise CheckpointError(f"{folder}: tensor {key!r} is not a GPT-OSS parameter of {source}")
+        shape = tuple(getattr(meta, "size", ()))
+        if shape != shapes[name]:
+            raise CheckpointError(
+                f"{folder}: tensor {key!r} has shape {shape} but {source} implies {shapes[name]}"
+            )
+    missing = sorted(f"model.{name}" for name in shapes if f"model.{name}" not in stored)
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+
+
 def save_model_dcp(model: GptOss, folder: str | Path) -> None:
     """A model-only DCP folder (``{"model": state_dict}``) plus the HF config.json of its shapes."""
     folder = Path(folder)
@@ -242,22 +282,7 @@ def load_model_dcp(
     model.to_empty(device=device)
     model.rope_inv_freq = rope_inv_freq(args, device=device)
     state = model.state_dict()
-    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    for key, meta in stored.items():
-        if key.startswith("optimizer."):
-            continue  # a training checkpoint converts too; its optimizer state is not needed
-        name = key.removeprefix("model.")
-        if name not in state:
-            raise CheckpointError(f"{folder}: tensor {key!r} is not a GPT-OSS parameter of {config_file}")
-        shape = tuple(getattr(meta, "size", ()))
-        if shape != tuple(state[name].shape):
-            expected = tuple(state[name].shape)
-            raise CheckpointError(
-                f"{folder}: tensor {key!r} has shape {shape} but {config_file} implies {expected}"
-            )
-    missing = sorted(f"model.{name}" for name in state if f"model.{name}" not in stored)
-    if missing:
-        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    verify_dcp_folder(folder, {name: tuple(t.shape) for name, t in state.items()}, str(config_file))
     _dcp("load", {"model": state}, folder)
     return model
 

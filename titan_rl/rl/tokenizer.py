@@ -49,7 +49,11 @@ class Tokenizer:
                 f"no tokenizer.json in {path}: copy the checkpoint's tokenizer.json there "
                 "(gpt-oss ships it next to config.json), or build one with build_tiny_tokenizer() for tests"
             )
-        return cls(HFTokenizer.from_file(str(file)))
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+            raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from None
+        return cls(hf)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/tokenizer.json``; ``from_folder(folder)`` loads it back."""

@@ -147,3 +147,29 @@ def test_save_mxfp4_is_read_back_by_transformers(tmp_path):
         else:
             assert torch.equal(loaded, param.bfloat16().float()), name
     assert_same_as_transformers(tmp_path, model)
+
+
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_verify_hf_folder_reads_headers_only_and_catches_mismatches(tmp_path, mxfp4):
+    """verify_hf_folder passes every folder load_hf_model loads, and names what load would trip on."""
+    from titan_rl.checkpoint.hf import CheckpointError, verify_hf_folder
+
+    model = tiny_model(seed=int(torch.randint(0, 1000, ())), **MXFP4_DIMS)
+    save_hf_model(model, tmp_path / "ok", mxfp4=mxfp4, max_shard_bytes=30_000)
+    assert verify_hf_folder(tmp_path / "ok") == model.args
+    load_hf_model(tmp_path / "ok")
+
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match="mlp.experts.*has shape .* but config.json implies"):
+        verify_hf_folder(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 2, "layer_types": config["layer_types"][:2]})
+    )
+    with pytest.raises(CheckpointError, match="layers.2.* is not a GPT-OSS parameter of this config"):
+        verify_hf_folder(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 4, "layer_types": (config["layer_types"] * 2)[:4]})
+    )
+    with pytest.raises(CheckpointError, match="lacks .* tensors, e.g. 'model.layers.3."):
+        verify_hf_folder(tmp_path / "ok")

@@ -42,6 +42,8 @@ class MathProblem:
 def load_math_jsonl(path: str | Path) -> list[MathProblem]:
     """Read ``{"question", "answer"}`` lines; errors name the file and line."""
     problems = []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"math dataset {path} not found (env.data_path)")
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():

@@ -1,0 +1,51 @@
+"""``torchrun`` with a one-line failure report: ``python -m titan_rl.launch [torchrun args]``.
+
+torchrun ends a failed run with its own Python traceback and a framed report. The rank's own
+message (``error: ...``) is already on stderr above it, so this wrapper replaces the launcher's
+traceback with one line per failed rank and exits with the first failure's code. ``--debug`` among
+the training arguments keeps torchrun's full report.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def describe_exit(exitcode: int) -> str:
+    """``exited with code 2`` or ``was killed by SIGKILL``."""
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv:
+        from torch.distributed.run import main as torchrun
+
+        torchrun(argv)
+        return 0
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        first_rank, first = e.get_first_failure()
+        others = sorted(set(e.failures) - {first_rank})
+        print(
+            f"error: rank {first_rank} (pid {first.pid}) {describe_exit(first.exitcode)}"
+            + (f", then ranks {others} stopped" if others else "")
+            + "; any message of its own is above (--debug shows tracebacks)",
+            file=sys.stderr,
+        )
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

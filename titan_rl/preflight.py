@@ -1,0 +1,79 @@
+"""Check every file a run will read before any process starts.
+
+``run_train.sh`` calls this in one plain process (``--check-config``) before torchrun, so a missing
+tokenizer, a bad dataset line or a checkpoint that lost a shard is one line naming the file, not a
+traceback from every rank after minutes of setup. Only headers and metadata are read: checking
+gpt-oss-120b takes about a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from titan_rl.config import ConfigError, JobConfig
+from titan_rl.model import GptOss, GptOssModelArgs
+
+
+def model_args(cfg: JobConfig) -> GptOssModelArgs:
+    """The shapes the run will build: the HF folder's config.json (verified) or the preset."""
+    if cfg.model.hf_path:
+        from titan_rl.checkpoint.hf import verify_hf_folder
+
+        return verify_hf_folder(cfg.model.hf_path)
+    return GptOssModelArgs.from_preset(cfg.model.preset)
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """Raise a one-line error (ConfigError, CheckpointError, ValueError, FileNotFoundError) for bad inputs."""
+    args = model_args(cfg)
+    if cfg.env.name in ("tool_lookup", "math") and cfg.model.hf_path:
+        from titan_rl.rl.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(cfg.model.hf_path)
+        if tokenizer.vocab_size > args.vocab_size:
+            raise ConfigError(
+                f"{cfg.model.hf_path}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {args.vocab_size}; is the tokenizer from this checkpoint?"
+            )
+    if cfg.env.name == "math" and cfg.env.data_path:
+        from titan_rl.rl.envs.math_task import load_math_jsonl
+
+        load_math_jsonl(cfg.env.data_path)
+    resume = resume_folder(cfg)
+    if resume is not None:
+        from titan_rl.checkpoint.manager import verify_dcp_folder
+
+        with torch.device("meta"):
+            shapes = {name: tuple(t.shape) for name, t in GptOss(args).state_dict().items()}
+        source = (
+            cfg.model.hf_path + "/config.json"
+            if cfg.model.hf_path
+            else f"model.preset = {cfg.model.preset!r}"
+        )
+        verify_dcp_folder(resume, shapes, source)
+
+
+def resume_folder(cfg: JobConfig) -> Path | None:
+    """The checkpoint the run will resume from: ``checkpoint.load_path`` or the newest complete one."""
+    from titan_rl.checkpoint.manager import DCP_METADATA, TRAINER_STATE, CheckpointManager, is_complete
+
+    if cfg.checkpoint.load_path:
+        folder = Path(cfg.checkpoint.load_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint.load_path {folder} does not exist")
+        if not is_complete(folder):
+            raise ConfigError(
+                f"checkpoint.load_path {folder} is not a complete checkpoint (needs {DCP_METADATA} and "
+                f"{TRAINER_STATE}); point it at a step-NNNNNN folder"
+            )
+        return folder
+    if not cfg.checkpoint.enable:
+        return None
+    folder = Path(cfg.checkpoint.folder)
+    folder = folder if folder.is_absolute() else Path(cfg.job.dump_folder) / folder
+    return CheckpointManager(folder, cfg.checkpoint.interval).latest()
+
+
+__all__ = ["check_inputs", "model_args", "resume_folder"]
