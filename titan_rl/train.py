@@ -143,6 +143,8 @@ def run(cfg: JobConfig, console: Console) -> int:
         t0 = time.perf_counter()
         model.eval()
         trajectories, env_metrics = collect_rollouts(engine, env, tokenizer, step, cfg)
+        if hasattr(engine, "sleep"):  # colocated vLLM frees its KV cache while the trainer runs
+            engine.sleep()
         model.train()
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)

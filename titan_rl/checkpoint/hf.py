@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,43 @@ def load_hf_model(
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on CPU (gathers FSDP shards: a collective every rank must join)."""
     return (tensor.full_tensor() if _is_dtensor(tensor) else tensor).detach().cpu()
+
+
+def hf_tensors(
+    model: nn.Module, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(HF name, whole tensor)`` per parameter: what a non-MXFP4 ``save_hf_model`` writes, without a file.
+
+    Same order, names, layout (interleaved ``gate_up_proj``, experts ``[E, in, out]``) and ``dtype``
+    rounding, for in-place weight sync to an inference engine. FSDP / EP shards are gathered one
+    tensor at a time: every rank must run the iterator to the end. Each tensor is a fresh copy on
+    ``device``, never a view of a parameter (a consumer may modify it in place).
+    """
+    for native, tensor in model.state_dict().items():
+        gathered = _is_dtensor(tensor)  # full_tensor() already returns a new tensor
+        full = tensor.full_tensor() if gathered else tensor
+        out = full.detach().to(device=device, dtype=dtype, copy=not gathered).contiguous()
+        del full  # at most one gathered tensor and its copy alive at a time
+        yield to_hf_name(native), out
+        del out
+
+
+def write_hf_config(
+    model: nn.Module, path: str | Path, dtype: torch.dtype = torch.bfloat16, source: str | Path | None = None
+) -> Path:
+    """Write only ``config.json`` for ``model`` (non-MXFP4, ``dtype``) into ``path``; returns the folder.
+
+    The same config ``save_hf_model`` writes (extra keys of ``source``'s config.json kept), for a
+    reader that gets its weights elsewhere. Written to a temp file and renamed, so a concurrent
+    reader never sees half a file.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _hf_config(model, False, dtype, Path(source) if source else None)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as temp:
+        temp.write(json.dumps(config, indent=2) + "\n")
+    Path(temp.name).replace(folder / CONFIG_FILE)
+    return folder
 
 
 def _quantized(tensor: torch.Tensor, stem: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,348 @@
+"""The vLLM engine: weight-sync tensors, lazy import and clear errors, parameter / output mapping.
+
+The CPU tests need no vLLM. The GPU tests (a real engine on a tiny model) run only with CUDA and
+vLLM installed. Run as a script, this file is the torchrun worker of the FSDP + EP gather test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.distributed.launcher import REPO, run_torchrun
+from titan_rl.checkpoint.hf import CONFIG_FILE, hf_tensors, save_hf_model, shard_names, write_hf_config
+from titan_rl.checkpoint.names import to_hf_name
+from titan_rl.config import JobConfig
+from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
+from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
+from titan_rl.rl.rollout.vllm_engine import (
+    INSTALL_HINT,
+    VllmEngine,
+    completion_from_output,
+    replica_count,
+    replica_slice,
+    vllm_sampling_kwargs,
+)
+
+
+def debug_model(seed: int) -> GptOss:
+    torch.manual_seed(seed)
+    model = GptOss(GptOssModelArgs.from_preset("debug"))
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.sinks.normal_(0.0, 1.5)
+    return model
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for file, names in shard_names(folder).items():
+        with safe_open(folder / file, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors
+
+
+# --- weight sync tensors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hf_tensors_equal_what_save_hf_model_writes(tmp_path, dtype):
+    model = debug_model(seed=0)
+    save_hf_model(model, tmp_path, dtype=dtype, max_shard_bytes=20_000)  # several shards
+    saved = saved_tensors(tmp_path)
+    pairs = list(hf_tensors(model, dtype))
+    assert [name for name, _ in pairs] == [to_hf_name(native) for native in model.state_dict()]
+    assert sorted(name for name, _ in pairs) == sorted(saved)
+    for name, tensor in pairs:
+        assert tensor.dtype == saved[name].dtype and tensor.shape == saved[name].shape, name
+        assert torch.equal(tensor, saved[name]), name
+    # what vLLM's GptOssForCausalLM.load_weights reads for bf16: HF names, gate_up_proj [E, H, 2I]
+    # with gate / up interleaved in the last dim (the native layout, unchanged), one sink per head
+    tensors, args, experts = dict(pairs), model.args, model.layers[0].mlp.experts
+    gate_up = tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (args.num_local_experts, args.hidden_size, 2 * args.intermediate_size)
+    assert torch.equal(gate_up, experts.gate_up_proj.detach().to(dtype))
+    sinks = tensors["model.layers.1.self_attn.sinks"]
+    assert torch.equal(sinks, model.layers[1].self_attn.sinks.detach().to(dtype))
+    assert sinks.shape == (args.num_attention_heads,)
+
+
+def test_hf_tensors_are_copies_not_views():
+    model = debug_model(seed=1)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    for _, tensor in hf_tensors(model, torch.float32):
+        tensor.zero_()  # vLLM's loader zeroes down_proj_bias in place on tensor-parallel ranks > 0
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+
+
+def test_hf_tensors_gather_fsdp_and_expert_parallel_shards(tmp_path):
+    output = run_torchrun(Path(__file__), "gather", str(tmp_path), nproc=2, timeout=180)
+    assert "rank 0: ok" in output and "rank 1: ok" in output
+
+
+def gather_worker(folder: Path) -> None:
+    """Every rank: the sharded model's hf_tensors equal the unsharded model's, bitwise."""
+    import torch.distributed as dist
+
+    from titan_rl.parallel import ParallelDims
+    from titan_rl.parallel.parallelize import ParallelConfig, parallelize_gpt_oss
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reference = dict(hf_tensors(debug_model(seed=2)))
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, ep=2, world_size=2, device_type="cpu")
+    model = parallelize_gpt_oss(debug_model(seed=2), dims, ParallelConfig(activation_checkpoint="full"))
+    assert any(type(p).__name__ == "DTensor" for p in model.parameters()), "nothing was sharded"
+    pairs = list(hf_tensors(model))
+    assert [name for name, _ in pairs] == list(reference), "names or order differ"
+    for name, tensor in pairs:
+        assert torch.equal(tensor, reference[name]), f"{name} differs after the gather"
+    print(f"rank {rank}: ok", flush=True)
+    dist.destroy_process_group()
+
+
+def test_write_hf_config_is_save_hf_models_config(tmp_path):
+    model = debug_model(seed=3)
+    save_hf_model(model, tmp_path / "saved")
+    write_hf_config(model, tmp_path / "config_only")
+    written = json.loads((tmp_path / "config_only" / CONFIG_FILE).read_text())
+    assert written == json.loads((tmp_path / "saved" / CONFIG_FILE).read_text())
+    assert "quantization_config" not in written and written["dtype"] == "bfloat16"
+    assert sorted(p.name for p in (tmp_path / "config_only").iterdir()) == [CONFIG_FILE]
+
+
+# --- lazy import and clear errors ------------------------------------------------------------
+
+
+def test_importing_titan_rl_never_imports_vllm():
+    code = (
+        "import sys, titan_rl, titan_rl.train, titan_rl.rl.rollout.vllm_engine\n"
+        "assert 'vllm' not in sys.modules, 'vllm was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+@pytest.fixture
+def clean_vllm_env(monkeypatch):
+    """Undo the environment variables the engine sets for vLLM."""
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_BATCH_INVARIANT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def fake_vllm(monkeypatch, version: str) -> None:
+    module = types.ModuleType("vllm")
+    module.__version__ = version
+    monkeypatch.setitem(sys.modules, "vllm", module)
+
+
+def test_without_vllm_construction_says_what_to_install(clean_vllm_env, tmp_path):
+    clean_vllm_env.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'titan_rl\[gpu\]'") as error:
+        VllmEngine(debug_model(seed=0), tmp_path)
+    assert INSTALL_HINT in str(error.value)
+    cfg = JobConfig()
+    cfg.job.dump_folder = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"pip install 'titan_rl\[gpu\]'"):
+        VllmEngine.from_config(cfg, debug_model(seed=0))
+    assert not (tmp_path / "run").exists(), "from_config wrote files before failing"
+
+
+def test_without_cuda_construction_says_cuda_is_needed(clean_vllm_env, tmp_path):
+    fake_vllm(clean_vllm_env, "0.11.0")
+    clean_vllm_env.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        VllmEngine(debug_model(seed=0), tmp_path)
+
+
+def test_too_old_vllm_is_refused(clean_vllm_env, tmp_path):
+    fake_vllm(clean_vllm_env, "0.10.1")
+    with pytest.raises(RuntimeError, match=r"too old.*0\.10\.2"):
+        VllmEngine(debug_model(seed=0), tmp_path)
+
+
+# --- pure mappings ---------------------------------------------------------------------------
+
+
+def test_sampling_params_translation():
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=12, stop_token_ids=(3, 5))
+    assert vllm_sampling_kwargs(params) == {
+        "n": 1,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": -1,
+        "max_tokens": 12,
+        "stop_token_ids": [3, 5],
+        "ignore_eos": True,
+        "logprobs": 0,
+        "detokenize": False,
+    }
+    assert vllm_sampling_kwargs(SamplingParams(top_k=20))["top_k"] == 20
+    greedy = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.5, top_k=1))
+    assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, -1)
+
+
+def test_completion_from_vllm_output():
+    def step(token: int, logprob: float) -> dict[int, SimpleNamespace]:
+        return {token: SimpleNamespace(logprob=logprob), 99: SimpleNamespace(logprob=-9.0)}
+
+    output = SimpleNamespace(token_ids=(4, 7), logprobs=[step(4, -0.5), step(7, -1.25)], finish_reason="stop")
+    assert completion_from_output(output) == Completion([4, 7], [-0.5, -1.25], "stop")
+    output.finish_reason = "length"
+    assert completion_from_output(output).finish_reason == "length"
+    output.logprobs = None
+    with pytest.raises(RuntimeError, match="log-prob"):
+        completion_from_output(output)
+
+
+def test_replicas_split_prompts_contiguously():
+    assert replica_count(1, 1) == 1 and replica_count(8, 2) == 4 and replica_count(4, 4) == 1
+    for world, tp in ((1, 2), (6, 4)):
+        with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):
+            replica_count(world, tp)
+    for n in (0, 1, 5, 16, 17):
+        for replicas in (1, 2, 3, 4):
+            shares = [list(range(n))[replica_slice(n, replicas, r)] for r in range(replicas)]
+            assert [i for share in shares for i in share] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= -(-n // replicas)
+
+
+# --- GPU: a real engine ----------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="needs CUDA and vLLM (pip install 'titan_rl[gpu]')",
+)
+PROMPTS = [[5, 9, 13, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]]
+
+
+def gpu_model(seed: int) -> GptOss:
+    """A tiny GPT-OSS vLLM's attention backends accept (head_dim 64), bf16-exact weights, fp32 math."""
+    torch.manual_seed(seed)
+    args = GptOssModelArgs.from_preset(
+        "debug",
+        hidden_size=128,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    model = GptOss(args)
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.sinks.normal_(0.0, 1.5)
+    return model.to(torch.bfloat16).float().cuda().eval()  # what vLLM gets: bf16 weights
+
+
+def assert_greedy(model: GptOss, prompt: list[int], completion: Completion, tol: float = 0.05) -> None:
+    """Every token is the model's argmax given the prefix (up to bf16 ties)."""
+    row = torch.tensor([prompt + completion.tokens], device="cuda")
+    logits = model(row)[0, len(prompt) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(completion.tokens, device="cuda")[:, None])[:, 0]
+    assert (logits.max(-1).values - chosen).max().item() < tol
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """One engine for the module (vLLM holds process-wide state): built from a save_hf_model folder."""
+    folder = tmp_path_factory.mktemp("vllm_hf")
+    save_hf_model(gpu_model(seed=0), folder)
+    return VllmEngine(None, folder, load_format="auto", gpu_memory_utilization=0.3, max_model_len=256)
+
+
+@gpu
+def test_engine_from_saved_folder_decodes_greedily_like_the_native_model(engine):
+    model = gpu_model(seed=0)
+    completions = engine.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=16))
+    native = NativeEngine(model).generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=16))
+    for prompt, completion, reference in zip(PROMPTS, completions, native):
+        assert len(completion.tokens) == 16 and completion.finish_reason == "length"
+        assert_greedy(model, prompt, completion)
+        assert completion.tokens[0] == reference.tokens[0]
+
+
+@gpu
+def test_engine_logprobs_are_the_trainers_tempered_logprobs(engine):
+    model = gpu_model(seed=0)
+    engine.update_weights(model)  # whatever an earlier test left loaded
+    completions = engine.generate(PROMPTS, SamplingParams(temperature=0.8, max_new_tokens=16))
+    for prompt, completion in zip(PROMPTS, completions):
+        row = torch.tensor([prompt + completion.tokens], device="cuda")
+        hidden = model(row, return_hidden=True)[:, len(prompt) - 1 : -1]
+        trainer, _ = token_logprobs_and_entropy(hidden, model.lm_head.weight, row[:, len(prompt) :], 0.8)
+        diff = (trainer[0].cpu() - torch.tensor(completion.logprobs)).abs()
+        assert diff.max().item() < 0.1 and diff.mean().item() < 0.02
+
+
+@gpu
+def test_engine_stop_tokens_end_and_are_returned(engine):
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=tuple(range(0, 512, 2)))
+    for completion in engine.generate(PROMPTS, params):
+        assert completion.finish_reason == "stop" and completion.tokens[-1] % 2 == 0
+        assert all(t % 2 for t in completion.tokens[:-1])
+
+
+@gpu
+def test_update_weights_switches_engine_to_the_new_weights(engine):
+    greedy = SamplingParams(top_k=1, max_new_tokens=16)
+    before = engine.generate(PROMPTS, greedy)
+    other = gpu_model(seed=1)
+    engine.update_weights(other)
+    after = engine.generate(PROMPTS, greedy)
+    assert [c.tokens for c in after] != [c.tokens for c in before]
+    for prompt, completion in zip(PROMPTS, after):
+        assert_greedy(other, prompt, completion)
+
+
+@gpu
+def test_sleep_frees_memory_and_generation_resumes_unchanged(engine):
+    greedy, model = SamplingParams(top_k=1, max_new_tokens=16), gpu_model(seed=2)
+    engine.update_weights(model)
+    before = engine.generate(PROMPTS, greedy)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()  # the KV cache and the weights leave the GPU
+    assert torch.cuda.mem_get_info()[0] > free_awake
+    engine.update_weights(model)  # wakes the weights only; generate wakes the KV cache
+    after = engine.generate(PROMPTS, greedy)
+    assert [c.tokens for c in after] == [c.tokens for c in before]
+    for a, b in zip(after, before):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3)
+
+
+@gpu
+def test_from_config_engine_samples_the_trainers_weights(tmp_path):
+    # a second engine needs a fresh process: vLLM keeps one distributed state per process
+    command = [sys.executable, str(Path(__file__)), "from_config", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(command, cwd=REPO, env=env, check=True, timeout=600)
+
+
+def from_config_worker(folder: Path) -> None:
+    cfg = JobConfig()
+    cfg.job.dump_folder = str(folder)
+    cfg.rollout.vllm_gpu_memory_utilization = 0.3
+    model = gpu_model(seed=3)
+    engine = VllmEngine.from_config(cfg, model)  # dummy weights, synced before the first generate
+    assert sorted(p.name for p in (folder / "vllm_init").iterdir()) == [CONFIG_FILE]
+    for prompt, completion in zip(
+        PROMPTS, engine.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=16))
+    ):
+        assert_greedy(model, prompt, completion)
+    print("ok", flush=True)
+
+
+if __name__ == "__main__":
+    workers = {"gather": gather_worker, "from_config": from_config_worker}
+    workers[sys.argv[1]](Path(sys.argv[2]))
