@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from rich.console import Console
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.model.rope import rope_inv_freq
 from titan_rl.parallel import ParallelDims
 from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_collective_failure
 from titan_rl.preflight import check_inputs
@@ -46,15 +48,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: JobConfig) -> GptOss:
-    if cfg.model.hf_path:
-        from titan_rl.checkpoint.hf import load_hf_model
+def init_device(dims: ParallelDims) -> torch.device:
+    """``cuda:LOCAL_RANK`` (made current) on GPUs, else the CPU."""
+    if dims.device_type != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
-        model = load_hf_model(cfg.model.hf_path, dtype=DTYPES[cfg.model.dtype])
-        model.set_attention_backend(cfg.model.attn_backend)
-        return model
-    args = GptOssModelArgs.from_preset(cfg.model.preset, attn_backend=cfg.model.attn_backend)
-    return GptOss(args).to(DTYPES[cfg.model.dtype])
+
+def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[[GptOss], None] | None]:
+    """The policy, and how the trainer fills it once it is sharded.
+
+    From a HF folder the model is built on the meta device: after FSDP / EP sharding each rank
+    allocates only its shards on ``device`` and keeps its part of every tensor it reads, so no rank
+    ever holds the whole model (gpt-oss-120b included). A preset is initialized randomly on the CPU
+    from ``job.seed`` (the same on every rank) and moved to ``device`` before sharding.
+    """
+    dtype = DTYPES[cfg.model.dtype]
+    if not cfg.model.hf_path:
+        model = GptOss(GptOssModelArgs.from_preset(cfg.model.preset, attn_backend=cfg.model.attn_backend))
+        return model.to(dtype=dtype, device=device), None
+    from titan_rl.checkpoint.hf import args_from_hf_folder, load_hf_state_dict_into
+
+    args = args_from_hf_folder(cfg.model.hf_path)
+    with torch.device("meta"):
+        model = GptOss(args).to(dtype)
+    model.set_attention_backend(cfg.model.attn_backend)
+
+    def load(module: GptOss) -> None:
+        module.to_empty(device=device)
+        module.rope_inv_freq = rope_inv_freq(args, device=device)  # a buffer computed, not stored
+        load_hf_state_dict_into(module, cfg.model.hf_path, progress=int(os.environ.get("RANK", "0")) == 0)
+
+    return model, load
 
 
 def build_engine(cfg: JobConfig, model: GptOss):
@@ -103,8 +130,8 @@ def run(cfg: JobConfig, console: Console) -> int:
         global _heartbeat
         _heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
-    model = build_model(cfg)
-    trainer = Trainer(model, cfg, dims)
+    model, materialize = build_model(cfg, init_device(dims))
+    trainer = Trainer(model, cfg, dims, materialize)
     engine = build_engine(cfg, model)
     env = build_env(cfg, model.args.vocab_size)
     tokenizer = build_tokenizer(cfg, model.args.vocab_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,10 +79,11 @@ class StepStats:
             elif key != "loss":
                 self.sums[key] = self.sums.get(key, 0.0) + v * tokens
 
-    def all_reduce(self, group) -> None:
-        """Combine the data-parallel ranks' stats (sums add, mins / maxs reduce)."""
+    def all_reduce(self, group, device: torch.device | str = "cpu") -> None:
+        """Combine the data-parallel ranks' stats (sums add, mins / maxs reduce) on ``device``."""
         keys = sorted(self.sums)
-        sums = torch.tensor([self.loss, self.tokens, *(self.sums[k] for k in keys)], dtype=torch.float64)
+        values = [self.loss, self.tokens, *(self.sums[k] for k in keys)]
+        sums = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums, group=group)
         self.loss, self.tokens = float(sums[0]), float(sums[1])
         self.sums = {k: float(v) for k, v in zip(keys, sums[2:])}
@@ -90,7 +92,7 @@ class StepStats:
             (self.maxs, torch.distributed.ReduceOp.MAX),
         ):
             names = sorted(values)
-            t = torch.tensor([values[k] for k in names], dtype=torch.float64)
+            t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t, op=op, group=group)
             values.update({k: float(v) for k, v in zip(names, t)})
 
@@ -102,7 +104,15 @@ class StepStats:
 class Trainer:
     """Owns the policy, the optional frozen reference and the optimizer; runs one RL step."""
 
-    def __init__(self, model: GptOss, cfg: JobConfig, dims: ParallelDims | None = None) -> None:
+    def __init__(
+        self,
+        model: GptOss,
+        cfg: JobConfig,
+        dims: ParallelDims | None = None,
+        materialize: Callable[[GptOss], None] | None = None,
+    ) -> None:
+        """``materialize`` fills a model built on the meta device, after it is sharded (so each rank
+        allocates only its shards) and before the optimizer sees its parameters."""
         self.model, self.cfg = model, cfg
         self.dims = dims or ParallelDims.from_config(cfg.parallelism, 1)
         self.loss_cfg = loss_config(cfg)
@@ -114,6 +124,11 @@ class Trainer:
             parallelize_gpt_oss(model, self.dims)
             if self.reference is not None:
                 parallelize_gpt_oss(self.reference, self.dims)
+        if materialize is not None:
+            for module in (model, self.reference):
+                if module is not None:
+                    materialize(module)
+        self.device = next(model.parameters()).device  # batches and collectives go there
         opt = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
@@ -141,17 +156,19 @@ class Trainer:
         return logprobs, entropy, experts
 
     def _local_rows(self, batch: PackedBatch) -> PackedBatch:
-        """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many."""
-        if not self.dims.distributed:
-            return batch
-        dp, rank = self.dims.dp, self.dims.get_mesh("dp").get_local_rank()
-        batch = batch.padded_rows(-(-batch.num_rows // dp) * dp)
-        return batch.rows(slice(rank, None, dp))
+        """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many, on
+        the model's device."""
+        if self.dims.distributed:
+            dp, rank = self.dims.dp, self.dims.get_mesh("dp").get_local_rank()
+            batch = batch.padded_rows(-(-batch.num_rows // dp) * dp).rows(slice(rank, None, dp))
+        return batch if self.device.type == "cpu" else batch.map(lambda t: t.to(self.device))
 
     def _global_counts(self, minibatch: PackedBatch) -> tuple[float, float]:
         """Trained tokens and trajectories of this minibatch summed over data-parallel ranks."""
         mask = minibatch.target_mask
-        counts = torch.tensor([float(mask.sum()), float(minibatch.seq_ids[mask].unique().numel())])
+        counts = torch.tensor(
+            [float(mask.sum()), float(minibatch.seq_ids[mask].unique().numel())], device=self.device
+        )
         if self.dims.distributed:
             torch.distributed.all_reduce(counts, group=self.dims.get_mesh("dp").get_group())
         return float(counts[0]), float(counts[1])
@@ -223,7 +240,7 @@ class Trainer:
                 stats.add(loss.detach(), metrics, int(sel.sum()))
             grad_norms.append(self._optimizer_step())
         if self.dims.distributed:
-            stats.all_reduce(self.dims.get_mesh("dp_cp").get_group())
+            stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
         result = stats.result()
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
