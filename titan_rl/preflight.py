@@ -14,6 +14,7 @@ import torch
 
 from titan_rl.config import ConfigError, JobConfig
 from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.parallel import ParallelDims
 
 
 def model_args(cfg: JobConfig) -> GptOssModelArgs:
@@ -25,9 +26,12 @@ def model_args(cfg: JobConfig) -> GptOssModelArgs:
     return GptOssModelArgs.from_preset(cfg.model.preset)
 
 
-def check_inputs(cfg: JobConfig) -> None:
-    """Raise a one-line error (ConfigError, CheckpointError, ValueError, FileNotFoundError) for bad inputs."""
+def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None) -> None:
+    """Raise a one-line error (ConfigError, CheckpointError, ValueError, FileNotFoundError) for bad
+    inputs; with ``dims``, also a layout the model's shapes cannot split (e.g. ep not dividing experts)."""
     args = model_args(cfg)
+    if dims is not None:
+        dims.validate_model(args)
     if cfg.env.name in ("tool_lookup", "math") and cfg.model.hf_path:
         from titan_rl.rl.tokenizer import Tokenizer
 

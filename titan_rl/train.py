@@ -116,7 +116,7 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 def run(cfg: JobConfig, console: Console) -> int:
     dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    check_inputs(cfg)  # run_train.sh did this already; direct torchrun users get it here
+    check_inputs(cfg, dims)  # run_train.sh did this already; direct torchrun users get it here
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
     if rank == 0:
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(known.config, overrides)
         if known.check_config:
-            parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            check_inputs(cfg)  # files: HF folder, tokenizer, dataset, the checkpoint to resume
+            dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            check_inputs(cfg, dims)  # shapes vs layout; files: HF folder, tokenizer, dataset, checkpoint
             return 0
         return run(cfg, console)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -17,7 +17,7 @@ import torch
 
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss, token_logprobs_and_entropy
-from titan_rl.parallel import ParallelDims, clip_grad_norm_, parallelize_gpt_oss
+from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import PackedBatch
 
@@ -119,10 +119,10 @@ class Trainer:
         self.reference = None
         if cfg.rl.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.dims.distributed:
+        if self.dims.distributed or cfg.parallelism.activation_checkpoint != "none":
             # every rank runs the same rollouts and trains on its share of the rows (see train_step)
-            parallelize_gpt_oss(model, self.dims)
-            if self.reference is not None:
+            parallelize_gpt_oss(model, self.dims, ParallelConfig(cfg.parallelism.activation_checkpoint))
+            if self.reference is not None:  # no grad: nothing to recompute
                 parallelize_gpt_oss(self.reference, self.dims)
         if materialize is not None:
             for module in (model, self.reference):

@@ -127,3 +127,23 @@ def test_non_finite_gradients_skip_the_step_and_are_counted():
         assert torch.equal(value, after[key]), key
     trainer.train_step(batch, n)
     assert trainer.consecutive_skips == 2  # the run loop stops at training.max_skipped_steps
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_from_the_config_changes_memory_not_results(mode):
+    """parallelism.activation_checkpoint reaches the model: blocks recompute in backward (the MoE
+    runs twice under grad), and metrics and updated weights equal the plain run's."""
+    plain, batch, n = setup()
+    checkpointed, _, _ = setup(f"--parallelism.activation_checkpoint={mode}")
+    calls = []  # a pre-hook: recomputation may stop early, once the MoE's saved tensors are back
+    for block in checkpointed.model.layers:
+        block.mlp.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    expected, got = plain.train_step(batch, n), checkpointed.train_step(batch, n)
+    layers, micro = plain.model.args.num_hidden_layers, len(plain._micro_batches(batch))
+    recomputed = layers if mode == "full" else (layers + 1) // 2
+    assert len(calls) == (layers + recomputed) * micro and all(calls)
+    assert {k: got[k] for k in ("loss", "grad_norm", "entropy/mean")} == pytest.approx(
+        {k: expected[k] for k in ("loss", "grad_norm", "entropy/mean")}, rel=1e-6
+    )
+    for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

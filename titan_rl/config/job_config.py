@@ -57,6 +57,8 @@ class Parallelism:
     """Context parallelism: ulysses or ring."""
     ep: int = 1
     """Expert-parallel degree, borrowed from dp_shard x cp."""
+    activation_checkpoint: str = "none"
+    """Recompute activations in backward: none, full (every block) or selective (every 2nd block)."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (e.g. on a dead rank) raises instead of hanging."""
 

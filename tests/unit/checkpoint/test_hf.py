@@ -161,15 +161,15 @@ def test_verify_hf_folder_reads_headers_only_and_catches_mismatches(tmp_path, mx
 
     config = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
-    with pytest.raises(CheckpointError, match="mlp.experts.*has shape .* but config.json implies"):
+    with pytest.raises(CheckpointError, match=r"mlp.experts.*has shape .* but config.json implies"):
         verify_hf_folder(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text(
         json.dumps({**config, "num_hidden_layers": 2, "layer_types": config["layer_types"][:2]})
     )
-    with pytest.raises(CheckpointError, match="layers.2.* is not a GPT-OSS parameter of this config"):
+    with pytest.raises(CheckpointError, match=r"layers.2.* is not a GPT-OSS parameter of this config"):
         verify_hf_folder(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text(
         json.dumps({**config, "num_hidden_layers": 4, "layer_types": (config["layer_types"] * 2)[:4]})
     )
-    with pytest.raises(CheckpointError, match="lacks .* tensors, e.g. 'model.layers.3."):
+    with pytest.raises(CheckpointError, match=r"lacks .* tensors, e.g. 'model.layers.3."):
         verify_hf_folder(tmp_path / "ok")
