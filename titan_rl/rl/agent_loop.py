@@ -288,7 +288,7 @@ def run_episodes(
             for c, limit in zip(engine.generate([e.tokens for e in active], params), room)
         ]
         step_episodes(env, tokenizer, active, completions, config)
-    rewards = [safe_reward(env, e.transcript) for e in episodes]
+    rewards = [safe_reward(env.reward, e.transcript) for e in episodes]
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
     stats = episode_stats(episodes, trajectories)
     stats["reward_errors"] = float(sum(failed for _, failed in rewards))
@@ -296,10 +296,10 @@ def run_episodes(
     return trajectories, stats
 
 
-def safe_reward(env: AgentEnvironment, transcript: Transcript) -> tuple[float, bool]:
-    """The environment's reward, or 0 (and ``True``: counted as an error) when it raises."""
+def safe_reward(reward: Callable[..., float], *args: Any) -> tuple[float, bool]:
+    """``reward(*args)``, or 0 (and ``True``: counted as an error) when it raises."""
     try:
-        return float(env.reward(transcript)), False
+        return float(reward(*args)), False
     except Exception as e:  # a buggy reward function must not end the run
         warnings.warn(f"reward function raised {type(e).__name__}: {e}; reward 0", stacklevel=2)
         return 0.0, True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from titan_rl.config import ConfigError, JobConfig
-from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes
+from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes, safe_reward
 from titan_rl.rl.envs import (
     AgentEnvironment,
     Environment,
@@ -68,17 +68,19 @@ def collect_rollouts(
     prompts = env.prompts(step, per_step)
     repeated = [p for p in prompts for _ in range(group)]
     completions = engine.generate(repeated, sampling_params(cfg))
+    rewards = [safe_reward(env.reward, prompt, c.tokens) for prompt, c in zip(repeated, completions)]
     trajectories = [
         Trajectory(
             tokens=prompt + c.tokens,
             loss_mask=[0] * len(prompt) + [1] * len(c.tokens),
             rollout_logprobs=[0.0] * len(prompt) + c.logprobs,
-            reward=env.reward(prompt, c.tokens),
+            reward=reward,
             group=i // group,
         )
-        for i, (prompt, c) in enumerate(zip(repeated, completions))
+        for i, (prompt, c, (reward, _)) in enumerate(zip(repeated, completions, rewards))
     ]
-    return trajectories, {}
+    errors = float(sum(failed for _, failed in rewards))  # a raising reward function scores 0
+    return trajectories, {"env/errors": errors, "env/reward_errors": errors}
 
 
 def demonstrations(env, tokenizer: Tokenizer | None, step: int, count: int) -> list[Trajectory]:
