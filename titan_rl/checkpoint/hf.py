@@ -154,19 +154,25 @@ def load_hf_state_dict_into(model: nn.Module, path: str | Path, progress: bool =
         raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0])!r}")
 
 
-def _load_tensor(reader: _ShardReader, name: str, params: dict[str, torch.Tensor]) -> str:
-    """Load HF tensor ``name`` (or an MXFP4 ``*_blocks`` pair) into its parameter; returns its name."""
-    file = reader.folder / reader.file
-    stem = name.removesuffix("_blocks")
+def _native_name(file: Path, name: str, known: dict[str, Any]) -> str:
+    """The native parameter a stored HF tensor (or MXFP4 blocks / scales) belongs to."""
     try:
-        native = from_hf_name(stem)
+        native = from_hf_name(name.removesuffix("_blocks").removesuffix("_scales"))
     except KeyError as e:
         raise CheckpointError(f"{file}: {e.args[0]}") from e
-    if native not in params:
+    if native not in known:
         raise CheckpointError(
             f"{file}: tensor {name!r} is not a GPT-OSS parameter of this config; "
             "is config.json from the same checkpoint?"
         )
+    return native
+
+
+def _load_tensor(reader: _ShardReader, name: str, params: dict[str, torch.Tensor]) -> str:
+    """Load HF tensor ``name`` (or an MXFP4 ``*_blocks`` pair) into its parameter; returns its name."""
+    file = reader.folder / reader.file
+    stem = name.removesuffix("_blocks")
+    native = _native_name(file, name, params)
     param = params[native]
     if name.endswith("_blocks"):
         full = _read_mxfp4(reader, stem, param, file)
@@ -400,15 +406,7 @@ def verify_hf_folder(path: str | Path) -> GptOssModelArgs:
         for name in names:
             if name not in stored:
                 raise CheckpointError(f"{folder / file} lacks tensor {name!r} listed in {INDEX_FILE}")
-            try:
-                native = from_hf_name(name.removesuffix("_blocks").removesuffix("_scales"))
-            except KeyError as e:
-                raise CheckpointError(f"{folder / file}: {e.args[0]}") from e
-            if native not in shapes:
-                raise CheckpointError(
-                    f"{folder / file}: tensor {name!r} is not a GPT-OSS parameter of this config; "
-                    "is config.json from the same checkpoint?"
-                )
+            native = _native_name(folder / file, name, shapes)
             shape, expected = (
                 tuple(handle.get_slice(name).get_shape()),
                 expected_hf_shape(name, shapes[native]),
