@@ -3,9 +3,19 @@
 Rows are left-padded so that every row writes its new token at the same slot; each slot remembers
 the absolute position of its key (-1 for padding / empty), and the mask is built from positions:
 key at position j is visible to a query at position i when 0 <= j <= i and i - j < window.
-The first forward through a fresh cache (the prefill) attends with the model's ordinary backend
-and then stores the keys; later forwards (decode) write their keys and attend over the cache with
-the same sink-softmax math as the eager reference.
+
+The buffers are allocated once, ``[batch, kv_heads, slots, head_dim]``, and written in place (a
+sliding-window layer's buffer is a ring of ``window`` slots); ``keep_rows`` copies them only when
+finished rows leave the batch. Three ways through ``attend``:
+
+- prefill (the first forward through a fresh cache): the new tokens are all there is, so they
+  attend with the model's ordinary backend; their keys are then stored.
+- decode (one new token per row): ``decode_sink_attention``, one query per row against the
+  written slots with plain matmuls. Every stored key is causal and inside the window by
+  construction (the ring holds exactly the last ``window`` slots), so the only mask is "slot holds
+  a real token" (``key_positions >= 0``), which excludes left padding.
+- several new tokens after a prefill: the stored keys plus the new ones, the general
+  position-built mask and the eager sink math.
 """
 
 from __future__ import annotations
@@ -18,21 +28,54 @@ from titan_rl.model.args import GptOssModelArgs
 from titan_rl.model.attention import sink_softmax_attention
 
 
+def decode_sink_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Sink attention of one query per row. q ``[B, 1, H, D]``; keys/values ``[B, KV, S, D]``;
+    ``visible [B, S]`` bool -> ``[B, 1, H, D]``.
+
+    The math of ``sink_softmax_attention`` (softmax over the visible scores plus the sink logit,
+    in fp32), with query head h reading kv head h // (H / KV): the H query heads are viewed as
+    ``[KV, H / KV]`` so the two matmuls run per kv head without copying the cache.
+    """
+    batch, _, n_heads, head_dim = q.shape
+    n_kv = keys.shape[1]
+    q = q.float().reshape(batch, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, KV, H / KV, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    sink_column = sinks.float().view(1, n_kv, n_heads // n_kv, 1).expand(batch, -1, -1, 1)
+    probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+    out = torch.matmul(probs, values.float())  # [B, KV, H / KV, D]
+    return out.view(batch, 1, n_heads, head_dim).to(values.dtype)
+
+
 class LayerCache:
     def __init__(self, cache: KVCache, size: int, batch: int, args: GptOssModelArgs, device, dtype) -> None:
         self.cache = cache
-        shape = (batch, size, args.num_key_value_heads, args.head_dim)
+        shape = (batch, args.num_key_value_heads, size, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        new, size = k.shape[1], self.k.shape[1]
+        """Store ``k``/``v [B, T, KV, D]`` of tokens at ``positions [B, T]`` in their slots."""
+        new, size = k.shape[1], self.k.shape[2]
+        if new == 1:  # decode: one slot, a plain strided copy
+            slot = self.cache.index % size
+            self.k[:, :, slot] = k[:, 0]
+            self.v[:, :, slot] = v[:, 0]
+            self.key_positions[:, slot] = positions[:, 0]
+            return
         keep = min(new, size)  # a window layer's ring keeps only its last `size` keys
         start = self.cache.index + new - keep
         slots = torch.arange(start, start + keep, device=k.device) % size
-        self.k[:, slots] = k[:, new - keep :]
-        self.v[:, slots] = v[:, new - keep :]
+        self.k[:, :, slots] = k[:, new - keep :].transpose(1, 2)
+        self.v[:, :, slots] = v[:, new - keep :].transpose(1, 2)
         self.key_positions[:, slots] = positions[:, new - keep :]
 
     def attend(
@@ -51,15 +94,25 @@ class LayerCache:
             out = fresh(q, k, v, sinks, scale, window, document_ids)
             self._write(k, v, positions)
             return out
-        self._write(k, v, positions)
-        used = min(self.cache.index + k.shape[1], self.k.shape[1])  # slots written so far
-        keys, values = self.k[:, :used], self.v[:, :used]
-        key_pos = self.key_positions[:, None, None, :used]  # [B, 1, 1, S]
+        size = self.k.shape[2]
+        if q.shape[1] == 1:  # decode: store the key, then attend over every written slot
+            self._write(k, v, positions)
+            used = min(self.cache.index + 1, size)
+            visible = self.key_positions[:, :used] >= 0
+            return decode_sink_attention(q, self.k[:, :, :used], self.v[:, :, :used], visible, sinks, scale)
+        # several new tokens: attend over the stored keys plus the new ones (storing first could
+        # overwrite ring slots that the earlier of the new queries still see), then store
+        used = min(self.cache.index, size)
+        keys = torch.cat([self.k[:, :, :used].transpose(1, 2), k], dim=1)  # [B, S + T, KV, D]
+        values = torch.cat([self.v[:, :, :used].transpose(1, 2), v], dim=1)
+        key_pos = torch.cat([self.key_positions[:, :used], positions], dim=1)[:, None, None, :]
         query_pos = positions[:, None, :, None]  # [B, 1, T, 1]
         allowed = (key_pos >= 0) & (key_pos <= query_pos)
         if window is not None:
             allowed = allowed & (query_pos - key_pos < window)
-        return sink_softmax_attention(q, keys, values, sinks, scale, allowed)
+        out = sink_softmax_attention(q, keys, values, sinks, scale, allowed)
+        self._write(k, v, positions)
+        return out
 
 
 class KVCache:
@@ -93,3 +146,11 @@ class KVCache:
     def end(self) -> None:
         self.index += self.positions.shape[1]
         self.positions = None
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (int64 indices, in their new order), e.g. to drop
+        finished episodes so later steps decode fewer rows."""
+        for layer in self.layers:
+            layer.k = layer.k.index_select(0, rows)
+            layer.v = layer.v.index_select(0, rows)
+            layer.key_positions = layer.key_positions.index_select(0, rows)

@@ -73,7 +73,10 @@ class Block(nn.Module):
         kv_cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache)
-        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices)
+        # decoding with a cache may take the MoE's few-token path (same math, other round-off);
+        # every other forward, with grad or without, runs the one training path: bitwise equal
+        decoding = kv_cache is not None
+        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices, decoding)
         return x + moe_out, expert_indices
 
     def init_weights(self, std: float) -> None:

@@ -3,8 +3,11 @@
 Same module, same attention and MoE code as the trainer, so there is no second model
 implementation and no weight sync (the engine holds a reference to the live module). This
 engine prefills the left-padded prompts with the model's ordinary attention backend, then decodes
-one token at a time against a KV cache (``titan_rl.model.kv_cache``; sliding-window layers keep
-only their window).
+one token at a time against a preallocated KV cache (``titan_rl.model.kv_cache``; sliding-window
+layers keep only their window). Decode steps take the model's few-token paths: one-query attention
+against the cache, the padded batched-matmul MoE (``Experts.forward_padded``), and the LM head
+through ``decode_linear``. A row whose episode hit a stop token leaves the batch and the cache,
+so the remaining rows decode without it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,27 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for the few rows of a decode step: ``x [B, in]``, ``weight [out, in]``.
+
+    On CPU in fp32 this is oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, on the
+    unchanged weight), which on the benchmark machine took half the time of the default BLAS call
+    for the LM head at 8 rows (benchmarks/README.md); elsewhere a plain matmul.
+    """
+    if _onednn_linear_ok(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return x @ weight.T
 
 
 @contextmanager
@@ -105,32 +129,46 @@ class NativeEngine:
             return_hidden=True,
             kv_cache=cache,
         )[:, -1]
-        next_position = torch.tensor([len(p) for p in prompts])
-        done = torch.zeros(batch, dtype=torch.bool)
+        next_position = torch.tensor([[len(p)] for p in prompts], device=device)  # [B, 1]
+        rows = list(range(batch))  # the prompt each row of the batch (and of the cache) decodes
         outputs = [Completion([], [], "length") for _ in prompts]
-        stop = torch.tensor(list(params.stop_token_ids), dtype=torch.long)
+        stop = set(params.stop_token_ids)
         for step in range(params.max_new_tokens):
-            logits = (hidden @ model.lm_head.weight.T).float().cpu() / params.temperature  # [B, vocab]
-            logprobs = torch.log_softmax(logits, dim=-1)
-            if params.top_k == 1:  # greedy
-                sampled = logits.argmax(dim=-1)
-            else:
-                probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
-                sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-            for i in torch.nonzero(~done).flatten().tolist():
-                token = int(sampled[i])
+            sampled, logprobs = self._sample(hidden, params)
+            finished = set()
+            for row, (i, token, logprob) in enumerate(zip(rows, sampled.tolist(), logprobs.tolist())):
                 outputs[i].tokens.append(token)
-                outputs[i].logprobs.append(float(logprobs[i, token]))
-                if stop.numel() and bool((stop == token).any()):
-                    done[i] = True
+                outputs[i].logprobs.append(logprob)
+                if token in stop:
                     outputs[i].finish_reason = "stop"
-            if done.all() or step == params.max_new_tokens - 1:
+                    finished.add(row)
+            if len(finished) == len(rows) or step == params.max_new_tokens - 1:
                 break
+            if finished:  # finished episodes leave the batch: later steps decode only the others
+                keep = [row for row in range(len(rows)) if row not in finished]
+                rows = [rows[row] for row in keep]
+                cache.keep_rows(torch.tensor(keep, device=device))
+                sampled, next_position = sampled[keep], next_position[keep]
             hidden = model(
                 sampled[:, None].to(device),
-                positions=next_position[:, None].to(device),
+                positions=next_position,
                 return_hidden=True,
                 kv_cache=cache,
             )[:, -1]
-            next_position += 1
+            next_position = next_position + 1
         return outputs
+
+    def _sample(self, hidden: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens ``[B]`` from the final hidden states ``[B, hidden]``, and their log-probs under
+        the tempered distribution (before top-k / top-p filtering), both on the CPU."""
+        logits = decode_linear(hidden, self.model.lm_head.weight).float().cpu()  # [B, vocab]
+        if params.temperature != 1.0:
+            logits = logits / params.temperature
+        if params.top_k == 1:  # greedy
+            sampled = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        # log p(token) = logit - logsumexp(logits): the full [B, vocab] log-softmax is never stored
+        logprobs = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return sampled, logprobs
