@@ -200,9 +200,13 @@ def run(cfg: JobConfig, console: Console) -> int:
         )
         logger.log(step, metrics, console)
         if trainer.consecutive_skips >= cfg.training.max_skipped_steps:
-            console.print(
-                f"[red]stopping: {trainer.consecutive_skips} consecutive steps with non-finite gradients "
-                f"(training.max_skipped_steps = {cfg.training.max_skipped_steps})[/]"
+            last = manager.latest() if manager is not None else None
+            limit = cfg.training.max_skipped_steps
+            print(
+                f"error: stopping at step {step}: {trainer.consecutive_skips} consecutive steps with a "
+                f"non-finite loss or gradient (training.max_skipped_steps = {limit}); "
+                + (f"last checkpoint {last}" if last else "no checkpoint written"),
+                file=sys.stderr,
             )
             return 1
         if manager is not None and (manager.should_save(step) or step == cfg.training.steps):

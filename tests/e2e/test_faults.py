@@ -274,3 +274,48 @@ def test_debug_shows_the_traceback(tmp_path):
     args, _ = _drop_tokenizer(_hf_folder(tmp_path / "hf"))
     result = run_train(*args, "--env.name=tool_lookup", "--training.seq_len=512", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+NAN_FROM_STEP_3 = """
+import sys
+import titan_rl.trainer as trainer
+from titan_rl.train import main
+
+loss_fn, steps = trainer.rl_loss, []
+step = trainer.Trainer.train_step
+
+def counting_step(self, *args):
+    steps.append(1)
+    return step(self, *args)
+
+def poisoned_loss(*args, **kwargs):
+    loss, metrics = loss_fn(*args, **kwargs)
+    return (loss * float("nan") if len(steps) >= 3 else loss), metrics
+
+trainer.Trainer.train_step, trainer.rl_loss = counting_step, poisoned_loss
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(tmp_path):
+    """From step 3 every loss is NaN: steps 3 and 4 are skipped and counted, the run stops after
+    training.max_skipped_steps = 2 with one line naming its last checkpoint, which still loads."""
+    from titan_rl.checkpoint.manager import CheckpointManager
+    from titan_rl.model import GptOss, GptOssModelArgs
+
+    dump = tmp_path / "nan"
+    args = ["--config", SMOKE_CONFIG, "--training.steps=10", "--checkpoint.enable=true"]
+    args += ["--checkpoint.interval=2", "--training.max_skipped_steps=2", f"--job.dump_folder={dump}"]
+    proc = _popen([sys.executable, "-c", NAN_FROM_STEP_3, *args], env={"PYTHONPATH": str(ROOT)})
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopping at step 4: 2 consecutive steps" in errors[0], output[-3000:]
+    assert "checkpoint/step-000002" in errors[0] and "Traceback" not in output
+    rows = read_metrics(dump)
+    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 2]
+    manager = CheckpointManager(dump / "checkpoint", interval=2)
+    assert [p.name for p in manager.checkpoints()] == ["step-000002"]
+    model = GptOss(GptOssModelArgs.from_preset("debug"))
+    step, _ = manager.load(model, torch.optim.AdamW(model.parameters()))
+    assert step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
