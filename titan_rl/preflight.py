@@ -32,7 +32,11 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None) -> None:
     args = model_args(cfg)
     if dims is not None:
         dims.validate_model(args)
-    if cfg.env.name in ("tool_lookup", "math") and cfg.model.hf_path:
+    if ":" in cfg.env.name:
+        from titan_rl.rl.collect import load_user_env
+
+        load_user_env(cfg.env.name)  # importable, and has the AgentEnvironment methods
+    if cfg.env.name != "token_preference" and cfg.model.hf_path:
         from titan_rl.rl.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(cfg.model.hf_path)

@@ -150,3 +150,44 @@ def test_the_episodes_block_runs(example, capsys):
     check_well_formed(namespace["trajectories"], groups=2, group_size=4)
     assert namespace["stats"]["episodes"] == 8
     assert capsys.readouterr().out.strip()
+
+
+def test_run_train_trains_on_the_readme_environment_by_module_path(tmp_path):
+    """The README's command: the example saved as my_envs.py, --env.name=my_envs:MultiplyEnv."""
+    import os
+    import subprocess
+
+    (tmp_path / "my_envs.py").write_text(readme_block("environment"))
+    dump = tmp_path / "run"
+    args = ["--env.name=my_envs:MultiplyEnv", "--sft.steps=0", "--training.steps=2"]
+    args += ["--training.seq_len=256", "--env.max_episode_tokens=256", "--rollout.max_new_tokens=24"]
+    result = subprocess.run(
+        ["./run_train.sh", *args, "--rollout.prompts_per_step=2", f"--job.dump_folder={dump}"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "CONFIG_FILE": "train_configs/smoke_cpu.toml"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("env/tool_calls" in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("no_such_module_xyz:Env", "cannot import 'no_such_module_xyz'"),
+        ("my_envs:Missing", "my_envs has no class or function 'Missing'"),
+        ("my_envs:NotAnEnv", "NotAnEnv lacks __len__, call_tool, reward"),
+    ],
+)
+def test_a_bad_user_environment_is_one_config_error(tmp_path, monkeypatch, name, message):
+    from titan_rl.config import ConfigError, load_config
+    from titan_rl.preflight import check_inputs
+
+    (tmp_path / "my_envs.py").write_text("class NotAnEnv:\n    def reset(self, index):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, [f"--env.name={name}", "--training.seq_len=512"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_inputs(cfg)

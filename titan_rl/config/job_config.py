@@ -171,7 +171,8 @@ class Rollout:
 @dataclass
 class Env:
     name: str = "token_preference"
-    """token_preference (single turn, toy), tool_lookup (multi-turn tool task) or math (GSM8K-style)."""
+    """token_preference (single-turn toy), tool_lookup (multi-turn tool task), math (GSM8K-style), or
+    your own AgentEnvironment as "package.module:Factory" (importable; built with no arguments)."""
     prompt_len: int = 8
     """token_preference: prompt tokens per episode."""
     target_modulus: int = 8

@@ -137,8 +137,11 @@ def validate(config: JobConfig) -> None:
     for name, choices in CHOICES.items():
         section, key = name.split(".")
         value = getattr(getattr(config, section), key)
+        if name == "env.name" and ":" in value:
+            continue  # a user environment, "package.module:Factory" (checked when it is imported)
         if value not in choices:
-            raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+            extra = " or package.module:Factory (your own environment)" if name == "env.name" else ""
+            raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}{extra}")
     for name in POSITIVE:
         section, key = name.split(".")
         value = getattr(getattr(config, section), key)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 from titan_rl.config import ConfigError, JobConfig
 from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes, safe_reward
 from titan_rl.rl.envs import (
@@ -16,11 +19,19 @@ from titan_rl.rl.rollout import RolloutEngine, SamplingParams
 from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
 from titan_rl.rl.types import Trajectory
 
-AGENTIC = ("tool_lookup", "math")
+AGENTIC = ("tool_lookup", "math")  # and every user environment, "module:Factory"
+AGENT_METHODS = ("__len__", "reset", "call_tool", "reward")
+
+
+def is_agentic(cfg: JobConfig) -> bool:
+    """Multi-turn Harmony episodes (they need a tokenizer), as opposed to the single-turn toy."""
+    return cfg.env.name in AGENTIC or ":" in cfg.env.name
 
 
 def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment:
     env = cfg.env
+    if ":" in env.name:
+        return load_user_env(env.name)()
     if env.name == "token_preference":
         return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
     if env.name == "tool_lookup":
@@ -29,9 +40,31 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
     return MathEnv.from_jsonl(env.data_path, python) if env.data_path else MathEnv(python=python)
 
 
+def load_user_env(name: str) -> Callable[[], AgentEnvironment]:
+    """``env.name = "package.module:Factory"``: a class (or function) that builds an AgentEnvironment
+    with no arguments; its module must be importable (e.g. on PYTHONPATH)."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(
+            f"env.name = {name!r}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(f"env.name = {name!r}: {module_name} has no class or function {attribute!r}")
+    missing = [m for m in AGENT_METHODS if not callable(getattr(factory, m, None))]
+    if missing:
+        raise ConfigError(
+            f"env.name = {name!r}: an AgentEnvironment needs {', '.join(AGENT_METHODS)}; "
+            f"{attribute} lacks {', '.join(missing)}"
+        )
+    return factory
+
+
 def build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
     """The checkpoint's tokenizer.json, or the project's tiny tokenizer for the debug model."""
-    if cfg.env.name not in AGENTIC:
+    if not is_agentic(cfg):
         return None
     if cfg.model.hf_path:
         return Tokenizer.from_folder(cfg.model.hf_path)
@@ -93,4 +126,12 @@ def demonstrations(env, tokenizer: Tokenizer | None, step: int, count: int) -> l
     return [demonstration_trajectory(env.reset(i), env.demonstration(i), tokenizer) for i in indices]
 
 
-__all__ = ["AGENTIC", "build_env", "build_tokenizer", "collect_rollouts", "demonstrations"]
+__all__ = [
+    "AGENTIC",
+    "build_env",
+    "build_tokenizer",
+    "collect_rollouts",
+    "demonstrations",
+    "is_agentic",
+    "load_user_env",
+]
