@@ -8,11 +8,12 @@
 #
 # NGPU / NPROC: processes per node (default 1; CPU works). LOG_RANK: ranks that print (default 0).
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths (CONFIG_FILE, --job.dump_folder, data files) are relative to where you run this from.
+ROOT="$(cd "$(dirname "$0")" && pwd)"
 
 NPROC=${NPROC:-${NGPU:-1}}
 NNODES=${NNODES:-1}
-CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_cpu.toml}
+CONFIG_FILE=${CONFIG_FILE:-$ROOT/train_configs/debug_cpu.toml}
 LOG_RANK=${LOG_RANK:-0}
 
 if [ "$NNODES" -gt 1 ]; then

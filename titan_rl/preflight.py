@@ -35,7 +35,17 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None) -> None:
     if ":" in cfg.env.name:
         from titan_rl.rl.collect import load_user_env
 
-        load_user_env(cfg.env.name)  # importable, and has the AgentEnvironment methods
+        factory = load_user_env(cfg.env.name)  # importable (a class: has the AgentEnvironment methods)
+        if cfg.sft.steps > 0 and isinstance(factory, type) and not hasattr(factory, "demonstration"):
+            raise ConfigError(
+                f"sft.steps = {cfg.sft.steps} needs demonstrations, but {cfg.env.name} has no "
+                "demonstration(index) method; set --sft.steps=0 or add one"
+            )
+    elif cfg.sft.steps > 0 and cfg.env.name != "tool_lookup":
+        raise ConfigError(
+            f"sft.steps = {cfg.sft.steps}: env.name = {cfg.env.name!r} has no scripted demonstrations "
+            "(tool_lookup has); set --sft.steps=0"
+        )
     if cfg.env.name != "token_preference" and cfg.model.hf_path:
         from titan_rl.rl.tokenizer import Tokenizer
 

@@ -241,7 +241,7 @@ def start_wandb(cfg: JobConfig):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("metrics.enable_wandb = true needs wandb: pip install 'titan_rl[wandb]'") from None
+        raise ConfigError("metrics.enable_wandb = true needs wandb: pip install -e '.[wandb]'") from None
     return wandb.init(
         project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg)
     )

@@ -8,7 +8,7 @@ import torch
 from tests.e2e.test_run_train import read_metrics, run_train
 
 MAIN_CONFIG = {"CONFIG_FILE": "train_configs/debug_cpu.toml"}
-SHORT = ["--training.steps=2", "--sft.steps=40"]  # 40 warm-up steps: the first rewards are non-zero
+SHORT = ["--training.steps=2", "--sft.steps=60"]  # 60 warm-up steps: the first rewards are non-zero
 
 
 @pytest.fixture(scope="module")

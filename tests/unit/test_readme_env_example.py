@@ -191,3 +191,24 @@ def test_a_bad_user_environment_is_one_config_error(tmp_path, monkeypatch, name,
     cfg = load_config(None, [f"--env.name={name}", "--training.seq_len=512"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_inputs(cfg)
+
+
+def test_a_factory_function_is_checked_when_built_and_sft_needs_demonstrations(tmp_path, monkeypatch):
+    from titan_rl.config import ConfigError, load_config
+    from titan_rl.preflight import check_inputs
+    from titan_rl.rl.collect import build_env
+
+    (tmp_path / "fn_envs.py").write_text(
+        readme_block("environment")
+        + "\n\ndef make():\n    return MultiplyEnv()\n\n\ndef broken():\n    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["--env.name=fn_envs:make", "--training.seq_len=512"])
+    check_inputs(cfg)
+    assert type(build_env(cfg, 512)).__name__ == "MultiplyEnv"
+    broken = load_config(None, ["--env.name=fn_envs:broken", "--training.seq_len=512"])
+    with pytest.raises(ConfigError, match="int lacks __len__, reset, call_tool, reward"):
+        build_env(broken, 512)
+    for name in ("fn_envs:MultiplyEnv", "math"):
+        with pytest.raises(ConfigError, match=r"sft\.steps = 5"):
+            check_inputs(load_config(None, [f"--env.name={name}", "--sft.steps=5", "--training.seq_len=512"]))

@@ -143,7 +143,7 @@ class RL:
 @dataclass
 class Rollout:
     engine: str = "native"
-    """Rollout engine: native (the trainer's own model; CPU or GPU) or vllm (CUDA; titan_rl[gpu])."""
+    """Rollout engine: native (the trainer's own model, CPU or GPU) or vllm (CUDA; extra '.[gpu]')."""
     temperature: float = 1.0
     """Sampling temperature; the trainer's log-probs use the same one."""
     top_p: float = 1.0
@@ -151,7 +151,7 @@ class Rollout:
     top_k: int = 0
     """Keep the k most likely tokens (0 disables)."""
     max_new_tokens: int = 16
-    """Response budget per episode."""
+    """Tokens per response (agentic environments: per assistant turn)."""
     group_size: int = 4
     """Samples per prompt (the advantage group)."""
     prompts_per_step: int = 8
@@ -208,11 +208,11 @@ class Metrics:
     log_freq: int = 1
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
     enable_wandb: bool = False
-    """Also log to Weights & Biases (pip install titan_rl[wandb])."""
+    """Also log to Weights & Biases (pip install -e '.[wandb]')."""
     wandb_project: str = "titan_rl"
     """wandb project."""
     wandb_mode: str = "offline"
-    """wandb mode: offline (no network) or online."""
+    """wandb mode: offline (no network), online or disabled."""
 
 
 @dataclass

@@ -31,7 +31,9 @@ def is_agentic(cfg: JobConfig) -> bool:
 def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment:
     env = cfg.env
     if ":" in env.name:
-        return load_user_env(env.name)()
+        built = load_user_env(env.name)()
+        check_agent_env(built, env.name)
+        return built
     if env.name == "token_preference":
         return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
     if env.name == "tool_lookup":
@@ -42,7 +44,9 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
 
 def load_user_env(name: str) -> Callable[[], AgentEnvironment]:
     """``env.name = "package.module:Factory"``: a class (or function) that builds an AgentEnvironment
-    with no arguments; its module must be importable (e.g. on PYTHONPATH)."""
+    with no arguments; its module must be importable (e.g. on PYTHONPATH). A class is checked for
+    the AgentEnvironment methods here, before anything is built; what a function returns is
+    checked by ``build_env``."""
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -53,13 +57,20 @@ def load_user_env(name: str) -> Callable[[], AgentEnvironment]:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"env.name = {name!r}: {module_name} has no class or function {attribute!r}")
-    missing = [m for m in AGENT_METHODS if not callable(getattr(factory, m, None))]
+    if isinstance(factory, type):
+        check_agent_env(factory, name)
+    return factory
+
+
+def check_agent_env(env: object, name: str) -> None:
+    """A ConfigError naming the AgentEnvironment methods ``env`` (a class or instance) lacks."""
+    missing = [m for m in AGENT_METHODS if not callable(getattr(env, m, None))]
     if missing:
+        what = env.__name__ if isinstance(env, type) else type(env).__name__
         raise ConfigError(
             f"env.name = {name!r}: an AgentEnvironment needs {', '.join(AGENT_METHODS)}; "
-            f"{attribute} lacks {', '.join(missing)}"
+            f"{what} lacks {', '.join(missing)}"
         )
-    return factory
 
 
 def build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
@@ -130,6 +141,7 @@ __all__ = [
     "AGENTIC",
     "build_env",
     "build_tokenizer",
+    "check_agent_env",
     "collect_rollouts",
     "demonstrations",
     "is_agentic",

@@ -1,6 +1,6 @@
 """The vLLM rollout engine: colocated vLLM sampling with in-place weight sync from the trainer.
 
-Needs CUDA and vLLM >= 0.10.2 (``pip install 'titan_rl[gpu]'``). vLLM is imported inside
+Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported inside
 ``VllmEngine`` only, so importing titan_rl (or this module) never imports it.
 
 - **Where vLLM runs.** In the trainer's own process(es): ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from titan_rl.config import JobConfig
 
 MIN_VLLM = (0, 10, 2)  # first release with logprobs_mode ("processed_logprobs")
-INSTALL_HINT = "pip install 'titan_rl[gpu]'"
+INSTALL_HINT = "pip install -e '.[gpu]'"
 INIT_FOLDER = "vllm_init"  # under job.dump_folder: config.json only
 SLEEP_LEVEL = 1  # offload weights to CPU, drop the KV cache
 TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode memory pools

@@ -110,6 +110,7 @@ def gather_worker(folder: Path) -> None:
     for name, tensor in pairs:
         assert torch.equal(tensor, reference[name]), f"{name} differs after the gather"
     print(f"rank {rank}: ok", flush=True)
+    dist.barrier()  # leave together: a rank tearing down gloo while the other still talks aborts it
     dist.destroy_process_group()
 
 
@@ -150,12 +151,12 @@ def fake_vllm(monkeypatch, version: str) -> None:
 
 def test_without_vllm_construction_says_what_to_install(clean_vllm_env, tmp_path):
     clean_vllm_env.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    with pytest.raises(RuntimeError, match=r"pip install 'titan_rl\[gpu\]'") as error:
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[gpu\]'") as error:
         VllmEngine(debug_model(seed=0), tmp_path)
     assert INSTALL_HINT in str(error.value)
     cfg = JobConfig()
     cfg.job.dump_folder = str(tmp_path / "run")
-    with pytest.raises(RuntimeError, match=r"pip install 'titan_rl\[gpu\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[gpu\]'"):
         VllmEngine.from_config(cfg, debug_model(seed=0))
     assert not (tmp_path / "run").exists(), "from_config wrote files before failing"
 
@@ -223,7 +224,7 @@ def test_replicas_split_prompts_contiguously():
 
 gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
-    reason="needs CUDA and vLLM (pip install 'titan_rl[gpu]')",
+    reason="needs CUDA and vLLM (pip install -e '.[gpu]')",
 )
 PROMPTS = [[5, 9, 13, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]]
 
