@@ -49,3 +49,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fp32_default():
     torch.set_default_dtype(torch.float32)
     yield
+
+
+def read_hf_folder(folder) -> dict[str, torch.Tensor]:
+    """Every tensor a HF folder stores, by its stored name."""
+    from safetensors import safe_open
+
+    from titan_rl.checkpoint.hf import shard_names
+
+    tensors = {}
+    for file, names in shard_names(folder).items():
+        with safe_open(folder / file, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors

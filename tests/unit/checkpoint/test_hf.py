@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import read_hf_folder, rel_err, tiny_model
 from titan_rl.checkpoint.hf import (
     INDEX_FILE,
     MXFP4_NOT_CONVERTED,
@@ -18,21 +17,12 @@ from titan_rl.checkpoint.hf import (
     args_from_hf_folder,
     load_hf_model,
     save_hf_model,
-    shard_names,
 )
 from titan_rl.checkpoint.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from titan_rl.checkpoint.names import to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 MXFP4_DIMS = dict(hidden_size=64, intermediate_size=64)  # MXFP4 blocks need multiples of 32
-
-
-def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file, names in shard_names(folder).items():
-        with safe_open(folder / file, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in names})
-    return tensors
 
 
 def write_tokenizer_files(folder: Path) -> None:
@@ -62,7 +52,7 @@ def test_bf16_folder_round_trip_is_bitwise(tmp_path):
     assert model.lm_head.weight.dtype == torch.float32
     out = tmp_path / "out"
     save_hf_model(model, out, source=source, max_shard_bytes=30_000)
-    theirs, ours = read_folder(source), read_folder(out)
+    theirs, ours = read_hf_folder(source), read_hf_folder(out)
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
         assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], tensor), name
@@ -134,7 +124,7 @@ def test_save_mxfp4_is_read_back_by_transformers(tmp_path):
         "quant_method": "mxfp4",
         "modules_to_not_convert": MXFP4_NOT_CONVERTED,
     }
-    stored = read_folder(tmp_path)
+    stored = read_hf_folder(tmp_path)
     assert stored["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 128, 2, 16)
     assert stored["model.layers.0.mlp.experts.down_proj_scales"].shape == (4, 64, 2)
     assert "model.layers.0.mlp.experts.down_proj" not in stored

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import read_hf_folder
 from tests.distributed.launcher import REPO, run_torchrun
-from titan_rl.checkpoint.hf import CONFIG_FILE, hf_tensors, save_hf_model, shard_names, write_hf_config
+from titan_rl.checkpoint.hf import CONFIG_FILE, hf_tensors, save_hf_model, write_hf_config
 from titan_rl.checkpoint.names import to_hf_name
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss, GptOssModelArgs, token_logprobs_and_entropy
@@ -43,16 +44,6 @@ def debug_model(seed: int) -> GptOss:
     return model
 
 
-def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for file, names in shard_names(folder).items():
-        with safe_open(folder / file, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in names})
-    return tensors
-
-
 # --- weight sync tensors ---------------------------------------------------------------------
 
 
@@ -60,7 +51,7 @@ def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_hf_tensors_equal_what_save_hf_model_writes(tmp_path, dtype):
     model = debug_model(seed=0)
     save_hf_model(model, tmp_path, dtype=dtype, max_shard_bytes=20_000)  # several shards
-    saved = saved_tensors(tmp_path)
+    saved = read_hf_folder(tmp_path)
     pairs = list(hf_tensors(model, dtype))
     assert [name for name, _ in pairs] == [to_hf_name(native) for native in model.state_dict()]
     assert sorted(name for name, _ in pairs) == sorted(saved)
