@@ -138,6 +138,7 @@ class ParamCounts:
     largest: int  # the largest single tensor (one layer's gate_up_proj, or the embedding)
     layers: int
     experts: int
+    hidden: int
     kv_bytes_per_token: int  # bf16 K and V of every layer (vLLM may store sliding layers in less)
 
     @classmethod
@@ -164,6 +165,7 @@ class ParamCounts:
             largest=max(p.numel() for p in params.values()),
             layers=layers,
             experts=n_experts,
+            hidden=args.hidden_size,
             kv_bytes_per_token=2 * args.num_key_value_heads * args.head_dim * 2 * layers,
         )
 
@@ -208,6 +210,14 @@ class MemoryEstimate:
         return max(self.rollout_peak, self.sync_peak, self.train_peak)
 
 
+def activation_bytes(tokens: int, counts: ParamCounts, checkpoint: str = "none") -> float:
+    """Bytes autograd keeps for backward over one micro-batch of ``tokens`` per GPU."""
+    checkpointed = {"none": 0, "full": counts.layers, "selective": (counts.layers + 1) // 2}[checkpoint]
+    kept = (counts.layers - checkpointed) * ACTIVATION_BYTES_PER_TOKEN_LAYER
+    recomputed = checkpointed * counts.hidden * 2 + (ACTIVATION_BYTES_PER_TOKEN_LAYER if checkpointed else 0)
+    return tokens * (kept + recomputed)
+
+
 def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> MemoryEstimate:
     """Estimated per-GPU memory of ``cfg`` on ``world_size`` GPUs, from exact parameter counts.
 
@@ -221,8 +231,10 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
       and frees the KV cache), everything without it;
     - weight sync (``VllmEngine.update_weights``): vLLM's weights are back on the GPU, and one
       parameter at a time is gathered whole in ``model.dtype`` plus its bf16 copy;
-    - activations of one micro-batch: micro_batch_rows x seq_len / cp tokens x layers x
-      ``ACTIVATION_BYTES_PER_TOKEN_LAYER``;
+    - activations of one micro-batch: micro_batch_rows x seq_len / cp tokens x
+      ``ACTIVATION_BYTES_PER_TOKEN_LAYER`` per layer that keeps its activations; a layer under
+      ``parallelism.activation_checkpoint`` keeps only its bf16 input, plus one layer's
+      activations while it is recomputed;
     - gathered (transient, training): bf16 weight + bf16 gradient of the root (embedding,
       lm_head: FSDP keeps it gathered from forward to backward) and of two blocks (one computing,
       one prefetched), each block holding num_local_experts / ep experts.
@@ -254,7 +266,7 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
         kv_tokens_per_engine=int(max(budget - weights, 0) * tp // counts.kv_bytes_per_token),
         sync_transient=counts.largest * (dtype_bytes + 2) / 1e9 if vllm else 0.0,
         tokens_per_micro_batch=tokens,
-        activations=tokens * counts.layers * ACTIVATION_BYTES_PER_TOKEN_LAYER / 1e9,
+        activations=activation_bytes(tokens, counts, par.activation_checkpoint) / 1e9,
         gathered=4 * (counts.root + 2 * block) / 1e9,
         host_ram_load=ranks_per_node * counts.largest * (dtype_bytes + 1) / 1e9,  # + MXFP4 blocks
         host_ram_vllm=ranks_per_node * weights / 1e9 if vllm and rollout.vllm_sleep else 0.0,

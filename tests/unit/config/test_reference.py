@@ -116,3 +116,15 @@ def test_check_config_command_line(path):
     env = {**os.environ, "WORLD_SIZE": str(stated_world_size(path))}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_activation_checkpointing_lowers_the_activation_estimate():
+    from titan_rl.config import load_config
+    from titan_rl.config.reference import estimate_memory
+
+    config = "train_configs/gpt_oss_20b_8xh100.toml"
+    none, selective, full = (
+        estimate_memory(load_config(config, [f"--parallelism.activation_checkpoint={mode}"]), 8).activations
+        for mode in ("none", "selective", "full")
+    )
+    assert full < selective < none and full < none / 5
