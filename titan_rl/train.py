@@ -87,9 +87,12 @@ def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[
 def build_engine(cfg: JobConfig, model: GptOss):
     """The rollout engine: the native one (the trainer's own module) or vLLM (CUDA only, lazy import)."""
     if cfg.rollout.engine == "vllm":
-        from titan_rl.rl.rollout.vllm_engine import VllmEngine
+        from titan_rl.rl.rollout.vllm_engine import VllmEngine, VllmUnavailable
 
-        return VllmEngine.from_config(cfg, model)
+        try:
+            return VllmEngine.from_config(cfg, model)
+        except VllmUnavailable as e:  # a setup problem: one line, like a bad config
+            raise ConfigError(str(e)) from None
     return NativeEngine(model, seed=cfg.job.seed)
 
 

@@ -205,3 +205,17 @@ def test_a_dead_rank_stops_the_run_without_hanging(tmp_path):
     assert proc.returncode != 0 and time.time() - killed < 60
     assert "error: rank 1 (pid " in output and "was killed by SIGKILL" in output  # names the failed rank
     assert "Traceback" not in output, output
+
+
+def test_vllm_where_it_cannot_run_is_one_clear_line(tmp_path):
+    """No vLLM or no CUDA (this machine): one error line saying what to install or use instead."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here")
+    result = run_train("--rollout.engine=vllm", "--training.steps=1", f"--job.dump_folder={tmp_path}")
+    assert result.returncode != 0
+    assert "error: rollout.engine = 'vllm' needs" in result.stderr, result.stderr[-2000:]
+    assert "rollout.engine = 'native'" in result.stderr and "Traceback" not in result.stderr

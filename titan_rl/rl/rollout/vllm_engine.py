@@ -69,8 +69,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
+class VllmUnavailable(RuntimeError):
+    """vLLM cannot run here (not installed, too old, no CUDA): a setup problem, not a bug."""
+
+
 def import_vllm() -> ModuleType:
-    """``vllm``, or a RuntimeError that says what to install / that CUDA is needed.
+    """``vllm``, or a VllmUnavailable error that says what to install / that CUDA is needed.
 
     Sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` first: vLLM's engine core then runs in this process
     (required by ``external_launcher``, and what lets weights be passed by reference).
@@ -79,18 +83,18 @@ def import_vllm() -> ModuleType:
     try:
         import vllm
     except ImportError as e:
-        raise RuntimeError(
+        raise VllmUnavailable(
             f"rollout.engine = 'vllm' needs vLLM, which cannot be imported here ({e}); "
             f"install it with: {INSTALL_HINT} (or use rollout.engine = 'native')"
         ) from e
     version = str(getattr(vllm, "__version__", ""))
     if "dev" not in version and () < _version(version) < MIN_VLLM:
-        raise RuntimeError(
+        raise VllmUnavailable(
             f"vLLM {version} is too old for rollout.engine = 'vllm' (needs >= "
             f"{'.'.join(map(str, MIN_VLLM))} for logprobs_mode); upgrade with: {INSTALL_HINT}"
         )
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise VllmUnavailable(
             "rollout.engine = 'vllm' needs CUDA, but torch.cuda.is_available() is False; "
             "on CPU use rollout.engine = 'native'"
         )
