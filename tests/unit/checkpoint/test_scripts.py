@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import tiny_model
-from tests.unit.checkpoint.test_hf import read_folder, write_tokenizer_files
+from tests.conftest import read_hf_folder, tiny_model
+from tests.unit.checkpoint.test_hf import write_tokenizer_files
 from titan_rl.checkpoint.hf import TOKENIZER_FILES, CheckpointError, save_hf_model
 from titan_rl.checkpoint.manager import save_model_dcp
 
@@ -49,7 +49,7 @@ def test_hf_to_dcp_to_hf_round_trip(tmp_path, hf_folder):
     back = ("convert_dcp_to_hf", str(tmp_path / "dcp"), str(tmp_path / "back"), "--max-shard-bytes", "40000")
     done = run_script(*back, "--source", str(hf_folder))
     assert done.returncode == 0, done.stderr
-    before, after = read_folder(hf_folder), read_folder(tmp_path / "back")
+    before, after = read_hf_folder(hf_folder), read_hf_folder(tmp_path / "back")
     assert sorted(before) == sorted(after)
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
