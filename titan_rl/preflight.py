@@ -87,11 +87,8 @@ def resume_folder(cfg: JobConfig) -> Path | None:
                 f"{TRAINER_STATE}); point it at a step-NNNNNN folder"
             )
         return folder
-    if not cfg.checkpoint.enable:
-        return None
-    folder = Path(cfg.checkpoint.folder)
-    folder = folder if folder.is_absolute() else Path(cfg.job.dump_folder) / folder
-    return CheckpointManager(folder, cfg.checkpoint.interval).latest()
+    manager = CheckpointManager.from_config(cfg.checkpoint, cfg.job.dump_folder)
+    return manager.latest() if manager.enable else None
 
 
 __all__ = ["check_inputs", "model_args", "resume_folder"]

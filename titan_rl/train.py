@@ -142,24 +142,18 @@ def run(cfg: JobConfig, console: Console) -> int:
         dump, cfg.metrics.log_freq, rank=rank, wandb_run=start_wandb(cfg) if rank == 0 else None
     )
 
-    manager, start_step = None, 0
-    if cfg.checkpoint.enable:
-        from titan_rl.checkpoint.manager import CheckpointManager
+    from titan_rl.checkpoint.manager import CheckpointManager
 
-        folder = Path(cfg.checkpoint.folder)
-        manager = CheckpointManager(
-            folder if folder.is_absolute() else dump / folder,
-            cfg.checkpoint.interval,
-            cfg.checkpoint.keep_last,
-        )
-        resumed = manager.load(
-            model, trainer.optimizer, trainer.lr_scheduler, path=cfg.checkpoint.load_path or None
-        )
-        if resumed is not None:
-            start_step, extra = resumed
-            if "engine_rng" in extra:
-                engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
-            console.print(f"resumed from step {start_step}")
+    # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
+    manager, start_step = CheckpointManager.from_config(cfg.checkpoint, dump), 0
+    resumed = manager.load(
+        model, trainer.optimizer, trainer.lr_scheduler, path=cfg.checkpoint.load_path or None
+    )
+    if resumed is not None:
+        start_step, extra = resumed
+        if "engine_rng" in extra:
+            engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
+        console.print(f"resumed from step {start_step}")
 
     logger.start(start_step)
     if start_step == 0 and cfg.sft.steps > 0:
@@ -203,7 +197,7 @@ def run(cfg: JobConfig, console: Console) -> int:
         )
         logger.log(step, metrics, console)
         if trainer.consecutive_skips >= cfg.training.max_skipped_steps:
-            last = manager.latest() if manager is not None else None
+            last = manager.latest() if manager.enable else None
             limit = cfg.training.max_skipped_steps
             print(
                 f"error: stopping at step {step}: {trainer.consecutive_skips} consecutive steps with a "
@@ -212,7 +206,7 @@ def run(cfg: JobConfig, console: Console) -> int:
                 file=sys.stderr,
             )
             return 1
-        if manager is not None and (manager.should_save(step) or step == cfg.training.steps):
+        if manager.enable and (manager.should_save(step) or step == cfg.training.steps):
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             extra = (
                 {"engine_rng": engine.generator.get_state().tolist()} if hasattr(engine, "generator") else {}

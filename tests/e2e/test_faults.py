@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,9 @@ from tests.e2e.test_run_train import (
     _pid_of_rank,
     read_metrics,
     run_train,
+    start_run,
+    steps_logged,
+    wait_for,
 )
 
 CHECKPOINTED = ["--training.steps=6", "--checkpoint.enable=true", "--checkpoint.interval=2"]
@@ -43,39 +45,11 @@ def assert_same_run(resumed: list[dict], straight: list[dict]) -> None:
         assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}, a["step"]
 
 
-def _popen(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, "CONFIG_FILE": SMOKE_CONFIG, **(env or {})},  # same threads as run_train
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early:\n{proc.communicate()[0][-3000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.01)
-
-
-def _steps_logged(dump: Path) -> int:
-    path = dump / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def test_kill_9_mid_step_then_resume_is_bitwise(tmp_path, straight):
     """SIGKILL the whole run while it computes step 4; the restart resumes from step 2 exactly."""
     dump = tmp_path / "killed"
-    proc = _popen(["./run_train.sh", *CHECKPOINTED, f"--job.dump_folder={dump}"])
-    _wait_for(lambda: _steps_logged(dump) >= 3, proc)  # step 3 logged: step 4 is running
+    proc = start_run(["./run_train.sh", *CHECKPOINTED, f"--job.dump_folder={dump}"])
+    wait_for(lambda: steps_logged(dump) >= 3, proc)  # step 3 logged: step 4 is running
     os.kill(_pid_of_rank(0, str(dump)), signal.SIGKILL)  # the training process, not the launcher
     output, _ = proc.communicate(timeout=60)
     assert "error: rank 0" in output and "was killed by SIGKILL" in output, output[-2000:]
@@ -110,9 +84,9 @@ def test_kill_9_mid_checkpoint_save_then_resume_is_bitwise(tmp_path, straight):
     """SIGKILL the trainer while it writes the step-4 checkpoint: the partial folder is never loaded."""
     dump = tmp_path / "killed_saving"
     args = ["--config", SMOKE_CONFIG, *CHECKPOINTED, f"--job.dump_folder={dump}"]
-    proc = _popen([sys.executable, "-c", SLOW_SAVE, *args], env={"PYTHONPATH": str(ROOT)})
+    proc = start_run([sys.executable, "-c", SLOW_SAVE, *args], env={"PYTHONPATH": str(ROOT)})
     partial = dump / "checkpoint" / "step-000004.tmp"
-    _wait_for(lambda: (partial / ".metadata").exists(), proc)
+    wait_for(lambda: (partial / ".metadata").exists(), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert partial.is_dir() and not (dump / "checkpoint" / "step-000004").exists()
@@ -135,9 +109,9 @@ def test_a_failed_rank_is_named_without_a_launcher(tmp_path, how):
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         args = [sys.executable, "-m", "titan_rl.train", "--config", SMOKE_CONFIG, "--training.steps=1000"]
         args += ["--parallelism.dp_shard=2", f"--parallelism.collective_timeout_s={timeout_s}"]
-        procs.append(_popen([*args, f"--job.dump_folder={dump}"], env=env))
+        procs.append(start_run([*args, f"--job.dump_folder={dump}"], env=env))
     try:
-        _wait_for(lambda: _steps_logged(dump) >= 1, procs[0])
+        wait_for(lambda: steps_logged(dump) >= 1, procs[0])
         os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         stopped = time.monotonic()
         output, _ = procs[0].communicate(timeout=timeout_s + 60)
@@ -306,7 +280,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_int
     dump = tmp_path / "nan"
     args = ["--config", SMOKE_CONFIG, "--training.steps=10", "--checkpoint.enable=true"]
     args += ["--checkpoint.interval=2", "--training.max_skipped_steps=2", f"--job.dump_folder={dump}"]
-    proc = _popen([sys.executable, "-c", NAN_FROM_STEP_3, *args], env={"PYTHONPATH": str(ROOT)})
+    proc = start_run([sys.executable, "-c", NAN_FROM_STEP_3, *args], env={"PYTHONPATH": str(ROOT)})
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]
@@ -319,3 +293,17 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_int
     model = GptOss(GptOssModelArgs.from_preset("debug"))
     step, _ = manager.load(model, torch.optim.AdamW(model.parameters()))
     assert step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_load_path_resumes_even_with_saving_off(tmp_path):
+    """checkpoint.load_path is honoured whenever it is set; checkpoint.enable only controls saving."""
+    first = run_train("--training.steps=2", "--checkpoint.enable=true", f"--job.dump_folder={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    step = tmp_path / "a" / "checkpoint" / "step-000002"
+    again = run_train(
+        "--training.steps=4", f"--checkpoint.load_path={step}", f"--job.dump_folder={tmp_path / 'b'}"
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 2" in again.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [3, 4]
+    assert not (tmp_path / "b" / "checkpoint").exists()

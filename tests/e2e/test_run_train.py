@@ -38,6 +38,35 @@ def read_metrics(dump: Path) -> list[dict]:
     return report.read_metrics(dump / "metrics.jsonl")
 
 
+def start_run(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A run in its own session (so a test can kill it all), stdout and stderr merged."""
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, "CONFIG_FILE": SMOKE_CONFIG, **(env or {})},  # same threads as run_train
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.communicate()[0][-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.01)
+
+
+def steps_logged(dump: Path) -> int:
+    path = dump / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
     dump = tmp_path / "run"
     result = run_train("--training.steps=5", f"--job.dump_folder={dump}")
@@ -180,20 +209,9 @@ def test_a_dead_rank_stops_the_run_without_hanging(tmp_path):
         "--parallelism.dp_shard=2",
         f"--job.dump_folder={dump}",
     ]
-    env = {**os.environ, "CONFIG_FILE": SMOKE_CONFIG, "NPROC": "2", "LOG_RANK": "0,1"}
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_run(args, env={"NPROC": "2", "LOG_RANK": "0,1"})
     try:
-        deadline = time.time() + 120
-        while not (dump / "metrics.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: (dump / "metrics.jsonl").exists(), proc)
         pid = _pid_of_rank(1, str(dump))
         assert pid is not None, "rank 1 not found"
         os.kill(pid, signal.SIGKILL)

@@ -96,6 +96,13 @@ class CheckpointManager:
         self.keep_last = keep_last  # <= 0 keeps all
         self.enable = enable
 
+    @classmethod
+    def from_config(cls, checkpoint: Any, dump_folder: str | Path) -> CheckpointManager:
+        """From a ``[checkpoint]`` config section; ``folder`` is relative to ``dump_folder``."""
+        folder = Path(checkpoint.folder)
+        folder = folder if folder.is_absolute() else Path(dump_folder) / folder
+        return cls(folder, checkpoint.interval, checkpoint.keep_last, enable=checkpoint.enable)
+
     def should_save(self, step: int) -> bool:
         return self.enable and step % self.interval == 0
 
