@@ -38,7 +38,6 @@ from titan_rl.rl.rollout import NativeEngine
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
-_heartbeat: Heartbeat | None = None
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -117,21 +116,13 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     return dims
 
 
-def run(cfg: JobConfig, console: Console) -> int:
-    dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    check_inputs(cfg, dims)  # run_train.sh did this already; direct torchrun users get it here
+def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
+    """The whole run on this rank (the process group, if any, is already up)."""
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
     if rank == 0:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
-    if dims.distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            "nccl" if dims.device_type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
-        )
-        global _heartbeat
-        _heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     model, materialize = build_model(cfg, init_device(dims))
     trainer = Trainer(model, cfg, dims, materialize)
@@ -257,14 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False)
-    healthy = True
+    healthy, heartbeat = True, None
     try:
         cfg = load_config(known.config, overrides)
+        dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        # shapes vs layout; files: HF folder, tokenizer, dataset, checkpoint. run_train.sh runs this
+        # in --check-config before launching; each rank repeats it (cheap) for direct torchrun users
+        check_inputs(cfg, dims)
         if known.check_config:
-            dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            check_inputs(cfg, dims)  # shapes vs layout; files: HF folder, tokenizer, dataset, checkpoint
             return 0
-        return run(cfg, console)
+        if dims.distributed and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                "nccl" if dims.device_type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
+            )
+            heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
+        return run(cfg, dims, console)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if known.debug:
             raise
@@ -277,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         if known.debug:
             raise
         print(
-            f"error: {describe_collective_failure(e, _heartbeat, cfg.parallelism.collective_timeout_s)}",
+            f"error: {describe_collective_failure(e, heartbeat, cfg.parallelism.collective_timeout_s)}",
             file=sys.stderr,
         )
         return 3
     finally:
-        if _heartbeat is not None:
-            _heartbeat.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
         if torch.distributed.is_initialized() and healthy:  # leave together, or gloo may abort a slower rank
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
