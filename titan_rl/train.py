@@ -26,7 +26,6 @@ from rich.console import Console
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
 from titan_rl.metrics import MetricsLogger, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs
-from titan_rl.model.rope import rope_inv_freq
 from titan_rl.parallel import ParallelDims
 from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_collective_failure
 from titan_rl.preflight import check_inputs
@@ -77,7 +76,6 @@ def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[
 
     def load(module: GptOss) -> None:
         module.to_empty(device=device)
-        module.rope_inv_freq = rope_inv_freq(args, device=device)  # a buffer computed, not stored
         load_hf_state_dict_into(module, cfg.model.hf_path, progress=int(os.environ.get("RANK", "0")) == 0)
 
     return model, load
@@ -152,7 +150,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     counts = model.args.num_params()
     console.print(
         f"titan_rl: {counts['total'] / 1e6:.2f}M params, {cfg.training.steps} steps, "
-        f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, dump {dump}"
+        f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
+        f"dump {dump}"
     )
     for step in range(start_step + 1, cfg.training.steps + 1):
         t0 = time.perf_counter()

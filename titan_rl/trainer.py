@@ -18,6 +18,7 @@ import torch
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss, token_logprobs_and_entropy
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
+from titan_rl.parallel.parallelize import precision_summary
 from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import PackedBatch
 
@@ -119,11 +120,19 @@ class Trainer:
         self.reference = None
         if cfg.rl.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.dims.distributed or cfg.parallelism.activation_checkpoint != "none":
-            # every rank runs the same rollouts and trains on its share of the rows (see train_step)
-            parallelize_gpt_oss(model, self.dims, ParallelConfig(cfg.parallelism.activation_checkpoint))
-            if self.reference is not None:  # no grad: nothing to recompute
-                parallelize_gpt_oss(self.reference, self.dims)
+        par = cfg.parallelism
+        config = ParallelConfig(
+            activation_checkpoint=par.activation_checkpoint,
+            compile=par.compile,
+            mixed_precision=par.mixed_precision,
+        )
+        self.precision = precision_summary(model, config, self.dims.device_type)
+        # every rank runs the same rollouts and trains on its share of the rows (see train_step)
+        parallelize_gpt_oss(model, self.dims, config)
+        if self.reference is not None:  # no grad: nothing to recompute, same precision as the policy
+            parallelize_gpt_oss(
+                self.reference, self.dims, ParallelConfig(mixed_precision=par.mixed_precision)
+            )
         if materialize is not None:
             for module in (model, self.reference):
                 if module is not None:

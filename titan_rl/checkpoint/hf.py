@@ -25,7 +25,6 @@ from tqdm import tqdm
 from titan_rl.checkpoint.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
 from titan_rl.checkpoint.names import from_hf_name, to_hf_name
 from titan_rl.model import GptOss, GptOssModelArgs
-from titan_rl.model.rope import rope_inv_freq
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -221,7 +220,6 @@ def load_hf_model(
     with torch.device("meta"):
         model = GptOss(args).to(dtype)
     model.to_empty(device=device)
-    model.rope_inv_freq = rope_inv_freq(args, device=device)
     load_hf_state_dict_into(model, path, progress=progress)
     return model
 

@@ -34,7 +34,6 @@ from titan_rl.checkpoint.hf import (
     save_hf_model,
 )
 from titan_rl.model import GptOss, GptOssModelArgs
-from titan_rl.model.rope import rope_inv_freq
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"  # written last by dcp.save
@@ -287,7 +286,6 @@ def load_model_dcp(
     with torch.device("meta"):
         model = GptOss(args).to(dtype)
     model.to_empty(device=device)
-    model.rope_inv_freq = rope_inv_freq(args, device=device)
     state = model.state_dict()
     verify_dcp_folder(folder, {name: tuple(t.shape) for name, t in state.items()}, str(config_file))
     _dcp("load", {"model": state}, folder)

@@ -59,6 +59,10 @@ class Parallelism:
     """Expert-parallel degree, borrowed from dp_shard x cp."""
     activation_checkpoint: str = "none"
     """Recompute activations in backward: none, full (every block) or selective (every 2nd block)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 compute with fp32 master weights on CUDA, also on one GPU; fp32 on CPU), bf16 or fp32."""
+    compile: bool = False
+    """torch.compile each transformer block (meant for CUDA bf16)."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (e.g. on a dead rank) raises instead of hanging."""
 

@@ -111,6 +111,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_backend": ("auto", "eager", "chunked", "flash"),
     "model.dtype": ("float32", "bfloat16"),
     "parallelism.cp_mode": ("ulysses", "ring"),
+    "parallelism.mixed_precision": ("auto", "bf16", "fp32"),
     "parallelism.activation_checkpoint": ("none", "full", "selective"),
     "lr_scheduler.decay": ("cosine", "constant"),
     "rl.old_logprob_mode": ("unified", "recompute"),

@@ -56,14 +56,21 @@ def decode_sink_attention(
 
 class LayerCache:
     def __init__(self, cache: KVCache, size: int, batch: int, args: GptOssModelArgs, device, dtype) -> None:
-        self.cache = cache
-        shape = (batch, args.num_key_value_heads, size, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache, self.device = cache, device
+        self.shape = (batch, args.num_key_value_heads, size, args.head_dim)
+        self.k = self.v = None  # allocated by the first write when no dtype is given
+        if dtype is not None:
+            self._allocate(dtype)
         self.key_positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
+
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Store ``k``/``v [B, T, KV, D]`` of tokens at ``positions [B, T]`` in their slots."""
+        if self.k is None:  # the dtype the model computes in (FSDP mixed precision casts on the fly)
+            self._allocate(k.dtype)
         new, size = k.shape[1], self.k.shape[2]
         if new == 1:  # decode: one slot, a plain strided copy
             slot = self.cache.index % size
@@ -124,8 +131,9 @@ class KVCache:
         batch: int,
         max_len: int,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype`` of the keys and values; None: the dtype of the first keys written."""
         self.max_len = max_len
         self.index = 0  # slots written so far (the same for every row)
         self.positions: torch.Tensor | None = None
@@ -151,6 +159,8 @@ class KVCache:
         """Keep only the batch rows ``rows`` (int64 indices, in their new order), e.g. to drop
         finished episodes so later steps decode fewer rows."""
         for layer in self.layers:
+            if layer.k is None:
+                continue
             layer.k = layer.k.index_select(0, rows)
             layer.v = layer.v.index_select(0, rows)
             layer.key_positions = layer.key_positions.index_select(0, rows)

@@ -106,15 +106,27 @@ class GptOss(nn.Module):
         self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", rope_inv_freq(args), persistent=False)
+        self._rope_inv_freq: torch.Tensor | None = None  # see the rope_inv_freq property
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies ``[head_dim // 2]``, fp32, on the embedding's device.
+
+        Computed from the args where used, never a buffer: the model owns no floating buffer, so no
+        cast of the module (``.to(torch.bfloat16)``, ``.half()``, ``to_empty``, FSDP mixed precision)
+        can round them. In bf16 they would put every rotary angle past a few hundred positions off,
+        a silent trainer / rollout-engine mismatch (engines compute RoPE in fp32)."""
+        device = self.embed_tokens.weight.device
+        cached = self._rope_inv_freq
+        if cached is None or cached.device != device:
+            cached = self._rope_inv_freq = rope_inv_freq(self.args, device=device)
+        return cached
+
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Random init (normal with ``initializer_range``); also rebuilds the RoPE buffer."""
-        device = buffer_device or self.lm_head.weight.device
-        self.rope_inv_freq = rope_inv_freq(self.args, device=device)
+    def init_weights(self) -> None:
+        """Random init (normal with ``initializer_range``)."""
         std = self.args.initializer_range
         nn.init.normal_(self.embed_tokens.weight, std=std)
         nn.init.normal_(self.lm_head.weight, std=std)

@@ -164,6 +164,14 @@ class ParallelDims:
             return self._meshes["world"]
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if self.world_size == 1 and not torch.distributed.is_initialized():
+            # one process: FSDP2 mixed precision on one device still needs a (one-rank) mesh
+            torch.distributed.init_process_group(
+                "nccl" if self.device_type == "cuda" else "gloo",
+                store=torch.distributed.HashStore(),
+                rank=0,
+                world_size=1,
+            )
         world = init_device_mesh(
             self.device_type,
             (self.dp_replicate, self.dp_shard, self.cp),

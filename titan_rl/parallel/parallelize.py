@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from titan_rl.model.model import GptOss
 from titan_rl.parallel.activation_checkpoint import AC_MODES, apply_activation_checkpointing
 from titan_rl.parallel.expert_parallel import apply_expert_parallel
@@ -40,7 +42,8 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     """FSDP frees gathered parameters after each block's forward (re-gathers them in backward)."""
     mixed_precision: str = "auto"
-    """``auto`` (bf16 params + fp32 gradient reduction on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+    """``auto`` (bf16 compute + fp32 gradient reduction on CUDA, fp32 on CPU), ``bf16`` or ``fp32``;
+    bf16 keeps the parameters, gradients and optimizer state in their own dtype (fp32 masters)."""
 
     def __post_init__(self) -> None:
         if self.activation_checkpoint not in AC_MODES:
@@ -65,11 +68,15 @@ def parallelize_gpt_oss(
     """Apply EP, CP, activation checkpointing, compile and FSDP2 in place; returns ``model``.
 
     Builds the mesh if ``parallel_dims.build_mesh()`` has not run (a collective: call this on every
-    rank). With one process only activation checkpointing and compile apply.
+    rank). With one process, FSDP2 runs on a one-rank mesh only for bf16 mixed precision (fp32
+    master weights, gradients and optimizer state; bf16 compute), exactly as it does on N ranks.
     """
     config = config or ParallelConfig()
     parallel_dims.validate_model(model.args)
-    if parallel_dims.distributed:
+    mp_policy = mixed_precision_policy(config.mixed_precision, parallel_dims.device_type)
+    # one mechanism for every layout: mixed precision is FSDP2's policy, on a one-rank mesh too
+    use_fsdp = parallel_dims.distributed or mp_policy.param_dtype is not None
+    if use_fsdp:
         parallel_dims.build_mesh()
     if parallel_dims.ep_enabled:
         apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
@@ -81,11 +88,17 @@ def parallelize_gpt_oss(
         apply_activation_checkpointing(model, config.activation_checkpoint, config.selective_every)
     if config.compile:
         apply_compile(model, config.compile_backend)
-    if parallel_dims.distributed:
-        apply_fsdp(
-            model,
-            parallel_dims,
-            mixed_precision_policy(config.mixed_precision, parallel_dims.device_type),
-            reshard_after_forward=config.reshard_after_forward,
-        )
+    if use_fsdp:
+        apply_fsdp(model, parallel_dims, mp_policy, reshard_after_forward=config.reshard_after_forward)
     return model
+
+
+def precision_summary(model: GptOss, config: ParallelConfig, device_type: str) -> str:
+    """One line for the startup message: what the weights are stored in and what computes in."""
+    weights = next(model.parameters()).dtype
+    policy = mixed_precision_policy(config.mixed_precision, device_type)
+    compute = policy.param_dtype or weights
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if compute == weights:
+        return f"{name[weights]} weights and compute"
+    return f"{name[compute]} compute, {name[weights]} master weights, gradients and AdamW state"

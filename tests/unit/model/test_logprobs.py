@@ -52,19 +52,47 @@ def test_only_logprobs_used_in_loss():
     assert rel_err(weight.grad, ref_w.grad) <= 1e-5
 
 
+def test_bf16_values_and_gradients_match_fp32_reference():
+    """bf16 operands, fp32 sums: log-probs and entropy equal fp32 math on the same (bf16) numbers to
+    fp32 round-off; gradients to bf16 round-off of the [tokens, vocab] gradient (2^-8 relative).
+    Rounding the logits themselves to bf16 (a plain bf16 lm_head) is far worse, so this fails if the
+    logits GEMM loses its fp32 output."""
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.randn(37, 48, generator=g) * 2).bfloat16()
+    weight = torch.randn(301, 48, generator=g).bfloat16()
+    targets = torch.randint(0, 301, (37,), generator=g)
+    coef_lp, coef_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        logprobs, entropy = fn(h, w, targets, 0.8)
+        ((logprobs * coef_lp).sum() + (entropy * coef_ent).sum()).backward()
+        return logprobs.detach(), entropy.detach(), h.grad, w.grad
+
+    ref = run(naive, hidden.float(), weight.float())
+    ours = run(lambda *a: token_logprobs_and_entropy(*a, chunk_size=8), hidden, weight)
+    plain_bf16 = run(naive, hidden, weight)  # logits rounded to bf16 before the softmax
+    assert ours[2].dtype == ours[3].dtype == torch.bfloat16
+    assert rel_err(ours[0], ref[0]) <= 1e-5 and rel_err(ours[1], ref[1]) <= 1e-5
+    assert (ours[0] - ref[0]).abs().mean() < 0.05 * (plain_bf16[0] - ref[0]).abs().mean()
+    assert rel_err(ours[2].float(), ref[2]) <= 1e-2, "grad hidden"
+    assert rel_err(ours[3].float(), ref[3]) <= 1e-2, "grad weight"
+
+
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     from titan_rl.model.logprobs import token_logprobs_and_entropy
     mode = sys.argv[1]
     torch.manual_seed(0)
-    hidden = torch.randn(2048, 64, requires_grad=True)
-    weight = (torch.randn(201088, 64) * 0.05).requires_grad_()
+    dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float32
+    hidden = torch.randn(2048, 64).to(dtype).requires_grad_()
+    weight = (torch.randn(201088, 64) * 0.05).to(dtype).requires_grad_()
     targets = torch.randint(0, 201088, (2048,))
     def mib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     before = mib()
-    if mode == "chunked":
+    if mode.startswith("chunked"):
         logprobs, entropy = token_logprobs_and_entropy(hidden, weight, targets)
     else:
         log_p = torch.log_softmax(hidden @ weight.T, dim=-1)
@@ -87,6 +115,8 @@ def test_peak_memory_far_below_full_logits():
     """2048 tokens x vocab 201,088: full fp32 logits are 1571 MiB; the chunked path stays far below."""
     full_logits_mib = 2048 * 201088 * 4 / 2**20
     chunked = peak_increase_mib("chunked")
+    chunked_bf16 = peak_increase_mib("chunked_bf16")  # bf16 weights: one fp32 accumulator, no logits
     naive_peak = peak_increase_mib("naive")
     assert naive_peak > full_logits_mib  # the measurement sees a full-logits allocation
     assert chunked < 0.25 * full_logits_mib, f"chunked peak {chunked:.0f} MiB"
+    assert chunked_bf16 < 0.25 * full_logits_mib, f"chunked bf16 peak {chunked_bf16:.0f} MiB"

@@ -110,7 +110,7 @@ class NativeEngine:
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         model = self.model
-        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        device = model.lm_head.weight.device
         batch, width = len(prompts), max(len(p) for p in prompts)
         # left padding: every row writes its next token into the same cache slot
         tokens = torch.zeros(batch, width, dtype=torch.long)
@@ -121,7 +121,7 @@ class NativeEngine:
             tokens[i, pad:] = torch.tensor(prompt)
             positions[i, pad:] = torch.arange(len(prompt))
             document_ids[i, pad:] = 1
-        cache = KVCache(model.args, batch, width + params.max_new_tokens, device, dtype)
+        cache = KVCache(model.args, batch, width + params.max_new_tokens, device)  # compute dtype
         hidden = model(
             tokens.to(device),
             positions=positions.to(device),
