@@ -2,9 +2,10 @@
 
 ``run_steps(precision)`` is imported by ``test_mixed_precision.py`` for one process, and run here
 under torchrun (gloo) for N processes: ``mixed_precision_worker.py PRECISION FILE`` saves the
-result on rank 0 with ``torch.save``. Per step it reports the loss (an entropy bonus makes it depend on the weights; on-policy the policy
-term alone is constant), the entropy and the gradient norm; after the steps, the update of the full
-fp32 weights (all parameters, flattened) and what the run stored and computed in.
+result on rank 0 with ``torch.save``. Per step it reports the loss (an entropy bonus makes it
+depend on the weights; on-policy the policy term alone is constant), the entropy and the gradient
+norm; after the steps, the update of the full fp32 weights (all parameters, flattened) and what the
+run stored and computed in.
 """
 
 from __future__ import annotations
