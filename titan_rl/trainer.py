@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from titan_rl.config import JobConfig
-from titan_rl.model import GptOss, token_logprobs_and_entropy
+from titan_rl.model import GptOss
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 from titan_rl.parallel.parallelize import precision_summary
 from titan_rl.rl.losses import LossConfig, rl_loss
-from titan_rl.rl.packing import PackedBatch
+from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig, total_steps: int):
@@ -60,46 +60,58 @@ def loss_config(cfg: JobConfig) -> LossConfig:
 
 @dataclass
 class StepStats:
-    """Merges per-micro-batch metrics: sums, token-weighted means, min / max."""
+    """Merges per-micro-batch metrics on the device: sums, token-weighted means, min / max. Nothing
+    is read on the host until ``result``, once per step."""
 
     tokens: float = 0.0
-    sums: dict[str, float] = field(default_factory=dict)
-    mins: dict[str, float] = field(default_factory=dict)
-    maxs: dict[str, float] = field(default_factory=dict)
-    loss: float = 0.0
+    loss: torch.Tensor | float = 0.0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    mins: dict[str, torch.Tensor] = field(default_factory=dict)
+    maxs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], tokens: int) -> None:
-        self.loss += loss.item()
+        self.loss = self.loss + loss.detach().double()
         self.tokens += tokens
         for key, value in metrics.items():
-            v = float(value)
+            v = torch.as_tensor(value).detach().double()
             if key.endswith("/min"):
-                self.mins[key] = min(self.mins.get(key, v), v)
+                self.mins[key] = torch.minimum(self.mins[key], v) if key in self.mins else v
             elif key.endswith("/max"):
-                self.maxs[key] = max(self.maxs.get(key, v), v)
+                self.maxs[key] = torch.maximum(self.maxs[key], v) if key in self.maxs else v
             elif key != "loss":
                 self.sums[key] = self.sums.get(key, 0.0) + v * tokens
 
     def all_reduce(self, group, device: torch.device | str = "cpu") -> None:
         """Combine the data-parallel ranks' stats (sums add, mins / maxs reduce) on ``device``."""
         keys = sorted(self.sums)
-        values = [self.loss, self.tokens, *(self.sums[k] for k in keys)]
-        sums = torch.tensor(values, dtype=torch.float64, device=device)
+        sums = self._stack([self.loss, self.tokens, *(self.sums[k] for k in keys)], device)
         torch.distributed.all_reduce(sums, group=group)
-        self.loss, self.tokens = float(sums[0]), float(sums[1])
-        self.sums = {k: float(v) for k, v in zip(keys, sums[2:])}
+        self.loss, self.tokens = sums[0], float(sums[1])
+        self.sums = dict(zip(keys, sums[2:]))
         for values, op in (
             (self.mins, torch.distributed.ReduceOp.MIN),
             (self.maxs, torch.distributed.ReduceOp.MAX),
         ):
             names = sorted(values)
-            t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+            t = self._stack([values[k] for k in names], device)
             torch.distributed.all_reduce(t, op=op, group=group)
-            values.update({k: float(v) for k, v in zip(names, t)})
+            values.update(zip(names, t))
+
+    @staticmethod
+    def _stack(values: list, device: torch.device | str) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
     def result(self) -> dict[str, float]:
-        means = {k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
-        return {"loss": self.loss, **means, **self.mins, **self.maxs}
+        """The merged metrics as floats: the step's one read from the device."""
+        keys = sorted(self.sums)
+        extremes = {**self.mins, **self.maxs}
+        names = ["loss", *keys, *extremes]
+        device = next((v.device for v in (*self.sums.values(), *extremes.values())), "cpu")
+        values = self._stack([self.loss, *(self.sums[k] for k in keys), *extremes.values()], device)
+        out = dict(zip(names, values.tolist()))
+        for k in keys:
+            out[k] /= max(self.tokens, 1.0)
+        return out
 
 
 class Trainer:
@@ -124,6 +136,7 @@ class Trainer:
         config = ParallelConfig(
             activation_checkpoint=par.activation_checkpoint,
             compile=par.compile,
+            compile_backend=par.compile_backend,
             mixed_precision=par.mixed_precision,
         )
         self.precision = precision_summary(model, config, self.dims.device_type)
@@ -147,42 +160,41 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
 
-    def _logprobs(self, model: GptOss, mb: PackedBatch, expert_indices=None, record: bool = False):
+    def _logprobs(self, model: GptOss, mb: DeviceBatch, expert_indices=None, record: bool = False):
         """Log-probs and entropy of the trained positions of ``mb`` (+ routing when recording)."""
         out = model(
             mb.tokens,
             positions=mb.positions,
             document_ids=mb.document_ids,
-            return_hidden=True,
+            documents=mb.documents,
             expert_indices=expert_indices,
             return_expert_indices=record,
+            targets=mb.targets,
+            target_index=mb.target_index,
+            temperature=self.cfg.rollout.temperature,
         )
-        hidden, experts = out if record else (out, None)
-        sel = mb.target_mask
-        logprobs, entropy = token_logprobs_and_entropy(
-            hidden[sel], model.lm_head.weight, mb.targets[sel], self.cfg.rollout.temperature
-        )
-        return logprobs, entropy, experts
+        return out if record else (*out, None)
 
     def _local_rows(self, batch: PackedBatch) -> PackedBatch:
-        """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many, on
-        the model's device."""
+        """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many (on the
+        host: micro-batches go to the device one at a time, as ``DeviceBatch``)."""
         if self.dims.distributed:
             dp, rank = self.dims.dp, self.dims.get_mesh("dp").get_local_rank()
             batch = batch.padded_rows(-(-batch.num_rows // dp) * dp).rows(slice(rank, None, dp))
-        return batch if self.device.type == "cpu" else batch.map(lambda t: t.to(self.device))
+        return batch
 
     def _global_counts(self, minibatch: PackedBatch) -> tuple[float, float]:
-        """Trained tokens and trajectories of this minibatch summed over data-parallel ranks."""
+        """Trained tokens and trajectories of this minibatch summed over data-parallel ranks (counted
+        on the host; with several ranks one all-reduce)."""
         mask = minibatch.target_mask
-        counts = torch.tensor(
-            [float(mask.sum()), float(minibatch.seq_ids[mask].unique().numel())], device=self.device
-        )
-        if self.dims.distributed:
-            torch.distributed.all_reduce(counts, group=self.dims.get_mesh("dp").get_group())
+        tokens, seqs = float(mask.sum()), float(minibatch.seq_ids[mask].unique().numel())
+        if not self.dims.distributed:
+            return tokens, seqs
+        counts = torch.tensor([tokens, seqs], device=self.device)
+        torch.distributed.all_reduce(counts, group=self.dims.get_mesh("dp").get_group())
         return float(counts[0]), float(counts[1])
 
-    def _micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
+    def _host_micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
         """Micro-batches of rows; with context parallelism each is this rank's sequence shard."""
         size = self.cfg.training.micro_batch_rows
         micro = [batch.rows(slice(i, i + size)) for i in range(0, batch.num_rows, size)]
@@ -192,6 +204,10 @@ class Trainer:
             cp_mesh, mode = self.dims.get_mesh("cp"), self.dims.cp_mode
             micro = [mb.map(lambda t: shard_sequence(t, cp_mesh, mode, dim=1)) for mb in micro]
         return micro
+
+    def _micro_batches(self, batch: PackedBatch) -> list[DeviceBatch]:
+        """``_host_micro_batches`` on the model's device, with their host-built indices."""
+        return [DeviceBatch.of(mb, self.device) for mb in self._host_micro_batches(batch)]
 
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
         """All optimizer steps for one rollout batch; returns the merged metrics."""
@@ -210,34 +226,35 @@ class Trainer:
         # Old (and reference) log-probs of every minibatch come from the policy that sampled the
         # batch, i.e. before any update; the experts they used are recorded for replay.
         old, routing, ref = {}, {}, {}
+        host_micro = [self._host_micro_batches(minibatch) for minibatch in minibatches]
+        micro = [[DeviceBatch.of(mb, self.device) for mb in row] for row in host_micro]
         with torch.no_grad():
-            for m, minibatch in enumerate(minibatches):
-                for i, mb in enumerate(self._micro_batches(minibatch)):
+            for m in range(len(minibatches)):
+                for i, mb in enumerate(micro[m]):
                     if not unified:  # the two-forward failure: an inference-style pass per trajectory
-                        old[m, i] = torch.cat([self._logprobs(self.model, doc)[0] for doc in mb.documents()])
+                        docs = [DeviceBatch.of(doc, self.device) for doc in host_micro[m][i].documents()]
+                        old[m, i] = torch.cat([self._logprobs(self.model, doc)[0] for doc in docs])
                     elif needs_old_pass:
                         old[m, i], _, routing[m, i] = self._logprobs(self.model, mb, record=replay)
                     if self.reference is not None:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
         for m, minibatch in enumerate(minibatches):
-            micro = self._micro_batches(minibatch)
             global_tokens, global_seqs = self._global_counts(minibatch)
             self.optimizer.zero_grad(set_to_none=True)
-            for i, mb in enumerate(micro):
-                if not mb.target_mask.any() and not self.dims.distributed:
+            for i, mb in enumerate(micro[m]):
+                if mb.num_tokens == 0 and not self.dims.distributed:
                     continue  # (with FSDP every rank must run the same forwards, even empty ones)
                 logprobs, entropy, _ = self._logprobs(
                     self.model, mb, expert_indices=routing[m, i] if replay else None
                 )
                 old_logprobs = old[m, i] if needs_old_pass else logprobs.detach()
-                sel = mb.target_mask
                 loss, metrics = rl_loss(
                     logprobs,
                     old_logprobs,
-                    mb.rollout_logprobs[sel],
-                    mb.advantages[sel],
+                    mb.rollout_logprobs,
+                    mb.advantages,
                     torch.ones_like(logprobs),
-                    mb.seq_ids[sel],
+                    mb.seq_ids,
                     num_seqs,
                     self.loss_cfg,
                     entropy=entropy,
@@ -246,7 +263,7 @@ class Trainer:
                     global_seqs=global_seqs,
                 )
                 loss.backward()
-                stats.add(loss.detach(), metrics, int(sel.sum()))
+                stats.add(loss, metrics, mb.num_tokens)
             grad_norms.append(self._optimizer_step())
         if self.dims.distributed:
             stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
@@ -261,16 +278,18 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         batch = self._local_rows(batch)
         tokens, _ = self._global_counts(batch)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for mb in self._micro_batches(batch):
             logprobs, _, _ = self._logprobs(self.model, mb)
-            loss = -logprobs.sum() / tokens
+            loss = -logprobs.sum() / tokens  # this rank's share of the global mean
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
+        if self.dims.distributed:  # the global loss, not rank 0's share
+            torch.distributed.all_reduce(total, group=self.dims.get_mesh("dp_cp").get_group())
         clip = self.cfg.training.grad_clip
         clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         optimizer.step()
-        return total
+        return float(total)
 
     def _optimizer_step(self) -> float:
         clip = self.cfg.training.grad_clip

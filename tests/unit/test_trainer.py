@@ -6,23 +6,25 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_rl.config import load_config
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.advantages import group_advantages
 from titan_rl.rl.collect import build_env, collect_rollouts
+from titan_rl.rl.losses import rl_loss
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.trainer import Trainer
+from titan_rl.trainer import StepStats, Trainer
 
 
-def setup(*overrides: str):
+def setup(*overrides: str, dtype: torch.dtype = torch.float32):
     cfg = load_config(None, ["--training.seq_len=64", "--rollout.prompts_per_step=4", *overrides])
     torch.manual_seed(0)
     args = GptOssModelArgs.from_preset(
         "debug", num_local_experts=8, num_experts_per_tok=2, initializer_range=0.1
     )
-    model = GptOss(args)
+    model = GptOss(args).to(dtype)
     trainer = Trainer(model, cfg)
     env = build_env(cfg, args.vocab_size)
     trajectories, _ = collect_rollouts(NativeEngine(model, seed=1), env, None, 1, cfg)
@@ -147,3 +149,68 @@ def test_activation_checkpointing_from_the_config_changes_memory_not_results(mod
     )
     for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device on CUDA: reading a value (``.item()``,
+    ``int()``, ``bool()`` -> ``_local_scalar_dense``) and data-dependent shapes (``nonzero`` behind
+    boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "repeat_interleave")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(name.startswith(s) or f"_{s}" in name for s in self.SYNCING):
+            self.calls.append(name)
+        indices = args[1] if name.startswith("index") and len(args) > 1 else None
+        if isinstance(indices, list | tuple) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
+        ):
+            self.calls.append(f"{name} with a boolean mask")  # nonzero inside the op
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_micro_batch_never_waits_on_the_device():
+    """Forward, log-probs, loss, backward and the metrics of a micro-batch run without one host
+    synchronization (on CPU the same code that runs on CUDA, less the attention kernel): indices of
+    trained positions and document boundaries come from the host, metrics are read once per step."""
+    trainer, batch, n = setup("--training.micro_batch_rows=2")
+    mb = trainer._micro_batches(batch)[0]
+    assert mb.num_tokens > 0
+    stats = StepStats()
+    with HostSyncs() as syncs:
+        logprobs, entropy, _ = trainer._logprobs(trainer.model, mb)
+        loss, metrics = rl_loss(
+            logprobs, logprobs.detach(), mb.rollout_logprobs, mb.advantages, torch.ones_like(logprobs),
+            mb.seq_ids, n, trainer.loss_cfg, entropy=entropy, global_tokens=100.0, global_seqs=float(n),
+        )  # fmt: skip
+        loss.backward()
+        stats.add(loss, metrics, mb.num_tokens)
+    assert syncs.calls == []
+    assert stats.result()["loss"] == pytest.approx(loss.item())
+
+
+def test_compiled_blocks_give_the_uncompiled_step():
+    """parallelism.compile = true compiles every block; one RL step equals the eager model's (CPU,
+    bf16 as compile needs; the aot_eager backend traces the same graphs without generating kernels,
+    so only the traced decompositions may round differently)."""
+    eager, batch, n = setup(dtype=torch.bfloat16)
+    compiled, _, _ = setup(
+        "--parallelism.compile=true", "--parallelism.compile_backend=aot_eager", dtype=torch.bfloat16
+    )
+    assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
+    expected, got = eager.train_step(batch, n), compiled.train_step(batch, n)
+    assert {k: got[k] for k in ("loss", "grad_norm", "entropy/mean")} == pytest.approx(
+        {k: expected[k] for k in ("loss", "grad_norm", "entropy/mean")}, rel=1e-2
+    )
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)
+
+
+def test_compile_in_fp32_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"parallelism\.mixed_precision"):
+        setup("--parallelism.compile=true")

@@ -63,6 +63,8 @@ class Parallelism:
     """auto (bf16 compute with fp32 master weights on CUDA, also on one GPU; fp32 on CPU), bf16 or fp32."""
     compile: bool = False
     """torch.compile each transformer block (meant for CUDA bf16)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (kernels), or aot_eager / eager to debug tracing."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (e.g. on a dead rank) raises instead of hanging."""
 

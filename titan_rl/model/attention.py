@@ -18,6 +18,7 @@ Backends (``GptOssModelArgs.attn_backend``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from titan_rl.model.kv_cache import LayerCache
 from titan_rl.model.masks import allowed_keys
 from titan_rl.model.rope import apply_rope
-from titan_rl.model.sink_kernels import chunked_sink_attention, flash_sink_attention
+from titan_rl.model.sink_kernels import DocumentLayout, chunked_sink_attention, flash_sink_attention
 
 
 def sink_softmax_attention(
@@ -121,6 +122,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,  # [B, T]
         kv_cache: LayerCache | None = None,
+        documents: DocumentLayout | None = None,  # the same documents for varlen kernels
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
@@ -128,6 +130,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend = self.attention_fn or BACKENDS[resolve_backend(self.backend, x.device, x.dtype)]
+        if attend is flash_sink_attention and documents is not None:
+            attend = functools.partial(flash_sink_attention, layout=documents)
         if kv_cache is None:
             out = attend(q, k, v, self.sinks, self.scale, self.window, document_ids)
         else:

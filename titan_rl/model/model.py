@@ -10,6 +10,7 @@ Usage::
     logits = model(tokens)                               # [B, T, vocab]
     hidden = model(tokens, return_hidden=True)           # [B, T, hidden], after the final norm
     logits, experts = model(tokens, return_expert_indices=True)   # experts [layers, B, T, top_k]
+    logprobs, entropy = model(tokens, targets=next_ids, target_index=flat_positions)  # [N] each
     model(tokens, expert_indices=experts)                # replays that routing
 
 For a large model build it on the meta device, move it, then initialize::
@@ -29,8 +30,10 @@ from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
 from titan_rl.model.attention import Attention
+from titan_rl.model.logprobs import token_logprobs_and_entropy
 from titan_rl.model.moe import MoE
 from titan_rl.model.rope import rope_cos_sin, rope_inv_freq
+from titan_rl.model.sink_kernels import DocumentLayout
 
 if TYPE_CHECKING:
     from titan_rl.model.kv_cache import KVCache, LayerCache
@@ -71,8 +74,9 @@ class Block(nn.Module):
         document_ids: torch.Tensor | None = None,
         expert_indices: torch.Tensor | None = None,
         kv_cache: LayerCache | None = None,
+        documents: DocumentLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache, documents)
         # decoding with a cache may take the MoE's few-token path (same math, other round-off);
         # every other forward, with grad or without, runs the one training path: bitwise equal
         decoding = kv_cache is not None
@@ -146,19 +150,30 @@ class GptOss(nn.Module):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         *,
+        documents: DocumentLayout | None = None,
         expert_indices: torch.Tensor | None = None,
         return_hidden: bool = False,
         return_expert_indices: bool = False,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, T, vocab]`` (or final hidden states with ``return_hidden``).
+        targets: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits ``[B, T, vocab]`` (or final hidden states with ``return_hidden``, or log-probs
+        and entropy with ``targets``).
 
         tokens: ``[B, T]`` int64. positions: ``[B, T]``; default 0..T-1, or restarting at each
             document when ``document_ids`` is given.
         document_ids: ``[B, T]``; tokens attend only within their document (packed rows).
+        documents: ``document_ids`` as varlen sequences for the flash kernels, built on the host
+            (``DocumentLayout.of``) so no layer synchronizes with it to find the boundaries.
         expert_indices: ``[layers, B, T, top_k]`` to replay a recorded routing.
         return_expert_indices: also return the routing used, ``[layers, B, T, top_k]``.
         kv_cache: generation cache (``titan_rl.model.kv_cache``); needs explicit ``positions``.
+        targets: ``[N]`` token ids scored at the flat positions ``target_index [N]`` (indices into
+            ``B * T``, each position's *next* token): returns ``(logprobs [N], entropy [N])`` of the
+            distribution tempered by ``temperature``, fp32, from the chunked lm_head
+            (``token_logprobs_and_entropy``; no ``[tokens, vocab]`` logits are kept).
         """
         if kv_cache is not None:
             if positions is None:
@@ -175,13 +190,16 @@ class GptOss(nn.Module):
         for i, block in enumerate(self.layers):
             forced = None if expert_indices is None else expert_indices[i]
             layer_cache = None if kv_cache is None else kv_cache.layers[i]
-            x, chosen = block(x, cos, sin, document_ids, forced, layer_cache)
+            x, chosen = block(x, cos, sin, document_ids, forced, layer_cache, documents)
             used.append(chosen)
         if kv_cache is not None:
             kv_cache.end()
         out = self.norm(x)
-        if not return_hidden:
+        if targets is not None:
+            hidden = out.flatten(0, 1).index_select(0, target_index)  # [N, hidden]: a gather, no sync
+            out = token_logprobs_and_entropy(hidden, self.lm_head.weight, targets, temperature)
+        elif not return_hidden:
             out = self.lm_head(out)
         if return_expert_indices:
-            return out, torch.stack(used)
+            return (*out, torch.stack(used)) if targets is not None else (out, torch.stack(used))
         return out

@@ -33,7 +33,10 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``."""
+    """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``.
+
+    Where ``torch._grouped_mm`` cannot run (CUDA before sm90 or fp32 on CUDA) the fallback splits
+    by counts read on the host: one synchronization per call."""
     if _grouped_mm_ok(x, w):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
@@ -157,7 +160,10 @@ class MoE(nn.Module):
         weights, expert_indices = self.router(x, forced)  # [N, k]
         top_k = expert_indices.shape[-1]
         flat_experts = expert_indices.reshape(-1)  # [N * k]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        # (bincount would size its output from the largest id: a host sync on CUDA)
+        counts = flat_experts.new_zeros(self.num_experts).index_add_(
+            0, flat_experts, torch.ones_like(flat_experts)
+        )
         if decoding and self._use_padded(x, counts):
             y = self.experts.forward_padded(x, expert_indices, counts)
         else:

@@ -200,26 +200,34 @@ def chunked_sink_attention(
 
 
 @dataclass
-class _Packed:
-    """Varlen view of a [B, T] batch: one sequence per document (or per row)."""
+class DocumentLayout:
+    """Varlen view of a ``[B, T]`` batch for the flash kernels: one sequence per document (or per
+    row without documents). Build it on the host from the packer's document ids, once per batch:
+    derived on the device it would cost a host synchronization in every layer."""
 
-    cu_seqlens: torch.Tensor  # [n_seqs + 1] int32
+    cu_seqlens: torch.Tensor  # [n_seqs + 1] int32, on the model's device
     max_len: int
 
-
-def _pack(batch: int, seq: int, document_ids: torch.Tensor | None, device: torch.device) -> _Packed:
-    if document_ids is None:
-        lengths = torch.full((batch,), seq, dtype=torch.int32, device=device)
-    else:
-        flat = document_ids.reshape(-1)
-        row = torch.arange(batch, device=device).repeat_interleave(seq)
-        starts = torch.ones_like(flat, dtype=torch.bool)
-        starts[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
-        idx = torch.nonzero(starts).flatten()
-        lengths = torch.diff(torch.cat([idx, idx.new_tensor([flat.numel()])])).to(torch.int32)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(lengths, 0)
-    return _Packed(cu, int(lengths.max()))
+    @classmethod
+    def of(
+        cls, batch: int, seq: int, document_ids: torch.Tensor | None, device: torch.device | str | None = None
+    ) -> DocumentLayout:
+        """From ``document_ids [B, T]`` (ideally a CPU tensor); ``device``: where ``cu_seqlens`` goes."""
+        device = (
+            device if device is not None else (document_ids.device if document_ids is not None else "cpu")
+        )
+        if document_ids is None:
+            lengths = torch.full((batch,), seq, dtype=torch.int32)
+        else:
+            flat = document_ids.reshape(-1)
+            row = torch.arange(batch, device=flat.device).repeat_interleave(seq)
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
+            idx = torch.nonzero(starts).flatten()
+            lengths = torch.diff(torch.cat([idx, idx.new_tensor([flat.numel()])])).to(torch.int32)
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        return cls(cu.to(device), int(lengths.max()))
 
 
 class _FlashSinkAttention(torch.autograd.Function):
@@ -261,8 +269,14 @@ def flash_sink_attention(
     scale: float,
     window: int | None = None,
     document_ids: torch.Tensor | None = None,
+    *,
+    layout: DocumentLayout | None = None,
 ) -> torch.Tensor:
-    """CUDA flash-attention with sinks. Shapes as ``chunked_sink_attention``; bf16/fp16 only."""
+    """CUDA flash-attention with sinks. Shapes as ``chunked_sink_attention``; bf16/fp16 only.
+
+    ``layout``: the documents as varlen sequences, built on the host (``DocumentLayout.of``);
+    without it they are derived from ``document_ids`` here, a host synchronization per call. The
+    kernel reads query head h from kv head h // (H / KV) itself (GQA): K and V are not repeated."""
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         raise RuntimeError(
             f"the 'flash' attention backend needs CUDA bf16/fp16 tensors, got {q.device.type} "
@@ -271,12 +285,13 @@ def flash_sink_attention(
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         raise RuntimeError("this PyTorch build has no flash-attention kernel; use attn_backend='chunked'")
     batch, seq, n_heads, head_dim = q.shape
-    groups = n_heads // k.shape[2]
-    packed = _pack(batch, seq, document_ids, q.device)
+    n_kv = k.shape[2]
+    if layout is None:
+        layout = DocumentLayout.of(batch, seq, document_ids, q.device)
     flat_q = q.reshape(batch * seq, n_heads, head_dim)
-    flat_k = k.repeat_interleave(groups, dim=2).reshape(batch * seq, n_heads, head_dim)
-    flat_v = v.repeat_interleave(groups, dim=2).reshape(batch * seq, n_heads, head_dim)
+    flat_k = k.reshape(batch * seq, n_kv, head_dim)
+    flat_v = v.reshape(batch * seq, n_kv, head_dim)
     out = _FlashSinkAttention.apply(
-        flat_q, flat_k, flat_v, sinks, packed.cu_seqlens, packed.max_len, scale, window
+        flat_q, flat_k, flat_v, sinks, layout.cu_seqlens, layout.max_len, scale, window
     )
     return out.reshape(batch, seq, n_heads, head_dim)

@@ -87,6 +87,12 @@ def parallelize_gpt_oss(
     if config.activation_checkpoint != "none":
         apply_activation_checkpointing(model, config.activation_checkpoint, config.selective_every)
     if config.compile:
+        if (mp_policy.param_dtype or next(model.parameters()).dtype) == torch.float32:
+            raise ValueError(
+                "parallelism.compile = true needs bf16 compute (the grouped expert GEMM traces only in "
+                "bf16): set parallelism.mixed_precision = 'bf16' (the default on CUDA) or "
+                "model.dtype = 'bfloat16'"
+            )
         apply_compile(model, config.compile_backend)
     if use_fsdp:
         apply_fsdp(model, parallel_dims, mp_policy, reshard_after_forward=config.reshard_after_forward)

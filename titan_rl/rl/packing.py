@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_rl.model import positions_from_document_ids
+from titan_rl.model.sink_kernels import DocumentLayout
 from titan_rl.rl.types import Trajectory
 
 
@@ -108,3 +109,43 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
     return PackedBatch(
         tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage, positions
     )
+
+
+@dataclass
+class DeviceBatch:
+    """One forward's inputs on the model's device. Everything the host already knows (document
+    boundaries, which positions are trained, how many) is computed on the host once, so neither the
+    forward nor the loss asks the device (no boolean indexing, no ``.item()``)."""
+
+    tokens: torch.Tensor  # [R, S]
+    positions: torch.Tensor  # [R, S]
+    document_ids: torch.Tensor  # [R, S]
+    documents: DocumentLayout  # the documents as varlen sequences (flash kernels)
+    target_index: torch.Tensor  # [N] flat index into R * S of each trained position
+    targets: torch.Tensor  # [N] the token each trained position predicts
+    rollout_logprobs: torch.Tensor  # [N] fp32
+    advantages: torch.Tensor  # [N] fp32
+    seq_ids: torch.Tensor  # [N] trajectory index
+    num_tokens: int  # N
+
+    @classmethod
+    def of(cls, batch: PackedBatch, device: torch.device | str) -> DeviceBatch:
+        """From a packed batch that is still on the host (CPU tensors)."""
+        index = batch.target_mask.reshape(-1).nonzero().squeeze(1)  # on the host: no device sync
+
+        def trained(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).index_select(0, index).to(device)
+
+        rows, seq = batch.tokens.shape
+        return cls(
+            tokens=batch.tokens.to(device),
+            positions=batch.positions.to(device),
+            document_ids=batch.document_ids.to(device),
+            documents=DocumentLayout.of(rows, seq, batch.document_ids, device),
+            target_index=index.to(device),
+            targets=trained(batch.targets),
+            rollout_logprobs=trained(batch.rollout_logprobs),
+            advantages=trained(batch.advantages),
+            seq_ids=trained(batch.seq_ids),
+            num_tokens=index.numel(),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from tests.conftest import rel_err, tiny_model
 from titan_rl.model.attention import eager_sink_attention
-from titan_rl.model.sink_kernels import chunked_sink_attention, flash_sink_attention
+from titan_rl.model.sink_kernels import DocumentLayout, chunked_sink_attention, flash_sink_attention
 
 B, T, H, KV, D = 2, 29, 4, 2, 16
 
@@ -127,3 +128,29 @@ def test_default_chunking_on_long_rows_matches_eager(window):
     assert rel_err(out, ref_out) <= 1e-5
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) <= 1e-5
+
+
+def test_document_layout_from_the_host():
+    """cu_seqlens: one varlen sequence per document and row (a document id repeated in the next row
+    is another sequence), max_len the longest; built on the host for any target device."""
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [2, 2, 5, 5, 5, 5, 5, 7]])
+    layout = DocumentLayout.of(2, 8, document_ids, "cpu")
+    assert layout.cu_seqlens.tolist() == [0, 3, 5, 8, 10, 15, 16] and layout.max_len == 5
+    assert layout.cu_seqlens.dtype == torch.int32
+    plain = DocumentLayout.of(3, 8, None)
+    assert plain.cu_seqlens.tolist() == [0, 8, 16, 24] and plain.max_len == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_with_a_host_layout_and_gqa_matches_eager_on_cuda():
+    q, k, v, sinks, docs = inputs(2, 1.0, 1.0)
+    grad_out = torch.randn(B, T, H, D)
+    cast = [t.cuda().bfloat16() for t in (q, k, v)]
+    layout = DocumentLayout.of(B, T, docs, "cuda")
+    ref_out, ref_grads = run(eager_sink_attention, *[t.float() for t in cast], sinks.cuda(), grad_out.cuda(),
+                             document_ids=docs.cuda())  # fmt: skip
+    out, grads = run(functools.partial(flash_sink_attention, layout=layout), *cast, sinks.cuda(),
+                     grad_out.cuda().bfloat16(), document_ids=docs.cuda())  # fmt: skip
+    assert rel_err(out.float(), ref_out) <= 2e-2
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got.float(), want) <= 5e-2
