@@ -309,6 +309,8 @@ def test_sampled_frequencies_match_the_filtered_distribution(top_p, top_k):
         counts = torch.bincount(first[row], minlength=logits.shape[-1])
         assert not counts[~keep[row]].any(), "sampled outside the top-k / top-p support"
         assert 1 < int(keep[row].sum()) < logits.shape[-1]  # the filter is active, not trivial
+        expected = probs[row] * samples  # a token expected >= 30 times never drawn: chance e^-30
+        assert counts[expected >= 30].all(), "a token of the support is never sampled"
         assert chi_square_p_value(counts[keep[row]], probs[row, keep[row]]) > 1e-6
 
 
