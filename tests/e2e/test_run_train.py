@@ -103,6 +103,8 @@ def test_kl_to_reference_is_logged(tmp_path):
     rows = read_metrics(dump)
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     assert rows[1]["kl/mean"] > 0
+    for row in rows:  # the reference forward does not disturb the policy's log-probs
+        assert_engine_agrees(row)
 
 
 @pytest.mark.parametrize(
