@@ -476,16 +476,18 @@ def formula_loss_and_gradients(x: dict[str, torch.Tensor], cfg: LossConfig, glob
         policy.append(value)
         policy_grad.append(grad)  # gspo: s_i * d logp_t, no cross-token terms
 
-    # KL to the reference: value, d/dlogp, d/dref
-    kl, kl_lp, kl_ref = [], [], []
+    # KL to the reference, a function of d = logp - ref: value and d/dlogp (d/dref is its negative)
+    kl, kl_lp = [], []
     for t in range(n):
         d = lp[t] - ref[t]
         if cfg.kl_estimator == "k1":
-            kl.append(d), kl_lp.append(1.0), kl_ref.append(-1.0)
+            value, grad = d, 1.0
         elif cfg.kl_estimator == "k2":
-            kl.append(0.5 * d * d), kl_lp.append(d), kl_ref.append(-d)
+            value, grad = 0.5 * d * d, d
         else:  # exp(ref - logp) - (ref - logp) - 1
-            kl.append(math.exp(-d) + d - 1), kl_lp.append(1 - math.exp(-d)), kl_ref.append(math.exp(-d) - 1)
+            value, grad = math.exp(-d) + d - 1, 1 - math.exp(-d)
+        kl.append(value)
+        kl_lp.append(grad)
 
     # aggregation: the weight of each kept token in the scalar loss
     seqs = num_seqs + (GLOBAL_EXTRA_SEQS if global_counts else 0)
@@ -503,7 +505,7 @@ def formula_loss_and_gradients(x: dict[str, torch.Tensor], cfg: LossConfig, glob
     )
     d_lp = [scale[t] * (weight[t] * policy_grad[t] + cfg.kl_coef * kl_lp[t]) for t in range(n)]
     d_entropy = [-scale[t] * cfg.entropy_coef for t in range(n)]
-    d_ref = [scale[t] * cfg.kl_coef * kl_ref[t] for t in range(n)]
+    d_ref = [-scale[t] * cfg.kl_coef * kl_lp[t] for t in range(n)]
     return loss, *(torch.tensor(v, dtype=torch.float64) for v in (d_lp, d_entropy, d_ref))
 
 
