@@ -23,6 +23,17 @@ SCHEMA = [
 ]  # fmt: skip
 
 
+# fp32 CPU runs: engine and trainer log-probs of a sampled token differ by round-off (~1e-6); a
+# misaligned batch (a token scored at the wrong position, wrong temperature) is ~0.1-1 off.
+ROUND_OFF = 1e-4
+
+
+def assert_engine_agrees(row: dict) -> None:
+    """The test that can fail next to ratio == 1 (which holds by construction on-policy)."""
+    assert row["mismatch/logp_abs_max"] <= ROUND_OFF, row["step"]
+    assert row["mismatch/k3"] <= ROUND_OFF**2, row["step"]  # k3 ~ delta^2 / 2
+
+
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["./run_train.sh", *args],
@@ -78,6 +89,7 @@ def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
         assert not missing, missing
         assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0  # exactly: one forward, on-policy
         assert row["clip_frac"] == 0.0
+        assert_engine_agrees(row)
     resolved = tomllib.loads((dump / "config.toml").read_text())
     assert resolved["training"]["steps"] == 5 and resolved["job"]["dump_folder"] == str(dump)
     report = (dump / "report.html").read_text()
@@ -91,6 +103,8 @@ def test_kl_to_reference_is_logged(tmp_path):
     rows = read_metrics(dump)
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     assert rows[1]["kl/mean"] > 0
+    for row in rows:  # the reference forward does not disturb the policy's log-probs
+        assert_engine_agrees(row)
 
 
 @pytest.mark.parametrize(
@@ -151,6 +165,7 @@ def test_agentic_tool_task_with_sft_warmup(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0
+        assert_engine_agrees(row)  # multi-turn: tool output between the sampled turns
         assert {"env/turns_mean", "env/tool_calls", "env/tool_errors", "env/parse_errors"} <= set(row)
 
 

@@ -34,6 +34,16 @@ def setup(*overrides: str, dtype: torch.dtype = torch.float32):
     return trainer, batch, len(trajectories)
 
 
+# Engine vs trainer log-probs of the same tokens in fp32: ~1e-6 apart (decode path vs training
+# forward, round-off); a token scored at the wrong position or against the wrong target is ~0.1-1 off.
+ROUND_OFF = 1e-4
+
+
+def assert_engine_agrees(metrics: dict[str, float]) -> None:
+    assert metrics["mismatch/logp_abs_max"] <= ROUND_OFF
+    assert metrics["mismatch/k3"] <= ROUND_OFF**2  # k3 ~ delta^2 / 2
+
+
 class ExpertRecorder:
     """Observes the experts each MoE layer picks, split into no-grad and grad passes."""
 
@@ -51,7 +61,8 @@ def test_on_policy_step_has_ratio_exactly_one_and_one_forward():
     trainer, batch, n = setup()
     recorder = ExpertRecorder(trainer.model)
     metrics = trainer.train_step(batch, n)
-    assert metrics["ratio/min"] == 1.0 and metrics["ratio/max"] == 1.0
+    assert metrics["ratio/min"] == 1.0 and metrics["ratio/max"] == 1.0  # by construction (documents it)
+    assert_engine_agrees(metrics)  # the part that can fail: the packed batch scores the sampled tokens
     assert recorder.no_grad == []  # no second (no-grad) forward on-policy
     assert len(recorder.grad) == trainer.model.args.num_hidden_layers * len(trainer._micro_batches(batch))
 
@@ -72,15 +83,35 @@ def test_minibatches_replay_recorded_experts(replay):
     else:
         assert not torch.equal(recorded, used)  # routing drifted between the two passes
     assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0  # off-policy after the first update
+    assert_engine_agrees(metrics)  # old log-probs (no-grad pass before any update) vs the engine's
 
 
 def test_recompute_mode_runs_a_second_forward():
     trainer, batch, n = setup("--rl.old_logprob_mode=recompute")
     recorder = ExpertRecorder(trainer.model)
-    trainer.train_step(batch, n)
+    assert_engine_agrees(trainer.train_step(batch, n))  # per-document old log-probs vs the engine's
     layers = trainer.model.args.num_hidden_layers
     assert len(recorder.grad) == layers * len(trainer._micro_batches(batch))
     assert len(recorder.no_grad) == layers * len(batch.documents()) == layers * n  # one per trajectory
+
+
+def test_tempered_top_k_top_p_rollouts_agree_with_the_trainer():
+    """The native engine reports the tempered log-prob before top-k / top-p masking (its documented
+    contract), which is what the trainer computes with rollout.temperature."""
+    trainer, batch, n = setup("--rollout.temperature=0.7", "--rollout.top_k=20", "--rollout.top_p=0.9")
+    assert_engine_agrees(trainer.train_step(batch, n))
+
+
+def test_entropy_bonus_and_kl_term_reach_the_gradient():
+    """A term that keeps its value but loses its gradient on the way to the loss (a stray detach)
+    leaves grad_norm bitwise equal to the run without it. The policy equals the reference at the
+    first step, where k1's gradient (kl_coef * grad logp) is not 0 but k2's and k3's are."""
+    trainer, batch, n = setup()
+    plain = trainer.train_step(batch, n)["grad_norm"]
+    for overrides in (["--rl.entropy_coef=1.0"], ["--rl.kl_coef=0.5", "--rl.kl_estimator=k1"]):
+        trainer, batch, n = setup(*overrides)
+        grad_norm = trainer.train_step(batch, n)["grad_norm"]
+        assert abs(grad_norm / plain - 1) > 1e-3, overrides  # measured: +0.7% and +12%
 
 
 def test_warmup_then_cosine_schedule():

@@ -302,6 +302,7 @@ def test_on_policy_is_exactly_the_policy_gradient(policy_loss, aggregation):
     cfg = LossConfig(policy_loss=policy_loss, aggregation=aggregation, correction="tis")
     rollout = logprobs.detach()  # engine agrees: TIS weights are exactly 1
     loss, metrics = rl_loss(logprobs, logprobs.detach(), rollout, advantages, mask, seq_ids, 3, cfg)
+    # ratio 1 and no clipping hold by construction (old = logprobs.detach()); the gradient below can fail
     assert metrics["ratio/min"].item() == 1.0 and metrics["ratio/max"].item() == 1.0
     assert metrics["clip_frac"].item() == 0.0
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
@@ -393,3 +394,204 @@ def test_rl_loss_errors():
         rl_loss(*args, LossConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="rollout_logprobs"):
         rl_loss(*args, LossConfig(correction="tis"))
+
+
+# ---------------------------------------------------------------- every term's gradient, off-policy
+#
+# The reference below is RL.md's formulas written token by token in float64 Python, independent of
+# losses.py; each case checks the loss value and its gradient with respect to log-probs, entropy and
+# reference log-probs. A term that keeps its value but loses its gradient (a stray ``.detach()``)
+# fails here, and so does a clip bound, weight or denominator on the wrong side.
+
+SEQ_LENGTHS = [4, 6, 3, 5, 7]
+CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.28, 2.0  # asymmetric (clip-higher): swapped bounds fail
+GSPO_LOW, GSPO_HIGH = 0.1, 0.15  # wider than the defaults so that some sequences stay inside
+KL_COEF, ENTROPY_COEF, NORM, C = 0.3, 0.05, 8.0, 2.0
+GLOBAL_EXTRA_TOKENS, GLOBAL_EXTRA_SEQS = 9, 2  # tokens / trajectories on other ranks or micro-batches
+
+
+def off_policy_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs with ratios in about [0.27, 3.7] (both PPO bounds, and the dual clip, are hit),
+    mixed-sign advantages, and engine log-probs giving weights in about [0.37, 2.7] (TIS truncates
+    some, MIS drops some). Sequence ratios: 0 - 2 inside the GSPO bounds, 3 below (A < 0: clipped),
+    4 above (A > 0: clipped); ``test_off_policy_inputs_reach_every_branch`` checks all of this."""
+    g = torch.Generator().manual_seed(seed)
+    seq_ids = torch.repeat_interleave(torch.arange(len(SEQ_LENGTHS)), torch.tensor(SEQ_LENGTHS))
+    n = seq_ids.numel()
+    mask = torch.rand(n, generator=g) > 0.25
+    mask[torch.tensor(SEQ_LENGTHS).cumsum(0) - 1] = True  # every trajectory has a trained token
+    logprobs = -2.0 * torch.rand(n, generator=g) - 0.05
+    delta = 2.6 * torch.rand(n, generator=g) - 1.3  # logp - old
+    for i, log_seq_ratio in ((0, 0.02), (1, -0.03), (3, -0.2)):
+        tokens = (seq_ids == i) & mask
+        delta[tokens] += log_seq_ratio - delta[tokens].mean()
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    advantages = (signs * (0.3 + torch.rand(len(SEQ_LENGTHS), generator=g)))[seq_ids]
+    old = logprobs - delta
+    return {
+        "logprobs": logprobs,
+        "old": old,
+        "rollout": old - (2.0 * torch.rand(n, generator=g) - 1.0),  # log w = old - rollout in [-1, 1]
+        "advantages": advantages,
+        "mask": mask,
+        "seq_ids": seq_ids,
+        "entropy": 2.0 * torch.rand(n, generator=g) + 0.1,
+        "ref": logprobs + 0.5 * torch.randn(n, generator=g),
+    }
+
+
+def formula_loss_and_gradients(x: dict[str, torch.Tensor], cfg: LossConfig, global_counts: bool):
+    """``(loss, d/dlogprobs, d/dentropy, d/dref)`` from RL.md, token by token, in float64."""
+    names = ("logprobs", "old", "rollout", "advantages", "entropy", "ref")
+    lp, old, r, adv, H, ref = (x[k].double().tolist() for k in names)
+    mask, ids = x["mask"].tolist(), x["seq_ids"].tolist()
+    n, num_seqs = len(lp), len(SEQ_LENGTHS)
+    sampled = {i: [t for t in range(n) if ids[t] == i and mask[t]] for i in range(num_seqs)}
+
+    # rollout correction: w = exp(old - r) per token, or exp(sum over the trajectory) per sequence
+    if cfg.correction_level == "token":
+        w = [math.exp(old[t] - r[t]) for t in range(n)]
+    else:
+        w_seq = [math.exp(sum(old[t] - r[t] for t in sampled[i])) for i in range(num_seqs)]
+        w = [w_seq[ids[t]] for t in range(n)]
+    kept = [bool(mask[t]) and (cfg.correction != "mis" or 1 / C <= w[t] <= C) for t in range(n)]
+    weight = [min(w[t], C) if cfg.correction == "tis" else 1.0 for t in range(n)]
+
+    # policy term per token: value and d/dlogp_t
+    if cfg.policy_loss == "gspo":
+        s = [math.exp(sum(lp[t] - old[t] for t in sampled[i]) / len(sampled[i])) for i in range(num_seqs)]
+        ratio, low, high = [s[ids[t]] for t in range(n)], 1 - cfg.gspo_eps_low, 1 + cfg.gspo_eps_high
+    else:
+        ratio, low, high = (
+            [math.exp(lp[t] - old[t]) for t in range(n)],
+            1 - cfg.clip_eps_low,
+            1 + cfg.clip_eps_high,
+        )
+    policy, policy_grad = [], []
+    for t in range(n):
+        unclipped, clipped = -ratio[t] * adv[t], -min(max(ratio[t], low), high) * adv[t]
+        value, grad = (clipped, 0.0) if clipped > unclipped else (unclipped, -ratio[t] * adv[t])
+        if cfg.dual_clip is not None and adv[t] < 0 and value > -cfg.dual_clip * adv[t]:
+            value, grad = -cfg.dual_clip * adv[t], 0.0
+        policy.append(value)
+        policy_grad.append(grad)  # gspo: s_i * d logp_t, no cross-token terms
+
+    # KL to the reference, a function of d = logp - ref: value and d/dlogp (d/dref is its negative)
+    kl, kl_lp = [], []
+    for t in range(n):
+        d = lp[t] - ref[t]
+        if cfg.kl_estimator == "k1":
+            value, grad = d, 1.0
+        elif cfg.kl_estimator == "k2":
+            value, grad = 0.5 * d * d, d
+        else:  # exp(ref - logp) - (ref - logp) - 1
+            value, grad = math.exp(-d) + d - 1, 1 - math.exp(-d)
+        kl.append(value)
+        kl_lp.append(grad)
+
+    # aggregation: the weight of each kept token in the scalar loss
+    seqs = num_seqs + (GLOBAL_EXTRA_SEQS if global_counts else 0)
+    if cfg.aggregation == "token-mean":  # given global counts: the sampled tokens (MIS-dropped ones too)
+        scale = [1 / (sum(mask) + GLOBAL_EXTRA_TOKENS if global_counts else sum(kept))] * n
+    elif cfg.aggregation == "seq-mean-token-mean":
+        per_seq = [sum(kept[t] for t in range(n) if ids[t] == i) for i in range(num_seqs)]
+        scale = [1 / (per_seq[ids[t]] * seqs) if per_seq[ids[t]] else 0.0 for t in range(n)]
+    else:
+        scale = [1 / (cfg.norm_constant * seqs)] * n
+    scale = [scale[t] if kept[t] else 0.0 for t in range(n)]
+
+    loss = sum(
+        scale[t] * (weight[t] * policy[t] + cfg.kl_coef * kl[t] - cfg.entropy_coef * H[t]) for t in range(n)
+    )
+    d_lp = [scale[t] * (weight[t] * policy_grad[t] + cfg.kl_coef * kl_lp[t]) for t in range(n)]
+    d_entropy = [-scale[t] * cfg.entropy_coef for t in range(n)]
+    d_ref = [-scale[t] * cfg.kl_coef * kl_lp[t] for t in range(n)]
+    return loss, *(torch.tensor(v, dtype=torch.float64) for v in (d_lp, d_entropy, d_ref))
+
+
+POLICIES = {
+    "ppo": {"policy_loss": "ppo"},
+    "ppo-dual-clip": {"policy_loss": "ppo", "dual_clip": DUAL_CLIP},
+    "gspo": {"policy_loss": "gspo"},
+}
+CORRECTION_CASES = ["none", "tis-token", "tis-sequence", "mis-token", "mis-sequence"]
+
+
+def off_policy_config(policy: str, aggregation: str, kl_estimator: str, correction: str) -> LossConfig:
+    mode, _, level = correction.partition("-")
+    return LossConfig(
+        **POLICIES[policy],
+        clip_eps_low=CLIP_LOW,
+        clip_eps_high=CLIP_HIGH,
+        gspo_eps_low=GSPO_LOW,
+        gspo_eps_high=GSPO_HIGH,
+        aggregation=aggregation,
+        norm_constant=NORM,
+        kl_coef=KL_COEF,
+        kl_estimator=kl_estimator,
+        entropy_coef=ENTROPY_COEF,
+        correction=mode,
+        correction_level=level or "token",
+        correction_threshold=C,
+    )
+
+
+@pytest.mark.parametrize("counts", ["local", "global"])
+@pytest.mark.parametrize("correction", CORRECTION_CASES)
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_loss_and_gradients_match_the_formulas(policy, aggregation, kl_estimator, correction, counts):
+    cfg = off_policy_config(policy, aggregation, kl_estimator, correction)
+    x = off_policy_inputs()
+    leaves = ("logprobs", "entropy", "ref", "rollout")
+    logprobs, entropy, ref, rollout = (x[k].clone().requires_grad_(True) for k in leaves)
+    global_counts = counts == "global"
+    extra = {}
+    if global_counts:  # what the trainer passes: counts over the whole global batch
+        extra = {
+            "global_tokens": int(x["mask"].sum()) + GLOBAL_EXTRA_TOKENS,
+            "global_seqs": len(SEQ_LENGTHS) + GLOBAL_EXTRA_SEQS,
+        }
+    loss, _ = rl_loss(
+        logprobs,
+        x["old"],
+        rollout,
+        x["advantages"],
+        x["mask"],
+        x["seq_ids"],
+        len(SEQ_LENGTHS),
+        cfg,
+        entropy=entropy,
+        ref_logprobs=ref,
+        **extra,
+    )
+    grads = torch.autograd.grad(loss, (logprobs, entropy, ref, rollout), allow_unused=True)
+    expected_loss, *expected = formula_loss_and_gradients(x, cfg, global_counts)
+    # fp32 against float64: a few ops on O(1) values
+    close(loss.double(), torch.tensor(expected_loss, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    for name, grad, want in zip(("logprobs", "entropy", "ref_logprobs"), grads, expected):
+        got = torch.zeros_like(want) if grad is None else grad.double()
+        close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"d loss / d {name}: {m}")
+    assert grads[3] is None  # correction weights are constants (detached): no gradient to the engine
+
+
+def test_off_policy_inputs_reach_every_branch():
+    """The cases above are only as strong as their inputs: every clip side and correction outcome occurs."""
+    x = off_policy_inputs()
+    mask, seq_ids, num_seqs = x["mask"], x["seq_ids"], len(SEQ_LENGTHS)
+    rho, adv = (x["logprobs"] - x["old"]).exp()[mask], x["advantages"][mask]
+    assert ((rho > 1 + CLIP_HIGH) & (adv > 0)).any()  # clipped above
+    assert ((rho < 1 - CLIP_LOW) & (adv < 0)).any()  # clipped below
+    assert ((rho > 1 + CLIP_HIGH) & (rho < DUAL_CLIP) & (adv < 0)).any()  # outside, but A against: unclipped
+    assert ((rho > DUAL_CLIP) & (adv < 0)).any()  # dual clip
+    assert ((rho > 1 - CLIP_LOW) & (rho < 1 + CLIP_HIGH)).any()  # inside
+    s = sequence_mean(x["logprobs"] - x["old"], mask, seq_ids, num_seqs).exp()
+    seq_adv = x["advantages"][torch.tensor(SEQ_LENGTHS).cumsum(0) - 1]
+    assert ((s > 1 - GSPO_LOW) & (s < 1 + GSPO_HIGH)).any()
+    assert ((s > 1 + GSPO_HIGH) & (seq_adv > 0)).any() and ((s < 1 - GSPO_LOW) & (seq_adv < 0)).any()
+    log_w = x["old"] - x["rollout"]
+    w = log_w[mask].exp()
+    assert (w > C).any() and (w < 1 / C).any() and ((w >= 1 / C) & (w <= C)).any()
+    w_seq = torch.zeros(num_seqs).index_add(0, seq_ids[mask], log_w[mask]).exp()
+    assert (w_seq > C).any() and ((w_seq >= 1 / C) & (w_seq <= C)).any()

@@ -45,16 +45,21 @@ class RolloutEngine(Protocol):
 
 
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    """Set logits outside top-k / the top-p nucleus to -inf. ``logits [B, vocab]``."""
+    """Set logits outside top-k / the top-p nucleus to -inf. ``logits [B, vocab]``.
+
+    Top-p keeps the most probable tokens (of the top-k distribution) until their mass reaches
+    ``top_p``, the token that crosses it included. Both cut at a logit value, so tokens tied with the
+    last one kept are kept too: the result does not depend on the order of the vocabulary.
+    """
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the first token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        sorted_logits = torch.sort(logits, dim=-1, descending=True).values
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # the first token is always kept
+        cutoff = sorted_logits.masked_fill(mass_before > top_p, float("inf")).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
     return logits
 
 

@@ -6,6 +6,8 @@ finished rows) are each checked against the reference they replace, on random in
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.model.moe import Experts, MoE
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
-from titan_rl.rl.rollout.native import decode_linear
+from titan_rl.rl.rollout.native import decode_linear, filter_logits
 
 
 def sample_without_cache(model, prompts, params, seed):
@@ -202,3 +204,130 @@ def test_finished_rows_leave_the_batch_and_the_others_continue_unchanged(monkeyp
         assert completion.tokens == expected
         assert completion.finish_reason == ("stop" if expected[-1] in stop else "length")
     assert kept and kept == sorted(kept, reverse=True) and min(kept) < len(prompts)
+
+
+# ---- sampling: top-k / top-p against their definition ----
+
+# float32 cumulative sums vs this float64 reference: a token whose preceding mass is this close to
+# top_p may land on either side, and is not compared
+BOUNDARY = 1e-5
+
+
+def filtered_support(logits: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, ambiguous)`` masks like ``logits [B, vocab]``, by brute force in float64.
+
+    top-k keeps token v iff fewer than k tokens have a larger logit (tokens tied with the k-th all
+    stay). top-p then keeps v iff the tokens more probable than v under the renormalized top-k
+    distribution have mass < top_p: the most probable tokens until their mass reaches top_p, the
+    token that crosses top_p included, and tokens tied with it too (the result cannot depend on the
+    order of the vocabulary).
+    """
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    ambiguous = torch.zeros(logits.shape, dtype=torch.bool)
+    for b, row in enumerate(logits.double().tolist()):
+        support = [v for v in range(len(row)) if top_k <= 0 or sum(z > row[v] for z in row) < top_k]
+        if top_p < 1.0:
+            weights = {v: math.exp(row[v] - max(row)) for v in support}
+            total = sum(weights.values())
+            before = {v: sum(w for u, w in weights.items() if row[u] > row[v]) / total for v in support}
+            ambiguous[b, [v for v in support if abs(before[v] - top_p) < BOUNDARY]] = True
+            support = [v for v in support if before[v] < top_p]
+        keep[b, support] = True
+    return keep, ambiguous
+
+
+def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Half the rows continuous, half on a coarse grid: many exact ties, also at the cut-offs."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(rows, vocab, generator=g)
+    logits[rows // 2 :] = (logits[rows // 2 :] * 2).round() / 2
+    return logits
+
+
+@pytest.mark.parametrize(("top_p", "top_k"), [(1.0, 7), (0.7, 0), (0.9, 0), (0.4, 0), (0.8, 12), (0.95, 3)])
+def test_filter_logits_keeps_exactly_the_defined_support(top_p, top_k):
+    logits = random_logits(200, 40, seed=int(top_p * 100) + top_k)
+    out = filter_logits(logits, top_p, top_k)
+    keep, ambiguous = filtered_support(logits, top_p, top_k)
+    kept = out > float("-inf")
+    assert torch.equal(kept | ambiguous, keep | ambiguous), (kept ^ keep).nonzero()[:5]
+    assert torch.equal(out[kept], logits[kept])  # kept logits untouched: softmax renormalizes them
+    assert ambiguous.sum() <= 2  # the comparison left (almost) nothing out
+    # the inputs reach the cases that matter: a tie straddling the cut-off, several tokens kept
+    smallest_kept = torch.where(keep, logits, float("inf")).amin(-1, keepdim=True)
+    assert ((logits == smallest_kept).sum(-1) > 1).any()
+    assert (keep.sum(-1) > 1).any()
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3 (cumulative 0.8), 0.15 (0.95), 0.05
+    logits = probs.log()[None]
+    for top_p, support in ((0.4, [1]), (0.7, [1, 3]), (0.85, [1, 2, 3]), (0.99, [0, 1, 2, 3])):
+        kept = filter_logits(logits, top_p, 0)[0] > float("-inf")
+        assert kept.nonzero().flatten().tolist() == support, top_p
+
+
+def test_filtered_support_does_not_depend_on_the_vocabulary_order():
+    logits = random_logits(100, 40, seed=11)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    for top_p, top_k in ((0.7, 0), (1.0, 5), (0.8, 12)):
+        assert torch.equal(
+            filter_logits(logits[:, perm], top_p, top_k), filter_logits(logits, top_p, top_k)[:, perm]
+        )
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P(X^2 >= observed) for multinomial ``counts`` against ``probs`` (categories expected < 5
+    times pooled into one), via the regularized upper incomplete gamma function."""
+    n = counts.sum()
+    expected = probs.double() * n
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].sum(0, keepdim=True).double()])
+    expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor(observed.numel() - 1, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, statistic / 2))
+
+
+@pytest.mark.parametrize(("top_p", "top_k"), [(0.8, 0), (0.9, 12)])  # top-p alone; top-k, then top-p
+def test_sampled_frequencies_match_the_filtered_distribution(top_p, top_k):
+    """The engine's first tokens for 3 prompts x 2000 samples against the filtered, renormalized,
+    tempered distribution of the teacher-forced logits: nothing outside the support, and a
+    chi-square test whose false-alarm rate is 1e-6 (fixed seeds: the outcome is deterministic)."""
+    model = tiny_model(seed=10).eval()
+    prompts, samples, temperature = [[3], [35], [60]], 2000, 0.6  # one-token prompts: a cheap prefill
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=1)
+    completions = NativeEngine(model, seed=5).generate([p for p in prompts for _ in range(samples)], params)
+    first = torch.tensor([c.tokens[0] for c in completions]).view(len(prompts), samples)
+    with torch.no_grad():
+        logits = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts]).double() / temperature
+    keep, ambiguous = filtered_support(logits, top_p, top_k)
+    assert not ambiguous.any()
+    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    for row in range(len(prompts)):
+        counts = torch.bincount(first[row], minlength=logits.shape[-1])
+        assert not counts[~keep[row]].any(), "sampled outside the top-k / top-p support"
+        assert 1 < int(keep[row].sum()) < logits.shape[-1]  # the filter is active, not trivial
+        expected = probs[row] * samples  # a token expected >= 30 times never drawn: chance e^-30
+        assert counts[expected >= 30].all(), "a token of the support is never sampled"
+        assert chi_square_p_value(counts[keep[row]], probs[row, keep[row]]) > 1e-6
+
+
+def test_top_k_top_p_rollouts_sample_in_the_support_and_report_the_tempered_logprob():
+    """Every sampled token is in the top-k / top-p support of the teacher-forced distribution; the
+    reported log-prob is the tempered one before filtering (``Completion.logprobs``), which the
+    trainer computes."""
+    model = tiny_model(seed=12).eval()
+    prompts = [[4, 8, 15, 16, 23], [42], [7, 7, 7, 1]]  # uneven: left padding
+    params = SamplingParams(temperature=0.8, top_p=0.85, top_k=9, max_new_tokens=12)  # past the window
+    for prompt, completion in zip(prompts, NativeEngine(model, seed=6).generate(prompts, params)):
+        sequence = torch.tensor([prompt + completion.tokens])
+        with torch.no_grad():
+            logits = model(sequence)[0, len(prompt) - 1 : -1].double() / params.temperature
+        keep, ambiguous = filtered_support(logits, params.top_p, params.top_k)
+        sampled = torch.tensor(completion.tokens)
+        steps = torch.arange(len(sampled))
+        assert (keep | ambiguous)[steps, sampled].all(), "a sampled token outside the support"
+        expected = torch.log_softmax(logits, dim=-1)[steps, sampled]
+        assert (torch.tensor(completion.logprobs).double() - expected).abs().max() < 1e-5  # fp32 decode
