@@ -193,7 +193,13 @@ class PythonSandbox:
             if uid is not None:
                 os.chown(workdir, uid, uid)
             with tempfile.TemporaryFile() as output:
-                command = [sys.executable, "-I", LAUNCHER, json.dumps(config)]
+                command = [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    LAUNCHER,
+                    json.dumps(config),
+                ]  # -S: no .pth files, 50 ms
                 process = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """The Python tool's launcher script (see ``python_tool.py`` for what the sandbox guarantees).
 
-``python -I sandbox_launcher.py CONFIG`` runs the model's code: in isolated mode it unshares mount,
+``python -I -S sandbox_launcher.py CONFIG`` runs the model's code: in isolated mode it unshares mount,
 network and pid namespaces, builds a minimal root (an empty tmpfs plus read-only bind mounts of the
 allow-list in CONFIG, the work dir writable), pivots into it, then forks the code as pid 1 of the new
 pid namespace with a private /proc, rlimits and a throwaway uid.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import resource
 import signal
 import sys
@@ -79,9 +78,10 @@ def _tmpfs(target: str) -> None:
 
 def _isolate(config: dict) -> None:
     """New mount / net / pid namespaces; the root becomes the allow-list (``config["mounts"]``)."""
-    pivot_root = SYS_PIVOT_ROOT.get(platform.machine())
+    machine = os.uname().machine
+    pivot_root = SYS_PIVOT_ROOT.get(machine)
     if pivot_root is None:
-        raise OSError(f"sandbox setup: no pivot_root syscall number for {platform.machine()}")
+        raise OSError(f"sandbox setup: no pivot_root syscall number for {machine}")
     _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     root, workdir = config["root"], config["workdir"]
