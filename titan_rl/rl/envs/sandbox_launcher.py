@@ -155,6 +155,13 @@ def _launch(config: dict) -> int:
     return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, like a shell
 
 
+def _venv_config() -> str | None:
+    """The pyvenv.cfg that makes this interpreter a venv's (where site.py looks for it), if any."""
+    bin_dir = os.path.dirname(sys.executable)
+    candidates = (os.path.join(bin_dir, "pyvenv.cfg"), os.path.join(os.path.dirname(bin_dir), "pyvenv.cfg"))
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
 def runtime_paths(packages: list[str]) -> dict:
     """What this interpreter needs (real paths): run with ``-S`` so no .pth file adds to ``sys.path``."""
     import importlib.util
@@ -163,17 +170,28 @@ def runtime_paths(packages: list[str]) -> dict:
 
     real = os.path.realpath
     paths = sysconfig.get_paths()
-    site_dirs = [*site.getsitepackages(), paths["purelib"], paths["platlib"]]
-    site_dirs = list(dict.fromkeys(real(path) for path in site_dirs))
     stdlib = [
         real(path) for path in [paths["stdlib"], paths["platstdlib"], *sys.path] if os.path.exists(path)
     ]
     files = []
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # libpython beside the stdlib (pyenv, /usr/local)
         files.append(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")))
-    if sys.prefix != sys.base_prefix:  # a venv: its pyvenv.cfg makes the interpreter use its site dir
-        files.append(os.path.join(sys.prefix, "pyvenv.cfg"))
-    sys.path.extend(site_dirs)
+    prefixes = [sys.prefix]
+    venv_config = _venv_config()
+    if venv_config is not None:  # site.py (skipped by -S) would make the venv sys.prefix, as in the sandbox
+        files.append(venv_config)
+        settings = {}
+        with open(venv_config, encoding="utf-8") as file:
+            for line in file:
+                key, _, value = line.partition("=")
+                settings[key.strip().lower()] = value.strip().lower()
+        system_site = settings.get("include-system-site-packages") == "true"
+        prefixes = [os.path.dirname(os.path.dirname(sys.executable)), *([sys.prefix] if system_site else [])]
+    searched = list(dict.fromkeys(real(path) for path in site.getsitepackages(prefixes)))
+    site_dirs = list(
+        dict.fromkeys([*searched, *(real(path) for path in (paths["purelib"], paths["platlib"]))])
+    )
+    sys.path.extend(searched)
     found = []
     for name in packages:
         spec = importlib.util.find_spec(name)
