@@ -198,6 +198,10 @@ def test_memory_bombs_hit_the_address_space_limit(patient):
     assert "MemoryError" in patient.run("chunks = []\nwhile True:\n    chunks.append(bytearray(50 << 20))")
 
 
+def test_big_files_hit_the_file_size_limit(sandbox):
+    assert "File too large" in sandbox.run("open('big', 'wb').write(bytes(17 << 20))")
+
+
 def test_fork_bombs_hit_the_process_limit_and_leave_nothing_behind(isolated):
     code = (
         "import os, time\nchildren = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
