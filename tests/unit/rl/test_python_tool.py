@@ -8,6 +8,7 @@ start is an error.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import logging
@@ -164,6 +165,20 @@ def test_proc_shows_only_the_codes_own_processes(isolated):
     code = "import os\nprint(*sorted(int(pid) for pid in os.listdir('/proc') if pid.isdigit()))"
     assert isolated.run(code) == "1\n"  # the code itself, pid 1 of its namespace; no host process
     assert "private_proc" in isolated.protections
+
+
+def test_the_hosts_shared_memory_is_out_of_reach(isolated):
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x7E570000 + os.getpid() % 0xFFFF
+    segment = libc.shmget(key, 4096, 0o1644)  # IPC_CREAT, readable by anyone
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    look_up = f"import ctypes\nprint(ctypes.CDLL(None).shmget({key}, 0, 0) >= 0)"
+    try:
+        assert PythonSandbox(isolate=False).run(look_up) == "True\n", "control: the host's segment is there"
+        assert isolated.run(look_up) == "False\n"
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+    assert "private_ipc" in isolated.protections
 
 
 def test_numeric_python_and_only_the_allowed_packages_import(patient):

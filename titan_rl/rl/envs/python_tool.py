@@ -5,7 +5,8 @@ Isolated mode (Linux, running as root; probed once, see ``PythonSandbox``) enfor
   allow-list (the interpreter, its standard library, the system library dirs, the allowed packages
   such as numpy and sympy, /dev/null, /dev/zero, /dev/urandom) and its own temp dir, the only
   writable place. The project, the task data, checkpoints, /home, /root, other site-packages: absent;
-- a private /proc showing only the code's own processes; no /sys;
+- a private /proc showing only the code's own processes; no /sys; its own SysV IPC namespace
+  (no other process's shared memory);
 - no network: a fresh network namespace (no interfaces up, not even the host's loopback);
 - resources: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, and
   RLIMIT_NPROC under a throwaway uid (root ignores NPROC, so the code runs as a random unused uid
@@ -156,7 +157,14 @@ class PythonSandbox:
     def protections(self) -> tuple[str, ...]:
         base = ("timeout", "rlimit_as", "rlimit_cpu", "rlimit_fsize", "rlimit_nofile", "private_cwd")
         if self.isolated:
-            isolated = ("minimal_root", "read_only_fs", "private_proc", "no_network", "pid_namespace")
+            isolated = (
+                "minimal_root",
+                "read_only_fs",
+                "private_proc",
+                "private_ipc",
+                "no_network",
+                "pid_namespace",
+            )
             return (*base, "rlimit_nproc", "throwaway_uid", *isolated)
         return base
 

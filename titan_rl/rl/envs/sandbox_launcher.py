@@ -1,7 +1,7 @@
 """The Python tool's launcher script (see ``python_tool.py`` for what the sandbox guarantees).
 
 ``python -I -S sandbox_launcher.py CONFIG`` runs the model's code: in isolated mode it unshares mount,
-network and pid namespaces, builds a minimal root (an empty tmpfs plus read-only bind mounts of the
+network, pid and SysV IPC namespaces, builds a minimal root (an empty tmpfs plus read-only bind mounts of the
 allow-list in CONFIG, the work dir writable), pivots into it, then forks the code as pid 1 of the new
 pid namespace with a private /proc, rlimits and a throwaway uid.
 
@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWIPC = 0x00020000, 0x40000000, 0x20000000, 0x08000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # the same number on x86_64 and arm64
@@ -77,12 +77,12 @@ def _tmpfs(target: str) -> None:
 
 
 def _isolate(config: dict) -> None:
-    """New mount / net / pid namespaces; the root becomes the allow-list (``config["mounts"]``)."""
+    """New mount / net / pid / ipc namespaces; the root becomes the allow-list (``config["mounts"]``)."""
     machine = os.uname().machine
     pivot_root = SYS_PIVOT_ROOT.get(machine)
     if pivot_root is None:
         raise OSError(f"sandbox setup: no pivot_root syscall number for {machine}")
-    _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
+    _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     root, workdir = config["root"], config["workdir"]
     _tmpfs(root)
