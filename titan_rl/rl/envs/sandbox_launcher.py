@@ -105,7 +105,7 @@ def _isolate(config: dict) -> None:
 
 def _limit_and_exec(config: dict) -> None:
     """In the forked child: private /proc, rlimits, drop to the throwaway uid, exec. Never returns."""
-    if config["isolate"]:  # only pid 1's namespace's processes: it is mounted from inside it
+    if config["isolate"]:  # a proc mounted by pid 1 lists its own pid namespace only
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         _check(libc.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
     limits = config["limits"]
