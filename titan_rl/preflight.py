@@ -55,6 +55,17 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None) -> None:
                 f"{cfg.model.hf_path}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {args.vocab_size}; is the tokenizer from this checkpoint?"
             )
+    if cfg.env.name == "math" and cfg.env.python_tool and not cfg.env.allow_unisolated_python_tool:
+        from titan_rl.rl.envs.python_tool import IsolationUnavailable, PythonSandbox
+
+        try:
+            PythonSandbox(isolate=True)
+        except IsolationUnavailable as e:
+            raise ConfigError(
+                f"env.python_tool = true, but the Python sandbox cannot isolate the model's code here "
+                f"({e.reason}), so that code could read the task data with its answers; run as root on "
+                "Linux with namespaces, or set --env.allow_unisolated_python_tool=true to train anyway"
+            ) from None
     if cfg.env.name == "math" and cfg.env.data_path:
         from titan_rl.rl.envs.math_task import load_math_jsonl
 

@@ -190,7 +190,9 @@ class Env:
     data_path: str = ""
     """math: a JSONL file of {"question", "answer"}; empty: the shipped sample."""
     python_tool: bool = False
-    """math: offer a sandboxed Python tool."""
+    """math: offer a sandboxed Python tool (isolated: needs root and Linux namespaces)."""
+    allow_unisolated_python_tool: bool = False
+    """math: allow python_tool where the sandbox cannot isolate; its code can read the task's answers."""
     max_turns: int = 4
     """Agentic episodes: assistant turns per episode."""
     max_episode_tokens: int = 512

@@ -38,7 +38,8 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
         return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
     if env.name == "tool_lookup":
         return ToolLookupEnv(env.num_tasks, env.keys_per_task, seed=cfg.job.seed)
-    python = PythonSandbox() if env.python_tool else None
+    isolate = None if env.allow_unisolated_python_tool else True  # None: fall back with a warning
+    python = PythonSandbox(isolate=isolate) if env.python_tool else None
     return MathEnv.from_jsonl(env.data_path, python) if env.data_path else MathEnv(python=python)
 
 

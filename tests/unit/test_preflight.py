@@ -1,0 +1,28 @@
+"""The pre-launch check (``titan_rl/preflight.py``): inputs it refuses before any process starts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from titan_rl.config import ConfigError, load_config
+from titan_rl.preflight import check_inputs
+from titan_rl.rl.collect import build_env
+from titan_rl.rl.envs.python_tool import IsolationUnavailable
+
+
+def test_the_python_tool_without_isolation_needs_the_explicit_opt_in(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # an unprivileged trainer: no namespaces
+    args = ["--env.name=math", "--env.python_tool=true", "--training.seq_len=512"]
+    cfg = load_config(None, args)
+    with pytest.raises(ConfigError) as refused:
+        check_inputs(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and "not running as root" in message and "task data" in message
+    assert "--env.allow_unisolated_python_tool=true" in message
+    with pytest.raises(IsolationUnavailable):  # the trainer refuses too, should the check be skipped
+        build_env(cfg, 512)
+    opted_in = load_config(None, [*args, "--env.allow_unisolated_python_tool=true"])
+    check_inputs(opted_in)
+    assert not build_env(opted_in, 512).python.isolated
