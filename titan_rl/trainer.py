@@ -258,6 +258,10 @@ class Trainer:
             loss = -logprobs.sum() / tokens
             loss.backward()
             total += loss.item()
+        if self.dims.distributed:  # each rank holds its share of the loss: the loss is their sum
+            summed = torch.tensor(total, dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(summed, group=self.dims.get_mesh("dp_cp").get_group())
+            total = float(summed)
         clip = self.cfg.training.grad_clip
         clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         optimizer.step()
