@@ -88,8 +88,10 @@ def kept_bytes(layers: int, mode: str) -> int:
     tokens = torch.randint(0, args.vocab_size, (1, TOKENS))
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), tokens]}
     with LiveStorages(exclude) as live:
-        hidden = model(tokens, return_hidden=True)  # holds the graph, and with it what backward needs
-    return live.live_bytes()
+        hidden = model(tokens, return_hidden=True)
+    kept = live.live_bytes()  # while ``hidden`` holds the graph, and with it what backward needs
+    del hidden
+    return kept
 
 
 def test_memory_model_matches_measured_activations(monkeypatch):
