@@ -1,9 +1,10 @@
-"""Shared test helpers: tiny random GPT-OSS models."""
+"""Shared test helpers: tiny random GPT-OSS models, a matmul counter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_rl.model import GptOss, GptOssModelArgs
 
@@ -62,3 +63,41 @@ def read_hf_folder(folder) -> dict[str, torch.Tensor]:
         with safe_open(folder / file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in names})
     return tensors
+
+
+aten = torch.ops.aten
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Multiply-adds of every matmul the ops under it run (forward or backward), and the row blocks
+    of each grouped matmul. Counting aten ops, not our functions, keeps it true to what runs
+    whichever way the MoE is written; an unknown matmul-like op is an error, not a silent zero."""
+
+    PLAIN = (aten.mm, aten.bmm)
+    WITH_BIAS = (aten.addmm, aten.baddbmm)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+        self.group_rows: list[list[int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in self.PLAIN or packet in self.WITH_BIAS or packet is aten._grouped_mm:
+            a, b = args[1:3] if packet in self.WITH_BIAS else args[:2]
+            # [M, K] @ [K, N], [B, M, K] @ [B, K, N], grouped [M, K] @ [E, K, N] or [K, M] @ [M, N]
+            self.macs += a.numel() * b.shape[-1]
+            if packet is aten._grouped_mm:
+                ends = kwargs.get("offs", args[2] if len(args) > 2 else None).tolist()
+                self.group_rows.append([end - start for start, end in zip([0, *ends], ends)])
+        elif "mm" in packet.__name__ or packet in (aten.dot, aten.mv, aten.linear, aten.matmul):
+            raise AssertionError(f"MatmulCounter does not know {func}: teach it this op's cost")
+        return func(*args, **kwargs)
+
+
+def moe_macs(moe, tokens: int, expert_rows: int) -> int:
+    """Router over every token, plus gate_up [H, 2I] and down [I, H] for ``expert_rows`` rows."""
+    experts, hidden = moe.num_experts, moe.router.weight.shape[1]
+    intermediate = moe.experts.down_proj.shape[1]
+    return tokens * hidden * experts + expert_rows * 3 * hidden * intermediate

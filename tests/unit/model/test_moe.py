@@ -1,4 +1,5 @@
-"""MoE: grouped path equals a per-token loop; train == eval; replayed routing reproduces itself."""
+"""MoE: grouped path equals a per-token loop; train == eval; replayed routing reproduces itself;
+no path multiplies a token by an expert it did not choose (beyond the documented padded grid)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import titan_rl.model.moe as moe_module
-from tests.conftest import rel_err, tiny_args, tiny_model
+from tests.conftest import MatmulCounter, moe_macs, rel_err, tiny_args, tiny_model
 from titan_rl.model.moe import MoE
 
 
@@ -106,3 +107,50 @@ def test_forced_routing_uses_the_given_experts():
             y_e, _ = moe(x[t : t + 1], single)  # all slots on expert e: output is y_e exactly
             y_manual[t] += w * y_e[0]
     assert rel_err(out, y_manual) <= 1e-5
+
+
+def test_sorted_path_multiplies_each_token_by_its_chosen_experts_only():
+    """5 tokens x 2 of 8 experts: forward and backward multiply exactly the 10 chosen copies, each
+    expert's matmul gets exactly the rows routed to it (computing all experts densely would be 4x)."""
+    moe = random_moe(3, num_local_experts=8, num_experts_per_tok=2)
+    x = torch.randn(5, moe.router.weight.shape[1], requires_grad=True)
+    with MatmulCounter() as forward:
+        out, chosen = moe(x)
+    with MatmulCounter() as backward:
+        out.backward(torch.randn_like(out))
+    expected = moe_macs(moe, tokens=5, expert_rows=10)
+    assert forward.macs == expected
+    assert backward.macs == 2 * expected  # input and weight gradients of each matmul
+    counts = torch.bincount(chosen.flatten(), minlength=8).tolist()
+    assert 0 in counts, "some expert should be idle for this test to mean anything"
+    for rows in forward.group_rows + backward.group_rows:  # empty when grouped_mm is unavailable
+        assert rows == counts
+
+
+def forced(*per_token: tuple[int, int]) -> torch.Tensor:
+    return torch.tensor(per_token)
+
+
+@pytest.mark.parametrize(
+    ("routing", "grad", "decoding", "padded"),
+    [
+        # 5 of 8 experts chosen (>= half), no autograd, decoding: the padded grid, capacity 2
+        (forced((0, 1), (2, 3), (4, 0)), False, True, True),
+        (forced((0, 1), (1, 0), (0, 1)), False, True, False),  # 2 of 8 experts: sorted
+        (forced((0, 1), (2, 3), (4, 0)), True, True, False),  # autograd: the training path
+        (forced((0, 1), (2, 3), (4, 0)), False, False, False),  # not decoding
+        (None, False, True, False),  # more than MoE.few_tokens tokens
+    ],
+    ids=["padded", "few-experts", "grad", "not-decoding", "many-tokens"],
+)
+def test_padded_grid_runs_only_under_its_condition_and_computes_its_grid(routing, grad, decoding, padded):
+    """The padded decode path multiplies an [experts, capacity] grid (capacity = the busiest
+    expert's count), as documented; every other case multiplies only the chosen copies."""
+    moe = random_moe(4, num_local_experts=8, num_experts_per_tok=2)
+    tokens = MoE.few_tokens + 1 if routing is None else routing.shape[0]
+    x = torch.randn(tokens, moe.router.weight.shape[1], generator=torch.Generator().manual_seed(4))
+    with torch.set_grad_enabled(grad), MatmulCounter() as counter:
+        _, chosen = moe(x, routing, decoding=decoding)
+    counts = torch.bincount(chosen.flatten(), minlength=8)
+    rows = 8 * int(counts.max()) if padded else chosen.numel()
+    assert counter.macs == moe_macs(moe, tokens, expert_rows=rows)

@@ -1,7 +1,8 @@
-"""The vLLM engine: weight-sync tensors, lazy import and clear errors, parameter / output mapping.
+"""The vLLM engine: weight-sync tensors, lazy import and clear errors, parameter / output mapping,
+and the engine itself against a recording stand-in for vLLM (``vllm_standin.py``).
 
 The CPU tests need no vLLM. The GPU tests (a real engine on a tiny model) run only with CUDA and
-vLLM installed. Run as a script, this file is the torchrun worker of the FSDP + EP gather test.
+vLLM installed. Run as a script, this file is the torchrun worker of the 2-process replica test.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from tests.conftest import read_hf_folder
 from tests.distributed.launcher import REPO, run_torchrun
+from tests.unit.rl.rollout import vllm_standin
 from titan_rl.checkpoint.hf import CONFIG_FILE, hf_tensors, save_hf_model, write_hf_config
 from titan_rl.checkpoint.names import to_hf_name
 from titan_rl.config import JobConfig
@@ -76,33 +78,6 @@ def test_hf_tensors_are_copies_not_views():
         tensor.zero_()  # vLLM's loader zeroes down_proj_bias in place on tensor-parallel ranks > 0
     for name, p in model.state_dict().items():
         assert torch.equal(p, before[name]), name
-
-
-def test_hf_tensors_gather_fsdp_and_expert_parallel_shards(tmp_path):
-    output = run_torchrun(Path(__file__), "gather", str(tmp_path), nproc=2, timeout=180)
-    assert "rank 0: ok" in output and "rank 1: ok" in output
-
-
-def gather_worker(folder: Path) -> None:
-    """Every rank: the sharded model's hf_tensors equal the unsharded model's, bitwise."""
-    import torch.distributed as dist
-
-    from titan_rl.parallel import ParallelDims
-    from titan_rl.parallel.parallelize import ParallelConfig, parallelize_gpt_oss
-
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    reference = dict(hf_tensors(debug_model(seed=2)))
-    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, ep=2, world_size=2, device_type="cpu")
-    model = parallelize_gpt_oss(debug_model(seed=2), dims, ParallelConfig(activation_checkpoint="full"))
-    assert any(type(p).__name__ == "DTensor" for p in model.parameters()), "nothing was sharded"
-    pairs = list(hf_tensors(model))
-    assert [name for name, _ in pairs] == list(reference), "names or order differ"
-    for name, tensor in pairs:
-        assert torch.equal(tensor, reference[name]), f"{name} differs after the gather"
-    print(f"rank {rank}: ok", flush=True)
-    dist.barrier()  # leave together: a rank tearing down gloo while the other still talks aborts it
-    dist.destroy_process_group()
 
 
 def test_write_hf_config_is_save_hf_models_config(tmp_path):
@@ -208,7 +183,184 @@ def test_replicas_split_prompts_contiguously():
         for replicas in (1, 2, 3, 4):
             shares = [list(range(n))[replica_slice(n, replicas, r)] for r in range(replicas)]
             assert [i for share in shares for i in share] == list(range(n))
-            assert max(map(len, shares)) - min(map(len, shares)) <= -(-n // replicas)
+            # no replica has more than its fair share: the slowest replica sets the step time
+            assert max(map(len, shares)) == -(-n // replicas)
+
+
+# --- the engine against a recording vLLM stand-in (CPU) -------------------------------------
+
+
+@pytest.fixture
+def standin(clean_vllm_env):
+    """``vllm`` is the recording stand-in (tests/unit/rl/rollout/vllm_standin.py); returns the
+    devices the engine asked its synced tensors for."""
+    return vllm_standin.install(clean_vllm_env.setitem, clean_vllm_env.setattr)
+
+
+def random_model(seed: int) -> GptOss:
+    """debug_model with random attention biases, so a dropped or misplaced bias shows."""
+    model = debug_model(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def engine_for(model: GptOss, folder: Path, **kwargs) -> VllmEngine:
+    write_hf_config(model, folder)
+    return VllmEngine(model, folder, **kwargs)
+
+
+def expected_completion(prompt: list[int], weights_version: int) -> Completion:
+    tokens = vllm_standin.echo_tokens(prompt, weights_version)
+    return Completion(tokens, [-0.25 * k for k in range(len(tokens))], "length")
+
+
+def check_synced(llm, model: GptOss) -> None:
+    """vLLM holds every parameter of ``model`` in bf16, in its own layout, and skipped nothing."""
+    vllm_model = llm.model
+    assert not vllm_model.skipped, f"vLLM's loader would drop {vllm_model.skipped}"
+    assert set(vllm_model.params) == set(vllm_model.shapes), set(vllm_model.shapes) ^ set(vllm_model.params)
+    native = {to_hf_name(n): t.detach().to(torch.bfloat16) for n, t in model.state_dict().items()}
+    assert [name for name, _, _ in vllm_model.received] == list(native)  # each tensor once, in order
+    assert all(dtype == torch.bfloat16 for _, _, dtype in vllm_model.received)
+    args, p = model.args, vllm_model.params
+    for layer in range(args.num_hidden_layers):
+        hf, ours = f"model.layers.{layer}.", f"model.layers.{layer}."
+        qkv = torch.cat([native[f"{hf}self_attn.{x}_proj.bias"] for x in "qkv"])
+        assert torch.equal(p[f"{ours}attn.qkv_proj.bias"], qkv)
+        # vLLM stores w13 [E, 2I, H] with gate / up rows interleaved: row 2j is gate unit j
+        gate_up = model.layers[layer].mlp.experts.gate_up_proj.detach().to(torch.bfloat16)  # [E, H, 2I]
+        assert torch.equal(p[f"{ours}mlp.experts.w13_weight"], gate_up.transpose(1, 2))
+        down = model.layers[layer].mlp.experts.down_proj.detach().to(torch.bfloat16)  # [E, I, H]
+        assert torch.equal(p[f"{ours}mlp.experts.w2_weight"], down.transpose(1, 2))
+        assert torch.equal(p[f"{ours}attn.sinks"], native[f"{hf}self_attn.sinks"])
+    for hf_name, tensor in native.items():
+        name, shard = vllm_standin.vllm_name(hf_name)
+        if shard is None and "experts.w" not in name:
+            assert torch.equal(p[name], tensor), hf_name
+
+
+def test_update_weights_hands_vllm_every_tensor_in_its_layout(standin, tmp_path):
+    model = random_model(seed=4)
+    engine = engine_for(model, tmp_path)
+    assert engine.llm.kwargs["load_format"] == "dummy" and engine.llm.kwargs["dtype"] == "bfloat16"
+    engine.update_weights(model)
+    check_synced(engine.llm, model)
+    assert standin == [torch.device("cuda", 0)]  # tensors go to the GPU vLLM runs on
+    other = random_model(seed=5)
+    engine.llm.model.received.clear()
+    engine.update_weights(other)  # every tensor again: nothing of the old model is left
+    check_synced(engine.llm, other)
+
+
+def calls(llm, start: int = 0) -> list[tuple]:
+    """The recorded calls since ``start``, one collective_rpc per weight sync folded into one."""
+    out = []
+    for call in llm.calls[start:]:
+        if call == ("collective_rpc", "_load_weights") and out and out[-1] == ("load_weights",):
+            continue
+        out.append(("load_weights",) if call == ("collective_rpc", "_load_weights") else call)
+    return out
+
+
+SYNC = [("load_weights",), ("collective_rpc", "_finish_loading"), ("process_weights_after_loading",)]
+
+
+def test_sleep_wake_tags_and_prefix_cache_reset_in_order(standin, tmp_path):
+    """With vllm_sleep: asleep after construction; the first generate wakes the weights, syncs, then
+    wakes the KV cache; sleep frees both (and with them the prefix cache)."""
+    model = random_model(seed=6)
+    engine = engine_for(model, tmp_path, sleep=True)
+    llm = engine.llm
+    assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["enable_prefix_caching"]
+    assert calls(llm) == [("reset_prefix_cache",), ("sleep", 1)]
+    prompts = [[5, 9, 13], [1, 2], [42, 7, 7, 7]]
+    start = len(llm.calls)
+    assert engine.generate(prompts, SamplingParams()) == [expected_completion(p, 1) for p in prompts]
+    assert calls(llm, start) == [
+        ("wake_up", ("weights",)),
+        *SYNC,
+        ("wake_up", ("kv_cache",)),
+        ("generate", 3),
+    ]
+    start = len(llm.calls)
+    engine.generate(prompts, SamplingParams())  # awake and current: nothing else
+    assert calls(llm, start) == [("generate", 3)]
+    start = len(llm.calls)
+    engine.sleep()
+    engine.update_weights(random_model(seed=7))  # the trainer's step: asleep, then sync
+    assert engine.generate(prompts[:1], SamplingParams()) == [expected_completion(prompts[0], 2)]
+    assert calls(llm, start) == [
+        ("reset_prefix_cache",),
+        ("sleep", 1),
+        ("wake_up", ("weights",)),
+        *SYNC,
+        ("wake_up", ("kv_cache",)),
+        ("generate", 1),
+    ]
+
+
+def test_without_sleep_a_sync_resets_the_prefix_cache(standin, tmp_path):
+    model = random_model(seed=8)
+    engine = engine_for(model, tmp_path, sleep=False)
+    llm = engine.llm
+    assert calls(llm) == [] and not llm.kwargs["enable_sleep_mode"]
+    prompts = [[3, 1, 4], [1, 5]]
+    assert engine.generate(prompts, SamplingParams()) == [expected_completion(p, 1) for p in prompts]
+    start = len(llm.calls)
+    engine.update_weights(random_model(seed=9))
+    assert calls(llm, start) == [*SYNC, ("reset_prefix_cache",)]  # after the new weights are in
+    assert engine.generate(prompts, SamplingParams()) == [expected_completion(p, 2) for p in prompts]
+    assert llm.prompts == prompts + prompts
+
+
+def test_replicas_split_prompts_and_gather_them_in_order(tmp_path):
+    """2 processes: tensor_parallel_size 1 (two replicas, each its share) and 2 (one replica);
+    every rank returns every prompt's completion in prompt order; weights synced from a model
+    sharded by FSDP x EP (and checkpointed) arrive whole, bitwise the unsharded model's."""
+    output = run_torchrun(Path(__file__), "replicas", str(tmp_path), nproc=2, timeout=120)
+    assert "rank 0: ok" in output and "rank 1: ok" in output, output[-3000:]
+
+
+def replicas_worker(folder: Path) -> None:
+    import torch.distributed as dist
+
+    from titan_rl.parallel import ParallelDims
+    from titan_rl.parallel.parallelize import ParallelConfig, parallelize_gpt_oss
+
+    def put(obj, name, value):
+        obj[name] = value
+
+    vllm_standin.install(put, setattr)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reference = random_model(seed=10)
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, ep=2, world_size=2, device_type="cpu")
+    model = parallelize_gpt_oss(random_model(seed=10), dims, ParallelConfig(activation_checkpoint="full"))
+    assert any(type(p).__name__ == "DTensor" for p in model.parameters()), "nothing was sharded"
+    if rank == 0:
+        write_hf_config(reference, folder)
+    dist.barrier()
+    prompts = [[p, p + 1, 2 * p][: 1 + p % 3] for p in range(1, 8)]  # 7 prompts, 1-3 tokens
+    for tp, replicas in ((1, 2), (2, 1)):
+        engine = VllmEngine(model, folder, tensor_parallel_size=tp, seed=3)
+        llm = engine.llm
+        assert llm.kwargs["distributed_executor_backend"] == "external_launcher"
+        assert llm.kwargs["seed"] == 3 + (rank if tp == 1 else 0)  # replicas draw different numbers
+        got = engine.generate(prompts, SamplingParams())
+        assert got == [expected_completion(p, 1) for p in prompts], (tp, got)
+        shares: list = [None] * 2
+        dist.all_gather_object(shares, llm.prompts)
+        if replicas == 2:  # contiguous shares in replica order, the busiest with ceil(7 / 2) prompts
+            assert shares[0] + shares[1] == prompts and max(map(len, shares)) == 4, shares
+        else:  # one replica: both tensor-parallel ranks run every prompt (vLLM's external launcher)
+            assert shares[0] == shares[1] == prompts, shares
+        check_synced(llm, reference)
+    print(f"rank {rank}: ok", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --- GPU: a real engine ----------------------------------------------------------------------
@@ -336,5 +488,5 @@ def from_config_worker(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    workers = {"gather": gather_worker, "from_config": from_config_worker}
+    workers = {"from_config": from_config_worker, "replicas": replicas_worker}
     workers[sys.argv[1]](Path(sys.argv[2]))

@@ -1,0 +1,140 @@
+"""torchrun worker: ``Trainer`` on data / expert / context-parallel ranks vs ``Trainer`` in one process.
+
+Usage: ``trainer_parallel_worker.py LAYOUT [LAYOUT ...]``, LAYOUT like ``dp_shard=2,ep=2`` or
+``cp=2,aggregation=seq-mean-token-mean`` (missing degrees are 1).
+
+Every rank builds the single-process trainer and the parallel one from the same weights and feeds
+both the same packed batches (what every rank's rollouts give): one supervised step, then two RL
+steps. The batches carry information: responses of 1 to 20 tokens with advantages that are not
+zero-mean, so the loss is far from 0 (checked); the optimizer's eps is 1, which makes AdamW's first steps
+proportional to the gradient (with the default eps Adam's step hardly depends on its scale, so
+gradients summed over the wrong number of ranks would move the weights the same). After each step
+the returned loss, gradient norm and entropy, and every full parameter, must match rel ``TOL``.
+Exits non-zero with the mismatches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from tests.conftest import rel_err, tiny_model
+from titan_rl.config import load_config
+from titan_rl.rl.packing import pack_trajectories
+from titan_rl.rl.types import Trajectory
+from titan_rl.train import parallel_dims_for
+from titan_rl.trainer import Trainer
+
+SEQ_LEN, GROUPS, GROUP_SIZE = 32, 3, 4
+TOL = 1e-5  # fp32: the ranks sum the same terms in another order (round-off ~1e-7 relative)
+COMMON = [
+    f"--training.seq_len={SEQ_LEN}",
+    "--training.micro_batch_rows=2",  # several micro-batches: gradient accumulation too
+    "--training.grad_clip=0",  # the gradient itself reaches the optimizer
+    "--optimizer.lr=0.2",
+    "--optimizer.eps=1.0",  # see the module docstring
+    "--optimizer.weight_decay=0",
+]
+failures: list[str] = []
+references: dict[tuple[str, ...], list] = {}
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        failures.append(f"rank {dist.get_rank()}: {what}")
+
+
+def make_model():
+    """The tiny test model with random attention biases (every parameter O(0.1), none zero)."""
+    model = tiny_model(seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def make_batch(seed: int, vocab: int):
+    """GROUPS x GROUP_SIZE trajectories: 2-5 prompt and 1-20 response tokens; advantages reward - 0.3
+    (a fixed baseline: zero-mean GRPO advantages make a sequence-mean loss ~0 on-policy)."""
+    gen = torch.Generator().manual_seed(seed)
+    trajectories = []
+    for i in range(GROUPS * GROUP_SIZE):
+        prompt, response = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((2, 6), (1, 21)))
+        tokens = torch.randint(0, vocab, (prompt + response,), generator=gen).tolist()
+        logprobs = (-2 * torch.rand(response, generator=gen)).tolist()
+        reward = float(torch.rand((), generator=gen))
+        trajectories.append(
+            Trajectory(
+                tokens, [0] * prompt + [1] * response, [0.0] * prompt + logprobs, reward, i // GROUP_SIZE
+            )
+        )
+    advantages = [t.reward - 0.3 for t in trajectories]
+    return pack_trajectories(trajectories, advantages, SEQ_LEN), len(trajectories)
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+        for name, t in model.state_dict().items()
+    }
+
+
+def run(trainer: Trainer, batches) -> list[tuple[dict[str, float], dict[str, torch.Tensor]]]:
+    """One supervised step, then RL steps; per step the metrics and the full parameters after it."""
+    history = []
+    sft_batch, _ = batches[0]
+    sft_optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=0.2, eps=1.0, weight_decay=0.0)
+    history.append(({"loss": trainer.sft_step(sft_batch, sft_optimizer)}, full_state(trainer.model)))
+    for batch, num_seqs in batches[1:]:
+        history.append((trainer.train_step(batch, num_seqs), full_state(trainer.model)))
+    return history
+
+
+def run_layout(layout: str, batches) -> None:
+    spec = dict(item.split("=") for item in layout.split(","))
+    extra = [f"--rl.aggregation={spec.pop('aggregation')}"] if "aggregation" in spec else []
+    parallel = [f"--parallelism.{key}={value}" for key, value in spec.items()]
+    if tuple(extra) not in references:  # the one-process run, once per loss configuration
+        references[tuple(extra)] = run(Trainer(make_model(), load_config(None, COMMON + extra)), batches)
+    reference = references[tuple(extra)]
+    cfg = load_config(None, COMMON + extra + parallel)
+    trainer = Trainer(make_model(), cfg, parallel_dims_for(cfg, dist.get_world_size()))
+    got = run(trainer, batches)
+    before = [full_state(make_model())] + [state for _, state in got]
+    for step, ((metrics, params), (ref_metrics, ref_params)) in enumerate(zip(got, reference)):
+        check(abs(ref_metrics["loss"]) > 1e-3, f"{layout} step {step}: loss {ref_metrics['loss']} ~ 0")
+        for key, value in ref_metrics.items():
+            if key in ("loss", "grad_norm", "entropy/mean"):
+                err = abs(metrics[key] - value) / max(abs(value), 1e-12)
+                check(err < TOL, f"{layout} step {step}: {key} {metrics[key]} vs {value} (rel {err:.1e})")
+        for name, param in params.items():
+            err = rel_err(param, ref_params[name])
+            check(err < TOL, f"{layout} step {step}: {name} rel err {err:.1e} after the step")
+            moved = rel_err(param, before[step][name])  # the step changes more than the tolerance
+            check(moved > 3 * TOL, f"{layout} step {step}: {name} did not move ({moved:.1e})")
+    if dist.get_rank() == 0:
+        print(f"layout {layout}: compared {len(got)} steps", flush=True)
+
+
+def main(layouts: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_default_dtype(torch.float32)
+    vocab = tiny_model(seed=0).args.vocab_size
+    batches = [make_batch(seed, vocab) for seed in (11, 12, 13)]
+    for layout in layouts:
+        run_layout(layout, batches)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise SystemExit("\n".join(failures[:30]))
+    print(f"rank {rank}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
