@@ -1,0 +1,37 @@
+"""benchmarks/bench_model.py runs on CPU with tiny shapes and prints its side-by-side table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(240)
+def test_bench_model_prints_every_row_on_cpu():
+    cmd = [
+        sys.executable, "benchmarks/bench_model.py", "--preset", "debug", "--layers", "2",
+        "--seq", "32", "64", "--hf-attn", "eager", "--steps", "1", "--warmup", "0", "--ac-from", "64",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    check = re.search(r"loss check at T=32: titan_rl (\S+), transformers (\S+), rel diff (\S+)", out)
+    assert check and float(check.group(3)) <= 1e-4, out
+    for row in (
+        r"\| titan_rl \| 32 \|",
+        r"\| HF eager \(\w+ experts\) \| 32 \|",
+        r"\| titan_rl \+ full AC \| 64 \|",
+    ):
+        assert re.search(row, out), f"missing row {row}:\n{out}"
+    # every row measured something: tokens/s and TFLOP/s are positive numbers, MFU n/a on CPU
+    rows = [line for line in out.splitlines() if line.startswith("| titan_rl") or line.startswith("| HF")]
+    assert len(rows) == 4
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[2].replace(",", "")) > 0 and float(cells[4]) > 0 and cells[5] == "n/a", line
