@@ -166,4 +166,6 @@ def token_logprobs_and_entropy(
     logprobs, entropy = _ChunkedLogprobs.apply(
         flat_hidden, lm_head_weight, targets.reshape(-1), float(temperature), chunk
     )
+    if targets.dim() == 1:  # no view: FSDP warns about (and in-place ops break) views of its outputs
+        return logprobs, entropy
     return logprobs.view(batch_shape), entropy.view(batch_shape)
