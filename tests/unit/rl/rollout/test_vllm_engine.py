@@ -316,6 +316,15 @@ def test_without_sleep_a_sync_resets_the_prefix_cache(standin, tmp_path):
     assert llm.prompts == prompts + prompts
 
 
+def test_rng_state_is_none_and_a_saved_state_is_refused_with_a_warning(standin, tmp_path):
+    """vLLM's sampler state cannot be read back: nothing goes into the checkpoint, and a native
+    run's saved state is not silently taken as restored."""
+    engine = engine_for(random_model(seed=11), tmp_path)
+    assert engine.rng_state() is None
+    with pytest.warns(UserWarning, match="fresh random draw"):
+        engine.set_rng_state([1, 2, 3])
+
+
 def test_replicas_split_prompts_and_gather_them_in_order(tmp_path):
     """2 processes: tensor_parallel_size 1 (two replicas, each its share) and 2 (one replica);
     every rank returns every prompt's completion in prompt order; weights synced from a model
