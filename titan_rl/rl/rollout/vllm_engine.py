@@ -26,8 +26,9 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   ``ColocateWorkerExtension.update_weights_from_ipc``), and the prefix cache is reset.
 - **Sleep.** With ``vllm_sleep``, ``LLM(enable_sleep_mode=True)``; ``sleep()`` calls
   ``llm.sleep(level=1)`` (KV cache freed, weights offloaded to CPU: needs that much CPU RAM);
-  ``update_weights`` wakes only the weights (``wake_up(tags=["weights"])``), ``generate`` wakes the
-  rest (vllm/entrypoints/llm.py, ``LLM.sleep`` / ``LLM.wake_up``).
+  ``update_weights`` wakes only the weights (``wake_up(tags=["weights"])``), ``wake_up`` (the
+  trainer's, before its rollouts; ``generate`` calls it too) wakes the rest
+  (vllm/entrypoints/llm.py, ``LLM.sleep`` / ``LLM.wake_up``).
 - **RNG state.** None (``rng_state``): vLLM draws its samples inside its sampler (from which
   generator depends on the version and the sampling kernel) and ``LLM`` has no call to read or
   restore that state; its batch-dependent kernels would not replay a run bitwise anyway. A resumed
