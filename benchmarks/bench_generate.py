@@ -1,13 +1,18 @@
 """Generation: titan_rl's native engine vs HF transformers ``generate`` on the same model and prompts.
 
-Greedy decoding (``top_k=1`` on our side, ``do_sample=False`` on HF's) of ``--new`` tokens for a
-batch of equal-length random prompts; prints tokens/s side by side and how many generated tokens
-agree. The two engines run alternately (one warm-up each, then ours, HF, ours, HF, ...), so a
-machine whose load changes during the run slows both alike; the table gives the median and the
-best run of each. Run from the repo root with titan_rl importable:
+Greedy decoding (``top_k=1`` on our side, ``do_sample=False`` on HF's) of ``--new`` tokens for
+equal-length random prompts, one pair of rows per ``--batch`` size: tokens/s side by side, how many
+generated tokens agree, and how closely our engine's log-probs agree with the trainer's. The
+trainer's are the model's own teacher-forced log-prob path (``model(tokens, targets=...,
+target_index=...)``, what ``train.py`` computes) over prompt + completion, scoring the tokens the
+engine sampled; on-policy RL needs their difference to be small. The two engines run alternately
+(one warm-up each, then ours, HF, ours, HF, ...), so a machine whose load changes during the run
+slows both alike; the table gives the median and the best run of each. Runs on CUDA when
+available, else on the CPU. Run from the repo root with titan_rl importable:
 
     python benchmarks/bench_generate.py                     # 4 layers, hidden 512, 16 experts, vocab 32000
     python benchmarks/bench_generate.py --vocab 201088 --new 64
+    python benchmarks/bench_generate.py --preset 20b --layers 4 --dtype bfloat16 --batch 32 128  # a GPU
 """
 
 from __future__ import annotations
@@ -23,26 +28,35 @@ from typing import Any
 import torch
 from bench_model import add_model_flags, build  # same model and flags as the training benchmark
 
-from titan_rl.rl.rollout import NativeEngine, SamplingParams
+from titan_rl.model import GptOss
+from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
+
+GREEDY_TEMPERATURE = 1.0  # the temperature both sides' log-probs are taken at (greedy picks the argmax)
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p, vocab=32000)
-    p.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[8], help="prompts generated together; a row pair each"
+    )
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="generated tokens per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine, after one warm-up")
     return p.parse_args()
 
 
-def timed_alternately(engines: dict[str, Callable[[], list[list[int]]]], repeats: int) -> dict[str, Any]:
+def timed_alternately(
+    engines: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]
+) -> dict[str, Any]:
     """Seconds of every timed run and the last output, per engine; run 0 of each warms up."""
-    results = {name: {"times": [], "tokens": None} for name in engines}
+    results = {name: {"times": [], "output": None} for name in engines}
     for r in range(repeats + 1):
         for name, fn in engines.items():
+            sync()
             t0 = time.perf_counter()
-            results[name]["tokens"] = fn()
+            results[name]["output"] = fn()
+            sync()
             seconds = time.perf_counter() - t0
             if r:
                 results[name]["times"].append(seconds)
@@ -50,45 +64,108 @@ def timed_alternately(engines: dict[str, Callable[[], list[list[int]]]], repeats
     return results
 
 
+@torch.no_grad()
+def trainer_logprobs(model: GptOss, prompts: list[list[int]], completions: list[Completion]) -> torch.Tensor:
+    """The trainer's log-probs of every completion token, flat ``[sum of lengths]``, fp32 on the CPU.
+
+    One forward over the right-padded rows prompt + completion; the target at position ``p`` is the
+    token at ``p + 1``, taken at the completion's positions only (padding after them is never seen
+    by the tokens before it: attention is causal).
+    """
+    rows = [prompt + c.tokens for prompt, c in zip(prompts, completions)]
+    width = max(map(len, rows))
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    targets, target_index = [], []
+    for b, (row, prompt, c) in enumerate(zip(rows, prompts, completions)):
+        tokens[b, : len(row)] = torch.tensor(row)
+        targets += c.tokens
+        target_index += [b * width + len(prompt) - 1 + j for j in range(len(c.tokens))]
+    device = model.lm_head.weight.device
+    logprobs, _ = model(
+        tokens.to(device),
+        targets=torch.tensor(targets, device=device),
+        target_index=torch.tensor(target_index, device=device),
+        temperature=GREEDY_TEMPERATURE,
+    )
+    return logprobs.float().cpu()
+
+
 def main() -> None:
     a = parse()
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ours = build("ours", a, device).eval()
     hf = build("hf", a, device).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, a.vocab, (a.batch, a.prompt), generator=g)
-    params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=a.new)
+    vocab = ours.args.vocab_size
+    params = SamplingParams(temperature=GREEDY_TEMPERATURE, top_k=1, max_new_tokens=a.new)
     engine = NativeEngine(ours, seed=0)
+    rows = []
+    for batch in a.batch:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, vocab, (batch, a.prompt), generator=g)
 
-    def run_ours() -> list[list[int]]:
-        return [c.tokens for c in engine.generate(prompts.tolist(), params)]
+        def run_ours(prompts: torch.Tensor = prompts) -> list[Completion]:
+            return engine.generate(prompts.tolist(), params)
 
-    @torch.no_grad()
-    def run_hf() -> list[list[int]]:
-        out = hf.generate(
-            prompts, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0
-        )
-        return out[:, a.prompt :].tolist()
+        @torch.no_grad()
+        def run_hf(prompts: torch.Tensor = prompts) -> list[list[int]]:
+            out = hf.generate(
+                prompts.to(device),
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            return out[:, a.prompt :].tolist()
 
-    results = timed_alternately({"ours": run_ours, "hf": run_hf}, a.repeats)
-    ours_tokens, hf_tokens = results["ours"]["tokens"], results["hf"]["tokens"]
-    same = sum(x == y for o, h in zip(ours_tokens, hf_tokens) for x, y in zip(o, h))
-    total = a.batch * a.new
-    median = {name: statistics.median(r["times"]) for name, r in results.items()}
-    best = {name: min(r["times"]) for name, r in results.items()}
-    print(
-        f"config: {a.layers} layers, hidden {a.hidden}, {a.experts} experts top-{a.top_k}, vocab {a.vocab}, "
-        f"batch {a.batch}, prompt {a.prompt}, new {a.new}, fp32, cpu ({torch.get_num_threads()} threads); "
-        f"torch {torch.__version__}, transformers {version('transformers')}, HF experts "
-        f"{hf.config._experts_implementation}; greedy tokens equal: {same}/{total}\n"
+        print(f"[bench] batch {batch}", file=sys.stderr, flush=True)
+        results = timed_alternately({"ours": run_ours, "hf": run_hf}, a.repeats, sync)
+        completions, hf_tokens = results["ours"]["output"], results["hf"]["output"]
+        engine_logprobs = torch.tensor([lp for c in completions for lp in c.logprobs])
+        diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)).abs()
+        same = sum(x == y for c, h in zip(completions, hf_tokens) for x, y in zip(c.tokens, h))
+        rows.append((batch, results, same, diff.mean().item(), diff.max().item()))
+
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
     )
-    print("| engine | tokens/s (median) | ratio (median) | tokens/s (best) | ratio (best) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, label in (("ours", "titan_rl native"), ("hf", "transformers generate")):
-        print(
-            f"| {label} | {total / median[name]:,.0f} | {median['hf'] / median[name]:.2f}x "
-            f"| {total / best[name]:,.0f} | {best['hf'] / best[name]:.2f}x |"
-        )
+    args = ours.args
+    print(
+        f"config: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+        f"{args.num_local_experts} experts top-{args.num_experts_per_tok}, vocab {vocab}, "
+        f"prompt {a.prompt}, new {a.new}, {a.dtype}, {where}; torch {torch.__version__}, "
+        f"transformers {version('transformers')}, HF experts {hf.config._experts_implementation}; "
+        f"median / best of {a.repeats} timed runs after one warm-up; engine vs trainer: |difference| "
+        f"of the engine's log-prob of each generated token and the model's teacher-forced log-prob "
+        f"(T = {GREEDY_TEMPERATURE:g})\n"
+    )
+    print(
+        "| engine | batch | tokens/s (median) | ratio (median) | tokens/s (best) | ratio (best) "
+        "| greedy tokens = HF | engine vs trainer logp, mean | max |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, results, same, mean_diff, max_diff in rows:
+        total = batch * a.new
+        median = {name: statistics.median(r["times"]) for name, r in results.items()}
+        best = {name: min(r["times"]) for name, r in results.items()}
+        for name, label in (("ours", "titan_rl native"), ("hf", "transformers generate")):
+            extra = (
+                [f"{same}/{total}", f"{mean_diff:.2e}", f"{max_diff:.2e}"]
+                if name == "ours"
+                else ["", "n/a", "n/a"]
+            )
+            cells = [
+                label,
+                str(batch),
+                f"{total / median[name]:,.0f}",
+                f"{median['hf'] / median[name]:.2f}x",
+                f"{total / best[name]:,.0f}",
+                f"{best['hf'] / best[name]:.2f}x",
+                *extra,
+            ]
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from titan_rl.report import write_report
 from titan_rl.rl.advantages import group_advantages, informative_groups
 from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
 from titan_rl.rl.packing import pack_trajectories
-from titan_rl.rl.rollout import NativeEngine
+from titan_rl.rl.rollout import NativeEngine, RolloutEngine
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
@@ -81,7 +81,7 @@ def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[
     return model, load
 
 
-def build_engine(cfg: JobConfig, model: GptOss):
+def build_engine(cfg: JobConfig, model: GptOss) -> RolloutEngine:
     """The rollout engine: the native one (the trainer's own module) or vLLM (CUDA only, lazy import)."""
     if cfg.rollout.engine == "vllm":
         from titan_rl.rl.rollout.vllm_engine import VllmEngine, VllmUnavailable
@@ -140,8 +140,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     )
     if resumed is not None:
         start_step, extra = resumed
-        if "engine_rng" in extra:
-            engine.generator.set_state(torch.tensor(extra["engine_rng"], dtype=torch.uint8))
+        if "engine_rng" in extra:  # absent when the saving engine had no state to give
+            engine.set_rng_state(extra["engine_rng"])
         console.print(f"resumed from step {start_step}")
 
     logger.start(start_step)
@@ -156,9 +156,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     for step in range(start_step + 1, cfg.training.steps + 1):
         t0 = time.perf_counter()
         model.eval()
+        engine.wake_up()
         trajectories, env_metrics = collect_rollouts(engine, env, tokenizer, step, cfg)
-        if hasattr(engine, "sleep"):  # colocated vLLM frees its KV cache while the trainer runs
-            engine.sleep()
+        engine.sleep()  # a colocated engine (vLLM) gives its GPU memory to the trainer's step
         model.train()
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
@@ -198,9 +198,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
             return 1
         if manager.enable and (manager.should_save(step) or step == cfg.training.steps):
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
-            extra = (
-                {"engine_rng": engine.generator.get_state().tolist()} if hasattr(engine, "generator") else {}
-            )
+            engine_rng = engine.rng_state()
+            extra = {} if engine_rng is None else {"engine_rng": engine_rng}
             manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
     if rank == 0:
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")

@@ -224,6 +224,11 @@ def load_hf_model(
     return model
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on CPU (gathers FSDP shards: a collective every rank must join)."""
     return (tensor.full_tensor() if _is_dtensor(tensor) else tensor).detach().cpu()
@@ -235,16 +240,20 @@ def hf_tensors(
     """``(HF name, whole tensor)`` per parameter: what a non-MXFP4 ``save_hf_model`` writes, without a file.
 
     Same order, names, layout (interleaved ``gate_up_proj``, experts ``[E, in, out]``) and ``dtype``
-    rounding, for in-place weight sync to an inference engine. FSDP / EP shards are gathered one
-    tensor at a time: every rank must run the iterator to the end. Each tensor is a fresh copy on
+    rounding, for in-place weight sync to an inference engine. FSDP / EP shards are cast to
+    ``dtype`` where they are, then gathered one tensor at a time (fp32 master weights synced in
+    bf16: half the bytes through the collective; rounding commutes with gathering, so the result is
+    the same): every rank must run the iterator to the end. Each tensor is a fresh copy on
     ``device``, never a view of a parameter (a consumer may modify it in place).
     """
     for native, tensor in model.state_dict().items():
-        gathered = _is_dtensor(tensor)  # full_tensor() already returns a new tensor
-        full = tensor.full_tensor() if gathered else tensor
-        out = full.detach().to(device=device, dtype=dtype, copy=not gathered).contiguous()
-        del full  # at most one gathered tensor and its copy alive at a time
-        yield to_hf_name(native), out
+        local = tensor.detach().to(dtype)  # a DTensor casts its own shard: no communication
+        out = local.full_tensor() if _is_dtensor(local) else local
+        out = out.to(device)
+        if out.untyped_storage().data_ptr() == _local(tensor).untyped_storage().data_ptr():
+            out = out.clone()  # no cast, no gather, no move happened: still the parameter itself
+        del local
+        yield to_hf_name(native), out.contiguous()
         del out
 
 

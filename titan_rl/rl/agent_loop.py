@@ -37,7 +37,8 @@ from titan_rl.rl.harmony import (
     render_conversation,
     render_message,
 )
-from titan_rl.rl.rollout.native import Completion, RolloutEngine, SamplingParams
+from titan_rl.rl.rollout.engine import RolloutEngine
+from titan_rl.rl.rollout.native import Completion, SamplingParams
 from titan_rl.rl.tokenizer import Tokenizer
 from titan_rl.rl.types import Trajectory
 

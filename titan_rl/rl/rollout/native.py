@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -36,12 +35,6 @@ class Completion:
     tokens: list[int]  # sampled tokens, the stop token included when one ended the episode
     logprobs: list[float]  # log-prob of each sampled token under the tempered distribution
     finish_reason: str  # "stop" or "length"
-
-
-class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]: ...
-
-    def update_weights(self, model: torch.nn.Module) -> None: ...
 
 
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -107,6 +100,22 @@ class NativeEngine:
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's module itself."""
         self.model = model
+
+    # The rest of the RolloutEngine lifecycle (titan_rl/rl/rollout/engine.py). Nothing to release
+    # or take back: the weights are the trainer's own and the KV cache lives only within a call.
+    def sleep(self) -> None:
+        """Nothing to free between calls (see above)."""
+
+    def wake_up(self) -> None:
+        """Nothing to take back (see above)."""
+
+    def rng_state(self) -> list[int]:
+        """The sampling generator's state as ints (its bytes): all a resumed run needs to draw the
+        same tokens, since the weights and prompts come back from the checkpoint and the step."""
+        return self.generator.get_state().tolist()
+
+    def set_rng_state(self, state: list[int]) -> None:
+        self.generator.set_state(torch.tensor(state, dtype=torch.uint8))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:

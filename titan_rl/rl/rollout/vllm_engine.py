@@ -15,7 +15,8 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   trainer's weights are copied in before the first ``generate`` (then after every optimizer step).
   No weight goes through disk, and ``model.hf_path`` may be empty or a released MXFP4 folder.
 - **Sync.** ``titan_rl.checkpoint.hf.hf_tensors`` yields ``(HF name, whole bf16 tensor)`` exactly as
-  ``save_hf_model`` writes them (FSDP / EP shards gathered: every rank joins); each vLLM worker then
+  ``save_hf_model`` writes them (FSDP / EP shards gathered: every rank joins; each shard is cast to
+  bf16 before the gather, so the collectives move half the bytes of fp32); each vLLM worker then
   keeps its tensor-parallel slice via vLLM's own ``GptOssForCausalLM.load_weights``, which maps HF
   names (vllm/model_executor/models/gpt_oss.py, ``hf_to_vllm_mapper``: ``.self_attn.`` -> ``.attn.``,
   ``embed_tokens`` -> ``embedding``, ``gate_up_proj`` -> ``w13_weight``, ...) and, for bf16 weights,
@@ -25,8 +26,13 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   ``ColocateWorkerExtension.update_weights_from_ipc``), and the prefix cache is reset.
 - **Sleep.** With ``vllm_sleep``, ``LLM(enable_sleep_mode=True)``; ``sleep()`` calls
   ``llm.sleep(level=1)`` (KV cache freed, weights offloaded to CPU: needs that much CPU RAM);
-  ``update_weights`` wakes only the weights (``wake_up(tags=["weights"])``), ``generate`` wakes the
-  rest (vllm/entrypoints/llm.py, ``LLM.sleep`` / ``LLM.wake_up``).
+  ``update_weights`` wakes only the weights (``wake_up(tags=["weights"])``), ``wake_up`` (the
+  trainer's, before its rollouts; ``generate`` calls it too) wakes the rest
+  (vllm/entrypoints/llm.py, ``LLM.sleep`` / ``LLM.wake_up``).
+- **RNG state.** None (``rng_state``): vLLM draws its samples inside its sampler (from which
+  generator depends on the version and the sampling kernel) and ``LLM`` has no call to read or
+  restore that state; its batch-dependent kernels would not replay a run bitwise anyway. A resumed
+  run therefore samples afresh from the restored weights: on-policy, but not a replay.
 - **Log-probs.** ``logprobs_mode="processed_logprobs"`` with ``logprobs=0``: the sampled token's
   log-prob after temperature *and* top-k / top-p masking (vllm/v1/sample/sampler.py, ``Sampler``;
   vllm/v1/sample/ops/topk_topp_sampler.py, ``forward_native``). With top_k = 0 and top_p = 1 (the
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -287,6 +294,18 @@ class VllmEngine:
         if self._stale:
             self.update_weights(self.model)
         self._wake(*TAGS)
+
+    def rng_state(self) -> None:
+        """None: vLLM's sampler state cannot be read back (module docstring, "RNG state")."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Cannot apply ``state`` (a native-engine checkpoint's): vLLM's sampler state is not settable."""
+        warnings.warn(
+            "rollout.engine = 'vllm' cannot restore the sampler state saved in the checkpoint; "
+            "rollouts after the resume are a fresh random draw",
+            stacklevel=2,
+        )
 
     def _wake(self, *tags: str) -> None:
         todo = [tag for tag in tags if tag in self._asleep]

@@ -316,12 +316,37 @@ def test_without_sleep_a_sync_resets_the_prefix_cache(standin, tmp_path):
     assert llm.prompts == prompts + prompts
 
 
+def test_rng_state_is_none_and_a_saved_state_is_refused_with_a_warning(standin, tmp_path):
+    """vLLM's sampler state cannot be read back: nothing goes into the checkpoint, and a native
+    run's saved state is not silently taken as restored."""
+    engine = engine_for(random_model(seed=11), tmp_path)
+    assert engine.rng_state() is None
+    with pytest.warns(UserWarning, match="fresh random draw"):
+        engine.set_rng_state([1, 2, 3])
+
+
 def test_replicas_split_prompts_and_gather_them_in_order(tmp_path):
     """2 processes: tensor_parallel_size 1 (two replicas, each its share) and 2 (one replica);
     every rank returns every prompt's completion in prompt order; weights synced from a model
-    sharded by FSDP x EP (and checkpointed) arrive whole, bitwise the unsharded model's."""
+    sharded by FSDP x EP (and checkpointed) arrive whole, bitwise the unsharded model's, and every
+    shard was cast to bf16 before its gather (half the bytes of the fp32 master weights)."""
     output = run_torchrun(Path(__file__), "replicas", str(tmp_path), nproc=2, timeout=120)
     assert "rank 0: ok" in output and "rank 1: ok" in output, output[-3000:]
+
+
+def record_gathered_dtypes() -> list[torch.dtype]:
+    """From now on, the dtype of every DTensor ``full_tensor()`` gathers is appended to the list."""
+    from torch.distributed.tensor import DTensor
+
+    gathered: list[torch.dtype] = []
+    full_tensor = DTensor.full_tensor
+
+    def recording(self, *args, **kwargs):
+        gathered.append(self.dtype)
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = recording
+    return gathered
 
 
 def replicas_worker(folder: Path) -> None:
@@ -343,6 +368,7 @@ def replicas_worker(folder: Path) -> None:
     if rank == 0:
         write_hf_config(reference, folder)
     dist.barrier()
+    gathered = record_gathered_dtypes()
     prompts = [[p, p + 1, 2 * p][: 1 + p % 3] for p in range(1, 8)]  # 7 prompts, 1-3 tokens
     for tp, replicas in ((1, 2), (2, 1)):
         engine = VllmEngine(model, folder, tensor_parallel_size=tp, seed=3)
@@ -358,6 +384,8 @@ def replicas_worker(folder: Path) -> None:
         else:  # one replica: both tensor-parallel ranks run every prompt (vLLM's external launcher)
             assert shares[0] == shares[1] == prompts, shares
         check_synced(llm, reference)
+        assert gathered and set(gathered) == {torch.bfloat16}, f"gathered {set(gathered)}, not bf16"
+        gathered.clear()
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()

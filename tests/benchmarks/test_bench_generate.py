@@ -1,0 +1,42 @@
+"""benchmarks/bench_generate.py runs on CPU with tiny shapes: a row pair per batch size, and the
+engine's log-probs agree with the trainer's teacher-forced ones to fp32 round-off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROUND_OFF = 1e-4  # fp32 CPU; a token scored at the wrong position or temperature is ~0.1-1 off
+
+
+@pytest.mark.timeout(240)
+def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
+    cmd = [
+        sys.executable, "benchmarks/bench_generate.py", "--preset", "debug", "--layers", "2",
+        "--batch", "2", "3", "--prompt", "6", "--new", "5", "--repeats", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "float32, cpu" in out, out
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")
+    ]
+    header, rows = rows[0], rows[1:]
+    assert header[-3:] == ["greedy tokens = HF", "engine vs trainer logp, mean", "max"], header
+    assert [(r[0], r[1]) for r in rows] == [
+        ("titan_rl native", "2"), ("transformers generate", "2"),
+        ("titan_rl native", "3"), ("transformers generate", "3"),
+    ]  # fmt: skip
+    for row in rows:
+        assert float(row[2].replace(",", "")) > 0 and float(row[4].replace(",", "")) > 0, row
+    for ours, batch in ((rows[0], 2), (rows[2], 3)):
+        equal, total = map(int, ours[6].split("/"))
+        assert total == batch * 5 and 0 <= equal <= total, ours
+        mean, largest = float(ours[7]), float(ours[8])
+        assert 0 <= mean <= largest <= ROUND_OFF, ours
+    assert rows[1][7:] == ["n/a", "n/a"] and rows[3][7:] == ["n/a", "n/a"]
