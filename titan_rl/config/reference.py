@@ -182,7 +182,7 @@ class MemoryEstimate:
     vllm_budget: float  # vllm_gpu_memory_utilization x GPU memory: weights + KV cache
     vllm_asleep: float  # what vLLM keeps on the GPU while the trainer runs
     kv_tokens_per_engine: int  # tokens the KV cache of one vLLM engine (TP GPUs) holds
-    sync_transient: float  # one whole tensor gathered for the weight sync, and its bf16 copy
+    sync_transient: float  # one whole tensor gathered in bf16 for the weight sync (shards cast first)
     tokens_per_micro_batch: int
     activations: float
     gathered: float
@@ -264,7 +264,7 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
         vllm_budget=budget / 1e9,
         vllm_asleep=asleep / 1e9,
         kv_tokens_per_engine=int(max(budget - weights, 0) * tp // counts.kv_bytes_per_token),
-        sync_transient=counts.largest * (dtype_bytes + 2) / 1e9 if vllm else 0.0,
+        sync_transient=counts.largest * 2 / 1e9 if vllm else 0.0,
         tokens_per_micro_batch=tokens,
         activations=activation_bytes(tokens, counts, par.activation_checkpoint) / 1e9,
         gathered=4 * (counts.root + 2 * block) / 1e9,
@@ -330,7 +330,7 @@ def render_memory_table(gpu_gb: float = GPU_GB) -> str:
         "&nbsp;&nbsp;of which KV cache": lambda c: (
             f"{_gb(c.est.kv_cache)}: {c.est.kv_tokens_per_engine / 1e6:.1f} M tokens per engine"
         ),
-        "**sync** transient: one whole tensor + bf16 copy": lambda c: _gb(c.est.sync_transient),
+        "**sync** transient: one whole tensor in bf16": lambda c: _gb(c.est.sync_transient),
         "**activations** of one micro-batch": lambda c: (
             f"{_gb(c.est.activations)} ({c.est.tokens_per_micro_batch:,} tokens)"
         ),
