@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.e2e.test_run_train import read_metrics, run_train
+from tests.e2e.test_run_train import assert_engine_agrees, read_metrics, run_train
 
 MAIN_CONFIG = {"CONFIG_FILE": "train_configs/debug_cpu.toml"}
 SHORT = ["--training.steps=2", "--sft.steps=60"]  # 60 warm-up steps: the first rewards are non-zero
@@ -37,7 +37,8 @@ def test_four_processes_track_one(tmp_path, one_process, layout):
     four = read_metrics(dump)
     assert [r["step"] for r in four] == [1, 2]
     for a, b in zip(one_process, four):
-        assert b["ratio/min"] == 1.0 and b["ratio/max"] == 1.0
+        assert b["ratio/min"] == 1.0 and b["ratio/max"] == 1.0  # by construction; next to:
+        assert_engine_agrees(b)
         assert b["reward/mean"] == a["reward/mean"]
         for key in ("loss", "grad_norm", "entropy/mean"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
