@@ -185,15 +185,17 @@ class NativeEngine:
 
     ``max_batch_rows``: at most this many prompts decode at once (None: all of them); the rest wait
     and take the rows of finished episodes. ``check_every``: decode steps between two host reads of
-    the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps).
+    the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps); None: 8
+    on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing (and
+    finished rows leave at once, so the random draws are those of a step-by-step sampler).
     """
 
     def __init__(
-        self, model: GptOss, seed: int = 0, max_batch_rows: int | None = None, check_every: int = 8
+        self, model: GptOss, seed: int = 0, max_batch_rows: int | None = None, check_every: int | None = None
     ) -> None:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows = {max_batch_rows}: use None (all prompts at once) or >= 1")
-        if check_every < 1:
+        if check_every is not None and check_every < 1:
             raise ValueError(f"check_every = {check_every}: use >= 1 (1 reads the tokens every step)")
         self.model = model
         self.generator = torch.Generator(device="cpu").manual_seed(seed)  # the state checkpoints save
@@ -277,6 +279,7 @@ class NativeEngine:
         outputs = [Completion([], [], "length") for _ in prompts]
         stop = set(params.stop_token_ids)
         waiting = deque(range(len(prompts)))
+        check_every = self.check_every or (1 if device.type == "cpu" else 8)
         first = [waiting.popleft() for _ in range(min(self.max_batch_rows or len(prompts), len(prompts)))]
         cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
         hidden = self._prefill([prompts[i] for i in first], cache)
@@ -285,9 +288,7 @@ class NativeEngine:
         position = [len(prompts[i]) for i in first]
         tokens = torch.empty(0, dtype=torch.long, device=device)  # the last sampled, [rows]
         while True:
-            steps = min(
-                self.check_every, *(params.max_new_tokens - len(outputs[i].tokens) for i in prompt_of)
-            )
+            steps = min(check_every, *(params.max_new_tokens - len(outputs[i].tokens) for i in prompt_of))
             positions = torch.tensor(position, device=device)[:, None]
             drawn, logprobs = [], []
             for step in range(steps):  # no host reads in here: the device runs ahead
