@@ -168,6 +168,46 @@ def test_the_host_reads_the_sampled_tokens_once_per_check_every_steps(monkeypatc
     assert len(reads) == 2 and all(len(c.tokens) == 16 for c in completions)
 
 
+def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
+    """The CUDA decode path, run on CPU: the MoE through the grouped kernel (what ``_use_padded``
+    picks on CUDA), and no tensor read by Python (``item``, ``tolist``, ``int``, ``bool``, ...) inside
+    a decode step or a sampling step, where on a GPU it would wait for the device. Only the
+    engine's reads between steps (``_read``) may look at tensors."""
+    model = tiny_model(seed=17).eval()
+    monkeypatch.setattr(MoE, "_use_padded", lambda self, x, counts: False)
+    in_step = []
+
+    def refusing(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            assert not in_step, f"Tensor.{name} inside {in_step[0]}"
+            return original(self, *args)
+
+        return read
+
+    def marking(name):
+        original = getattr(NativeEngine, name)
+
+        def step(self, *args):
+            in_step.append(name)
+            try:
+                return original(self, *args)
+            finally:
+                in_step.pop()
+
+        return step
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refusing(name))
+    for name in ("_decode", "_sample"):
+        monkeypatch.setattr(NativeEngine, name, marking(name))
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=(5, 9))
+    engine = NativeEngine(model, seed=1, max_batch_rows=2, check_every=4)
+    completions = engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
+    assert all(0 < len(c.tokens) <= 12 for c in completions)
+
+
 def test_a_sampling_generator_off_cpu_is_derived_from_the_saved_one():
     """Not one CPU process: the generator state that checkpoints save still decides every draw."""
     model = tiny_model(seed=16).eval()
