@@ -70,6 +70,12 @@ def main() -> None:
     blocks = len(model.layers) + 1  # every block and the root, once
     check(counts[4] == blocks, f"{counts[4]} all-gathers for {blocks} FSDP modules")
 
+    # queued prompts refill freed rows on each rank, still with no gathers per token
+    gathers[0] = 0
+    queued = NativeEngine(model, max_batch_rows=1)
+    same(queued.generate(prompts, params[16]), reference[16], "one row per rank")
+    check(gathers[0] == blocks, f"{gathers[0]} all-gathers with refilled rows, not {blocks}")
+
     # a rank without prompts still joins the gathers, and gets the other rank's completion
     shares.clear()
     same(engine.generate(prompts[:1], params[4]), reference[4][:1], "one prompt on two ranks")
