@@ -1,7 +1,7 @@
 """torchrun worker: the native engine on 2 CPU ranks (gloo) with FSDP2. Exits non-zero on mismatch.
 
 Each rank generates its share of the prompts and returns all completions, equal to one process's
-(greedy, fp32); the FSDP weight all-gathers per ``generate`` do not grow with the new tokens.
+(greedy and sampled, fp32); the FSDP weight all-gathers per ``generate`` do not grow with the new tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main() -> None:
     params = {new: SamplingParams(top_k=1, max_new_tokens=new, stop_token_ids=(5, 17)) for new in (4, 16)}
     # one process's answer, before torch.distributed exists
     reference = {new: NativeEngine(plain).generate(prompts, p) for new, p in params.items()}
+    sampling = SamplingParams(temperature=0.9, top_k=30, max_new_tokens=12, stop_token_ids=(5, 17))
+    sampled = NativeEngine(plain, seed=4).generate(prompts, sampling)
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -75,6 +77,9 @@ def main() -> None:
     queued = NativeEngine(model, max_batch_rows=1)
     same(queued.generate(prompts, params[16]), reference[16], "one row per rank")
     check(gathers[0] == blocks, f"{gathers[0]} all-gathers with refilled rows, not {blocks}")
+
+    # sampling noise is keyed by prompt: the ranks' shares sample what one process samples
+    same(NativeEngine(model, seed=4).generate(prompts, sampling), sampled, "sampled")
 
     # a rank without prompts still joins the gathers, and gets the other rank's completion
     shares.clear()

@@ -19,7 +19,9 @@ Under ``torch.distributed`` every rank generates its contiguous share of the pro
 all-gather the completions (every rank returns all of them, in order), with each FSDP module's
 weights gathered once per ``generate`` (``gathered_weights``), not once per token. With expert
 parallelism every MoE forward is an all-to-all that all ranks must join with the same tokens, so
-there every rank generates every prompt, with the same random draws.
+there every rank generates every prompt. The sampling noise is keyed by prompt and token index
+(``titan_rl.rl.rollout.noise``), so the completions do not depend on how the prompts are split
+across ranks or scheduled into rows.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.distributed.fsdp import FSDPModule
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
+from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 
 
 @dataclass
@@ -101,15 +104,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[B]`` from ``logits [B, vocab]`` and their log-probs under the tempered
     distribution (before top-k / top-p filtering: what the trainer computes), fp32, on the logits'
-    device; ``generator`` must live there too.
+    device. ``noise``: Exp(1) draws like ``logits`` (``titan_rl.rl.rollout.noise``); unused when greedy.
 
     The draw is the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d., which picks v with
-    probability p_v: ``torch.multinomial``'s own method for one sample (same generator, same
-    tokens), without its validity checks, which read the probabilities on the host (a CUDA sync).
+    probability p_v: ``torch.multinomial``'s own method for one sample (with its generator's
+    exponential draws as ``noise``, the same tokens), without its validity checks, which read the
+    probabilities on the host (a CUDA sync).
     """
     logits = logits.float()
     if params.temperature != 1.0:
@@ -118,7 +122,7 @@ def sample_next(
         sampled = logits.argmax(dim=-1)
     else:
         probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
-        sampled = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+        sampled = (probs / noise).argmax(dim=-1)
     # log p(token) = logit - logsumexp(logits): the full [B, vocab] log-softmax is never stored
     logprobs = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return sampled, logprobs
@@ -186,8 +190,8 @@ class NativeEngine:
     ``max_batch_rows``: at most this many prompts decode at once (None: all of them); the rest wait
     and take the rows of finished episodes. ``check_every``: decode steps between two host reads of
     the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps); None: 8
-    on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing (and
-    finished rows leave at once, so the random draws are those of a step-by-step sampler).
+    on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing, so
+    finished rows may as well leave at once. The completions do not depend on it.
     """
 
     def __init__(
@@ -212,11 +216,12 @@ class NativeEngine:
         if params.max_new_tokens < 1:
             return [Completion([], [], "length") for _ in prompts]
         world, rank = self._split()
-        mine = [prompts[i] for i in share_of(len(prompts), world, rank)]
+        share = share_of(len(prompts), world, rank)
+        mine, start = [prompts[i] for i in share], share.start
         # every rank gathers the weights, also one without prompts (the gathers are collective)
         with full_sequence_attention(self.model), gathered_weights(self.model):
-            generator = self._sampling_generator(rank, world)
-            completions = self._generate(mine, params, generator) if mine else []
+            seed = draw_call_seed(self.generator)  # on every rank: their generators stay equal
+            completions = self._generate(mine, params, seed, start) if mine else []
         if world == 1:
             return completions
         parts: list[list[Completion] | None] = [None] * world
@@ -231,16 +236,6 @@ class NativeEngine:
         if any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
             return 1, 0
         return dist.get_world_size(), dist.get_rank()
-
-    def _sampling_generator(self, rank: int, world: int) -> torch.Generator:
-        """``self.generator`` itself for one process on CPU; otherwise a generator on the model's
-        device seeded from one draw of it (the same on every rank, so the ranks' saved states stay
-        equal) plus the rank (so ranks sampling different prompts draw different noise)."""
-        device = self.model.lm_head.weight.device
-        if device.type == "cpu" and world == 1:
-            return self.generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return torch.Generator(device=device).manual_seed(seed + rank)
 
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Left-padded prompts through a fresh ``cache`` -> each row's last hidden state ``[B, hidden]``."""
@@ -271,8 +266,9 @@ class NativeEngine:
         return self.model(tokens[:, None], positions=positions, return_hidden=True, kv_cache=cache)[:, -1]
 
     def _generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, seed: int, first_id: int = 0
     ) -> list[Completion]:
+        """``prompts`` are the call's prompts ``first_id``, ``first_id + 1``, ...: their noise keys."""
         model = self.model
         device = model.lm_head.weight.device
         max_len = max(len(p) for p in prompts) + params.max_new_tokens  # any prompt fits any row
@@ -290,12 +286,14 @@ class NativeEngine:
         while True:
             steps = min(check_every, *(params.max_new_tokens - len(outputs[i].tokens) for i in prompt_of))
             positions = torch.tensor(position, device=device)[:, None]
+            keys = row_keys(seed, torch.tensor([first_id + i for i in prompt_of], device=device))
+            done = torch.tensor([len(outputs[i].tokens) for i in prompt_of], device=device)
             drawn, logprobs = [], []
             for step in range(steps):  # no host reads in here: the device runs ahead
                 if step:
                     hidden = self._decode(cache, tokens, positions, max(position) + step)
                     positions = positions + 1
-                tokens, token_logprobs = self._sample(hidden, params, generator)
+                tokens, token_logprobs = self._sample(hidden, params, keys, done + step)
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
             finished = []
@@ -343,9 +341,11 @@ class NativeEngine:
         return torch.stack(drawn, dim=1).tolist(), torch.stack(logprobs, dim=1).tolist()
 
     def _sample(
-        self, hidden: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+        self, hidden: torch.Tensor, params: SamplingParams, keys: torch.Tensor, steps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens ``[B]`` from the final hidden states ``[B, hidden]`` and their log-probs under
-        the tempered distribution (before top-k / top-p filtering), on the model's device."""
+        """Next tokens ``[B]`` from the final hidden states ``[B, hidden]`` of rows with noise
+        ``keys [B]`` at token index ``steps [B]``, and their log-probs under the tempered
+        distribution (before top-k / top-p filtering), on the model's device."""
         logits = decode_linear(hidden, self.model.lm_head.weight)  # [B, vocab]
-        return sample_next(logits, params, self.generator if generator is None else generator)
+        noise = None if params.top_k == 1 else exponential_noise(keys, steps, logits.shape[-1])
+        return sample_next(logits, params, noise)

@@ -18,17 +18,19 @@ from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.model.moe import Experts, MoE
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 from titan_rl.rl.rollout.native import decode_linear, filter_logits, sample_next, share_of
+from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 
 
 def sample_without_cache(model, prompts, params, seed):
-    """Reference: one full forward over each prefix per new token, same sampling order."""
-    generator = torch.Generator().manual_seed(seed)
+    """Reference: one full forward over each prefix per new token, the engine's noise."""
+    keys = row_keys(draw_call_seed(torch.Generator().manual_seed(seed)), torch.arange(len(prompts)))
     rows = [list(p) for p in prompts]
     tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
-    for _ in range(params.max_new_tokens):
+    for step in range(params.max_new_tokens):
         lasts = [model(torch.tensor([r]))[0, -1] for r in rows]
         logits = torch.stack(lasts).float() / params.temperature
-        sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        noise = exponential_noise(keys, torch.full((len(prompts),), step), logits.shape[-1])
+        sampled = (torch.softmax(logits, -1) / noise).argmax(-1)
         for i, token in enumerate(sampled.tolist()):
             rows[i].append(token)
             tokens[i].append(token)
@@ -93,7 +95,7 @@ def test_device_sampler_draws_what_multinomial_draws_for_the_same_generator(temp
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(3):
-        tokens, logprobs = sample_next(logits, params, ours)
+        tokens, logprobs = sample_next(logits, params, torch.empty_like(logits).exponential_(generator=ours))
         tempered = logits / temperature
         probs = torch.softmax(filter_logits(tempered, top_p, top_k), dim=-1)
         expected = torch.multinomial(probs, 1, generator=theirs).squeeze(1)
@@ -208,19 +210,40 @@ def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
     assert all(0 < len(c.tokens) <= 12 for c in completions)
 
 
-def test_a_sampling_generator_off_cpu_is_derived_from_the_saved_one():
-    """Not one CPU process: the generator state that checkpoints save still decides every draw."""
+def test_noise_is_exponential_and_independent_across_rows_steps_and_tokens():
+    """200 rows x 50 steps x 96 tokens of counter-based noise: its uniforms exp(-E) fall evenly in
+    20 bins (chi-square, false-alarm rate 1e-6), and neighbouring rows, steps and token ids are
+    uncorrelated (|r| < 6 / sqrt(n): a false alarm about 1e-9 each under independence)."""
+    keys = row_keys(draw_call_seed(torch.Generator().manual_seed(8)), torch.arange(200))
+    noise = torch.stack([exponential_noise(keys, torch.full((200,), t), 96) for t in range(50)], 1)
+    uniform = torch.exp(-noise.double())  # [rows, steps, tokens]
+    counts = torch.histc(uniform, bins=20, min=0, max=1)
+    assert chi_square_p_value(counts, torch.full((20,), 1 / 20)) > 1e-6
+    for a, b in (
+        (uniform[1:], uniform[:-1]),
+        (uniform[:, 1:], uniform[:, :-1]),
+        (uniform[..., 1:], uniform[..., :-1]),
+    ):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(r) < 6 / a.numel() ** 0.5
+
+
+def test_sampled_completions_do_not_depend_on_the_batching():
+    """Noise keyed by prompt and token index: all rows at once, 2 rows refilled, or read every step
+    give the same sampled completions (log-probs up to the fp32 round-off of another batch)."""
     model = tiny_model(seed=16).eval()
-    a, b = NativeEngine(model, seed=3), NativeEngine(model, seed=3)
-    b.generator.manual_seed(4)
-    first, again, other = (
-        e._sampling_generator(rank=1, world=2) for e in (a, NativeEngine(model, seed=3), b)
-    )
-    assert torch.equal(first.get_state(), again.get_state())
-    assert not torch.equal(first.get_state(), other.get_state())
-    assert not torch.equal(
-        first.get_state(), NativeEngine(model, seed=3)._sampling_generator(0, 2).get_state()
-    )
+    g = torch.Generator().manual_seed(16)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (4, 1, 7, 3, 5)]
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=10, stop_token_ids=(3, 40))
+    together = NativeEngine(model, seed=9).generate(prompts, params)
+    assert len({tuple(c.tokens) for c in together}) == len(prompts)
+    for engine in (
+        NativeEngine(model, seed=9, max_batch_rows=2, check_every=4),
+        NativeEngine(model, seed=9, check_every=3),
+    ):
+        assert_same_completions(engine.generate(prompts, params), together)
+    other_seed = NativeEngine(model, seed=10).generate(prompts, params)
+    assert [c.tokens for c in other_seed] != [c.tokens for c in together]
 
 
 # ---- the decode-only fast paths, each against its reference ----
