@@ -210,24 +210,6 @@ def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
     assert all(0 < len(c.tokens) <= 12 for c in completions)
 
 
-def test_noise_is_exponential_and_independent_across_rows_steps_and_tokens():
-    """200 rows x 50 steps x 96 tokens of counter-based noise: its uniforms exp(-E) fall evenly in
-    20 bins (chi-square, false-alarm rate 1e-6), and neighbouring rows, steps and token ids are
-    uncorrelated (|r| < 6 / sqrt(n): a false alarm about 1e-9 each under independence)."""
-    keys = row_keys(draw_call_seed(torch.Generator().manual_seed(8)), torch.arange(200))
-    noise = torch.stack([exponential_noise(keys, torch.full((200,), t), 96) for t in range(50)], 1)
-    uniform = torch.exp(-noise.double())  # [rows, steps, tokens]
-    counts = torch.histc(uniform, bins=20, min=0, max=1)
-    assert chi_square_p_value(counts, torch.full((20,), 1 / 20)) > 1e-6
-    for a, b in (
-        (uniform[1:], uniform[:-1]),
-        (uniform[:, 1:], uniform[:, :-1]),
-        (uniform[..., 1:], uniform[..., :-1]),
-    ):
-        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
-        assert abs(r) < 6 / a.numel() ** 0.5
-
-
 def test_sampled_completions_do_not_depend_on_the_batching():
     """Noise keyed by prompt and token index: all rows at once, 2 rows refilled, or read every step
     give the same sampled completions (log-probs up to the fp32 round-off of another batch)."""
