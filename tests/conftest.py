@@ -41,6 +41,17 @@ def tiny_model(seed: int = 0, **overrides) -> GptOss:
     return model
 
 
+def randomize_biases(model: GptOss, seed: int) -> GptOss:
+    """Every bias random (std 0.2) instead of init's zeros, so every parameter is O(0.1) and none
+    drops out of a comparison; returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import randomize_biases, rel_err, tiny_model
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 
@@ -47,19 +47,8 @@ def check(ok: bool, what: str) -> None:
 
 
 def make_model():
-    """The tiny test model with random (not zero) attention biases, so every parameter is O(0.1)."""
-    model = tiny_model(seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for block in model.layers:
-            for linear in (
-                block.self_attn.q_proj,
-                block.self_attn.k_proj,
-                block.self_attn.v_proj,
-                block.self_attn.o_proj,
-            ):
-                linear.bias.copy_(torch.randn(linear.bias.shape, generator=gen) * 0.2)
-    return model
+    """The tiny test model with random (not zero) biases, so every parameter is O(0.1)."""
+    return randomize_biases(tiny_model(seed=0), seed=7)
 
 
 def make_batches(args) -> list[dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import randomize_biases, rel_err, tiny_model
 from titan_rl.config import load_config
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.types import Trajectory
@@ -49,13 +49,7 @@ def check(ok: bool, what: str) -> None:
 
 def make_model():
     """The tiny test model with random attention biases (every parameter O(0.1), none zero)."""
-    model = tiny_model(seed=0)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    return randomize_biases(tiny_model(seed=0), seed=3)
 
 
 def make_batch(seed: int, vocab: int):

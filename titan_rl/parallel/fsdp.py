@@ -59,7 +59,7 @@ def apply_fsdp(
             )
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters (embedding, final norm, lm_head) stay gathered from forward to backward:
-    # backward needs them at once, and the chunked log-probs read ``model.lm_head.weight`` directly.
+    # backward needs them at once, and the native engine reads ``model.lm_head.weight`` after a forward.
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
     for module in model.modules():
@@ -83,7 +83,7 @@ def _reshard_before_forward_after_no_grad(model: GptOss) -> None:
     when so configured), so after a no-grad forward (old log-probs, rollouts) it keeps gathered
     copies; an optimizer step then makes them stale and FSDP would reuse them in the next forward.
     Resharding at the end of the no-grad forward instead would break reading
-    ``model.lm_head.weight`` right after it, as the chunked log-probs and the native engine do.
+    ``model.lm_head.weight`` right after it, as the native engine's LM head does.
     Until the next forward, ``model.parameters()`` are those gathered copies (without gradients):
     after a no-grad forward that follows backward, call ``reshard(model)`` before clipping or
     reading parameters (``state_dict()`` and the optimizer always see the sharded, current ones).
