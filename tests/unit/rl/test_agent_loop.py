@@ -231,7 +231,9 @@ def test_real_engine_episodes_train_exactly_the_sampled_tokens():
     with torch.no_grad():  # a random model that stops often, so episodes have several turns
         for name in ("<|call|>", "<|end|>", "<|return|>"):
             model.lm_head.weight[TOKENIZER.special[name]] *= 3
-    engine = RecordingEngine(NativeEngine(model, seed=0))
+    engine = RecordingEngine(
+        NativeEngine(model, seed=7)
+    )  # a seed whose episodes cover the scenarios asserted below
     config = AgentLoopConfig(max_turns=3, max_new_tokens_per_turn=24, max_episode_tokens=180)
     sampling = SamplingParams(temperature=0.9)
     trajectories, stats = run_episodes(engine, TOKENIZER, ToolLookupEnv(), [5, 7, 9], 2, sampling, config)
