@@ -1,19 +1,24 @@
 """Key/value cache for generation: full layers keep every key, sliding-window layers only a window.
 
-Rows are left-padded so that every row writes its new token at the same slot; each slot remembers
-the absolute position of its key (-1 for padding / empty), and the mask is built from positions:
-key at position j is visible to a query at position i when 0 <= j <= i and i - j < window.
+A key lives in the slot of its own position: slot ``position % size``, where ``size`` is the row
+length for a full layer and the window for a sliding-window layer (a ring that holds exactly the
+last ``window`` keys). Rows are independent, so a row can hold a shorter or longer sequence than
+its neighbours, and a finished row can be refilled with a new prompt (``replace_rows``) while the
+others go on decoding. Each slot remembers the absolute position of its key (-1: empty), and the
+mask is built from positions: key at position j is visible to a query at position i when
+0 <= j <= i and i - j < window. Left padding (position -1) is written to one extra slot past the
+end that attention never reads, so writes need no host-side filtering.
 
-The buffers are allocated once, ``[batch, kv_heads, slots, head_dim]``, and written in place (a
-sliding-window layer's buffer is a ring of ``window`` slots); ``keep_rows`` copies them only when
-finished rows leave the batch. Three ways through ``attend``:
+The buffers are allocated once, ``[batch, kv_heads, size + 1, head_dim]``, and written in place;
+``keep_rows`` copies them only when finished rows leave the batch. Attention reads only the first
+``KVCache.reach`` slots, a host-side bound on the positions (no device sync to find it). Three ways
+through ``attend``:
 
 - prefill (the first forward through a fresh cache): the new tokens are all there is, so they
   attend with the model's ordinary backend; their keys are then stored.
 - decode (one new token per row): ``decode_sink_attention``, one query per row against the
-  written slots with plain matmuls. Every stored key is causal and inside the window by
-  construction (the ring holds exactly the last ``window`` slots), so the only mask is "slot holds
-  a real token" (``key_positions >= 0``), which excludes left padding.
+  slots. Every stored key is causal and inside the window by construction, so the only mask is
+  "slot holds a real token" (``key_positions >= 0``).
 - several new tokens after a prefill: the stored keys plus the new ones, the general
   position-built mask and the eager sink math.
 """
@@ -56,12 +61,12 @@ def decode_sink_attention(
 
 class LayerCache:
     def __init__(self, cache: KVCache, size: int, batch: int, args: GptOssModelArgs, device, dtype) -> None:
-        self.cache, self.device = cache, device
-        self.shape = (batch, args.num_key_value_heads, size, args.head_dim)
+        self.cache, self.device, self.size = cache, device, size
+        self.shape = (batch, args.num_key_value_heads, size + 1, args.head_dim)  # + the padding slot
         self.k = self.v = None  # allocated by the first write when no dtype is given
         if dtype is not None:
             self._allocate(dtype)
-        self.key_positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
+        self.key_positions = torch.full((batch, size + 1), -1, dtype=torch.long, device=device)
 
     def _allocate(self, dtype: torch.dtype) -> None:
         self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
@@ -71,19 +76,15 @@ class LayerCache:
         """Store ``k``/``v [B, T, KV, D]`` of tokens at ``positions [B, T]`` in their slots."""
         if self.k is None:  # the dtype the model computes in (FSDP mixed precision casts on the fly)
             self._allocate(k.dtype)
-        new, size = k.shape[1], self.k.shape[2]
-        if new == 1:  # decode: one slot, a plain strided copy
-            slot = self.cache.index % size
-            self.k[:, :, slot] = k[:, 0]
-            self.v[:, :, slot] = v[:, 0]
-            self.key_positions[:, slot] = positions[:, 0]
-            return
-        keep = min(new, size)  # a window layer's ring keeps only its last `size` keys
-        start = self.cache.index + new - keep
-        slots = torch.arange(start, start + keep, device=k.device) % size
-        self.k[:, :, slots] = k[:, new - keep :].transpose(1, 2)
-        self.v[:, :, slots] = v[:, new - keep :].transpose(1, 2)
-        self.key_positions[:, slots] = positions[:, new - keep :]
+        # a ring keeps only the last `size` keys of a row; those have distinct slots (consecutive
+        # positions), so no two writes of a row collide except padding, all in the unread last slot
+        keep = min(k.shape[1], self.size)
+        positions = positions[:, -keep:]
+        slots = torch.where(positions >= 0, positions % self.size, self.size)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, slots] = k[:, -keep:]  # advanced indices first: [B, keep, KV, D]
+        self.v[rows, :, slots] = v[:, -keep:]
+        self.key_positions[rows, slots] = positions
 
     def attend(
         self,
@@ -101,15 +102,13 @@ class LayerCache:
             out = fresh(q, k, v, sinks, scale, window, document_ids)
             self._write(k, v, positions)
             return out
-        size = self.k.shape[2]
-        if q.shape[1] == 1:  # decode: store the key, then attend over every written slot
+        used = min(self.cache.reach, self.size)  # slots past every position stay empty
+        if q.shape[1] == 1:  # decode: store the key, then attend over the row's slots
             self._write(k, v, positions)
-            used = min(self.cache.index + 1, size)
             visible = self.key_positions[:, :used] >= 0
             return decode_sink_attention(q, self.k[:, :, :used], self.v[:, :, :used], visible, sinks, scale)
         # several new tokens: attend over the stored keys plus the new ones (storing first could
         # overwrite ring slots that the earlier of the new queries still see), then store
-        used = min(self.cache.index, size)
         keys = torch.cat([self.k[:, :, :used].transpose(1, 2), k], dim=1)  # [B, S + T, KV, D]
         values = torch.cat([self.v[:, :, :used].transpose(1, 2), v], dim=1)
         key_pos = torch.cat([self.key_positions[:, :used], positions], dim=1)[:, None, None, :]
@@ -123,7 +122,7 @@ class LayerCache:
 
 
 class KVCache:
-    """One ``LayerCache`` per layer, for ``batch`` rows and at most ``max_len`` tokens per row."""
+    """One ``LayerCache`` per layer, for ``batch`` rows of at most ``max_len`` positions each."""
 
     def __init__(
         self,
@@ -135,7 +134,12 @@ class KVCache:
     ) -> None:
         """``dtype`` of the keys and values; None: the dtype of the first keys written."""
         self.max_len = max_len
-        self.index = 0  # slots written so far (the same for every row)
+        self.index = 0  # new-token columns seen so far (0: the next forward is the prefill)
+        self.extent: int | None = None
+        """Set by a caller whose rows are not one left-padded batch (refilled rows): every position
+        stored or in the next forward is < ``extent``. None: ``index`` + the new tokens, right for
+        left-padded rows that all started together."""
+        self.reach = 0  # the bound in force for the current forward
         self.positions: torch.Tensor | None = None
         self.layers = []
         for layer in range(args.num_hidden_layers):
@@ -145,9 +149,11 @@ class KVCache:
 
     def begin(self, positions: torch.Tensor) -> None:
         """Called by the model before a forward over new tokens at ``positions [B, T]``."""
-        if self.index + positions.shape[1] > self.max_len:
+        self.reach = self.index + positions.shape[1] if self.extent is None else self.extent
+        if self.reach > self.max_len:
             raise ValueError(
-                f"KV cache holds {self.max_len} tokens; {self.index + positions.shape[1]} needed"
+                f"KV cache holds {self.max_len} positions per row; {self.reach} needed: "
+                "allocate it with max_len >= the longest prompt + max_new_tokens"
             )
         self.positions = positions
 
@@ -164,3 +170,18 @@ class KVCache:
             layer.k = layer.k.index_select(0, rows)
             layer.v = layer.v.index_select(0, rows)
             layer.key_positions = layer.key_positions.index_select(0, rows)
+
+    def replace_rows(self, rows: torch.Tensor, other: KVCache) -> None:
+        """Overwrite the batch rows ``rows`` (int64) with all of ``other``'s rows, in order: a freed
+        row gets a new prompt's prefill. Whole rows are copied, empty slots (-1) included, so
+        nothing of the previous occupant stays visible. ``other`` must have the same ``max_len``."""
+        if other.max_len != self.max_len:
+            raise ValueError(
+                f"replace_rows needs caches of one max_len, got {other.max_len} != {self.max_len}"
+            )
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine.k is None:
+                mine._allocate(theirs.k.dtype)
+            mine.k.index_copy_(0, rows, theirs.k)
+            mine.v.index_copy_(0, rows, theirs.v)
+            mine.key_positions.index_copy_(0, rows, theirs.key_positions)

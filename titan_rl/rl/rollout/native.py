@@ -5,20 +5,39 @@ implementation and no weight sync (the engine holds a reference to the live modu
 engine prefills the left-padded prompts with the model's ordinary attention backend, then decodes
 one token at a time against a preallocated KV cache (``titan_rl.model.kv_cache``; sliding-window
 layers keep only their window). Decode steps take the model's few-token paths: one-query attention
-against the cache, the padded batched-matmul MoE (``Experts.forward_padded``), and the LM head
-through ``decode_linear``. A row whose episode hit a stop token leaves the batch and the cache,
-so the remaining rows decode without it.
+against the cache, the padded batched-matmul MoE (``Experts.forward_padded``, CPU only: on CUDA the
+grouped kernel runs, which reads no counts on the host), and the LM head through ``decode_linear``.
+
+A decode step does not wait for the device: sampling (temperature, top-k, top-p, the token's
+log-prob) runs where the model runs, and the host reads the sampled ids and log-probs once every
+``check_every`` steps to find stop tokens. A row whose episode ended then leaves the batch and
+the cache, or, while prompts wait (``max_batch_rows`` fewer than the prompts), takes the next
+prompt: its prefill is written over the freed cache row, so a few long episodes do not keep the
+others waiting.
+
+Under ``torch.distributed`` every rank generates its contiguous share of the prompts and the ranks
+all-gather the completions (every rank returns all of them, in order), with each FSDP module's
+weights gathered once per ``generate`` (``gathered_weights``), not once per token. With expert
+parallelism every MoE forward is an all-to-all that all ranks must join with the same tokens, so
+there every rank generates every prompt. The sampling noise is keyed by prompt and token index
+(``titan_rl.rl.rollout.noise``), so the completions do not depend on how the prompts are split
+across ranks or scheduled into rows.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
+from titan_rl.parallel.expert_parallel import ExpertParallelExperts
+from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 
 
 @dataclass
@@ -77,6 +96,31 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight.T
 
 
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens ``[B]`` from ``logits [B, vocab]`` and their log-probs under the tempered
+    distribution (before top-k / top-p filtering: what the trainer computes), fp32, on the logits'
+    device. ``noise``: Exp(1) draws like ``logits`` (``titan_rl.rl.rollout.noise``); unused when greedy.
+
+    The draw is the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d., which picks v with
+    probability p_v: ``torch.multinomial``'s own method for one sample (with its generator's
+    exponential draws as ``noise``, the same tokens), without its validity checks, which read the
+    probabilities on the host (a CUDA sync).
+    """
+    logits = logits.float()
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k == 1:  # greedy
+        sampled = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
+        sampled = (probs / noise).argmax(dim=-1)
+    # log p(token) = logit - logsumexp(logits): the full [B, vocab] log-softmax is never stored
+    logprobs = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return sampled, logprobs
+
+
 @contextmanager
 def full_sequence_attention(model: GptOss):
     """Undo a context-parallel re-placement of attention for the duration (rollouts see whole rows)."""
@@ -90,12 +134,70 @@ def full_sequence_attention(model: GptOss):
             block.self_attn.attention_fn = fn
 
 
-class NativeEngine:
-    """Batched sampling from a live ``GptOss``; reproducible through its own generator."""
+@contextmanager
+def gathered_weights(model: torch.nn.Module):
+    """Every FSDP module's full weights gathered once, kept for the duration, then resharded.
 
-    def __init__(self, model: GptOss, seed: int = 0) -> None:
+    Decode forwards then run no collectives, so ranks can run different numbers of steps. Every
+    rank must enter (the gathers are collective), also one without prompts. The forward hooks that
+    ``titan_rl.parallel.fsdp`` puts on the root (reshard at the next forward after a no-grad one)
+    are paused meanwhile: they would reshard, and so re-gather, at every decode step.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield
+        return
+    # FSDP has no public getter; its setter is public (the root is False, blocks as configured)
+    saved = [all(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in modules]
+    hooks = (model._forward_pre_hooks, model._forward_hooks)
+    paused = [dict(h) for h in hooks]
+    for h in hooks:
+        for key, fn in list(h.items()):
+            if getattr(fn, "__module__", None) == "titan_rl.parallel.fsdp":
+                del h[key]
+    try:
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        yield
+    finally:
+        for h, original in zip(hooks, paused):
+            h.clear()
+            h.update(original)
+        for module, reshard_after_forward in zip(modules, saved):
+            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+            module.reshard()
+
+
+def share_of(count: int, world: int, rank: int) -> range:
+    """Rank ``rank``'s contiguous, balanced share of ``count`` prompts (the first ``count % world``
+    ranks get one more): concatenating the shares in rank order gives back the original order."""
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+class NativeEngine:
+    """Batched sampling from a live ``GptOss``; reproducible through its own generator.
+
+    ``max_batch_rows``: at most this many prompts decode at once (None: all of them); the rest wait
+    and take the rows of finished episodes. ``check_every``: decode steps between two host reads of
+    the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps); None: 8
+    on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing, so
+    finished rows may as well leave at once. The completions do not depend on it.
+    """
+
+    def __init__(
+        self, model: GptOss, seed: int = 0, max_batch_rows: int | None = None, check_every: int | None = None
+    ) -> None:
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows = {max_batch_rows}: use None (all prompts at once) or >= 1")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every = {check_every}: use >= 1 (1 reads the tokens every step)")
         self.model = model
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)  # the state checkpoints save
+        self.max_batch_rows = max_batch_rows
+        self.check_every = check_every
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's module itself."""
@@ -119,14 +221,36 @@ class NativeEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        with full_sequence_attention(self.model):  # every rank generates whole sequences
-            return self._generate(prompts, params)
+        """One completion per prompt, in order; under ``torch.distributed`` every rank returns all."""
+        if params.max_new_tokens < 1:
+            return [Completion([], [], "length") for _ in prompts]
+        world, rank = self._split()
+        share = share_of(len(prompts), world, rank)
+        mine, start = [prompts[i] for i in share], share.start
+        # every rank gathers the weights, also one without prompts (the gathers are collective)
+        with full_sequence_attention(self.model), gathered_weights(self.model):
+            seed = draw_call_seed(self.generator)  # on every rank: their generators stay equal
+            completions = self._generate(mine, params, seed, start) if mine else []
+        if world == 1:
+            return completions
+        parts: list[list[Completion] | None] = [None] * world
+        dist.all_gather_object(parts, completions)
+        return [c for part in parts for c in part]
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _split(self) -> tuple[int, int]:
+        """(ranks sharing the prompts, this rank's index among them): 1 and 0 without
+        ``torch.distributed``, or with expert parallelism (see the module docstring)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return 1, 0
+        if any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
+            return 1, 0
+        return dist.get_world_size(), dist.get_rank()
+
+    def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Left-padded prompts through a fresh ``cache`` -> each row's last hidden state ``[B, hidden]``."""
         model = self.model
         device = model.lm_head.weight.device
         batch, width = len(prompts), max(len(p) for p in prompts)
-        # left padding: every row writes its next token into the same cache slot
         tokens = torch.zeros(batch, width, dtype=torch.long)
         positions = torch.full((batch, width), -1, dtype=torch.long)
         document_ids = torch.zeros(batch, width, dtype=torch.long)  # padding 0, prompt 1
@@ -135,54 +259,102 @@ class NativeEngine:
             tokens[i, pad:] = torch.tensor(prompt)
             positions[i, pad:] = torch.arange(len(prompt))
             document_ids[i, pad:] = 1
-        cache = KVCache(model.args, batch, width + params.max_new_tokens, device)  # compute dtype
-        hidden = model(
+        return model(
             tokens.to(device),
             positions=positions.to(device),
             document_ids=document_ids.to(device),
             return_hidden=True,
             kv_cache=cache,
         )[:, -1]
-        next_position = torch.tensor([[len(p)] for p in prompts], device=device)  # [B, 1]
-        rows = list(range(batch))  # the prompt each row of the batch (and of the cache) decodes
+
+    def _decode(
+        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, reach: int
+    ) -> torch.Tensor:
+        """One token per row, ``tokens [B]`` at ``positions [B, 1]`` (all < ``reach``) -> ``[B, hidden]``."""
+        cache.extent = reach
+        return self.model(tokens[:, None], positions=positions, return_hidden=True, kv_cache=cache)[:, -1]
+
+    def _generate(
+        self, prompts: list[list[int]], params: SamplingParams, seed: int, first_id: int = 0
+    ) -> list[Completion]:
+        """``prompts`` are the call's prompts ``first_id``, ``first_id + 1``, ...: their noise keys."""
+        model = self.model
+        device = model.lm_head.weight.device
+        max_len = max(len(p) for p in prompts) + params.max_new_tokens  # any prompt fits any row
         outputs = [Completion([], [], "length") for _ in prompts]
         stop = set(params.stop_token_ids)
-        for step in range(params.max_new_tokens):
-            sampled, logprobs = self._sample(hidden, params)
-            finished = set()
-            for row, (i, token, logprob) in enumerate(zip(rows, sampled.tolist(), logprobs.tolist())):
-                outputs[i].tokens.append(token)
-                outputs[i].logprobs.append(logprob)
-                if token in stop:
-                    outputs[i].finish_reason = "stop"
-                    finished.add(row)
-            if len(finished) == len(rows) or step == params.max_new_tokens - 1:
-                break
-            if finished:  # finished episodes leave the batch: later steps decode only the others
-                keep = [row for row in range(len(rows)) if row not in finished]
-                rows = [rows[row] for row in keep]
+        waiting = deque(range(len(prompts)))
+        check_every = self.check_every or (1 if device.type == "cpu" else 8)
+        first = [waiting.popleft() for _ in range(min(self.max_batch_rows or len(prompts), len(prompts)))]
+        cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
+        hidden = self._prefill([prompts[i] for i in first], cache)
+        # host-side state of each batch (and cache) row: its prompt, the position of its next token
+        prompt_of = first
+        position = [len(prompts[i]) for i in first]
+        tokens = torch.empty(0, dtype=torch.long, device=device)  # the last sampled, [rows]
+        while True:
+            steps = min(check_every, *(params.max_new_tokens - len(outputs[i].tokens) for i in prompt_of))
+            positions = torch.tensor(position, device=device)[:, None]
+            keys = row_keys(seed, torch.tensor([first_id + i for i in prompt_of], device=device))
+            done = torch.tensor([len(outputs[i].tokens) for i in prompt_of], device=device)
+            drawn, logprobs = [], []
+            for step in range(steps):  # no host reads in here: the device runs ahead
+                if step:
+                    hidden = self._decode(cache, tokens, positions, max(position) + step)
+                    positions = positions + 1
+                tokens, token_logprobs = self._sample(hidden, params, keys, done + step)
+                drawn.append(tokens)
+                logprobs.append(token_logprobs)
+            finished = []
+            for row, (i, ids, lps) in enumerate(zip(prompt_of, *self._read(drawn, logprobs))):
+                for token, logprob in zip(ids, lps):
+                    outputs[i].tokens.append(token)
+                    outputs[i].logprobs.append(logprob)
+                    if token in stop:  # later tokens of this row were decoded in vain
+                        outputs[i].finish_reason = "stop"
+                        break
+                if outputs[i].finish_reason == "stop" or len(outputs[i].tokens) == params.max_new_tokens:
+                    finished.append(row)
+                position[row] += steps
+            refill = finished[: len(waiting)]  # rows that take the next waiting prompts
+            survivors = [row for row in range(len(prompt_of)) if row not in finished]
+            if not survivors and not refill:
+                return outputs
+            if len(refill) < len(finished):  # the other finished rows leave the batch and the cache
+                keep = sorted(survivors + refill)
                 cache.keep_rows(torch.tensor(keep, device=device))
-                sampled, next_position = sampled[keep], next_position[keep]
-            hidden = model(
-                sampled[:, None].to(device),
-                positions=next_position,
-                return_hidden=True,
-                kv_cache=cache,
-            )[:, -1]
-            next_position = next_position + 1
-        return outputs
+                tokens = tokens[torch.tensor(keep, device=device)]
+                prompt_of, position = [prompt_of[r] for r in keep], [position[r] for r in keep]
+                refill = [keep.index(r) for r in refill]
+                survivors = [keep.index(r) for r in survivors]
+            if survivors:  # the last sampled tokens; rows about to be refilled decode a throwaway
+                last = [position[r] - 1 if r in survivors else 0 for r in range(len(prompt_of))]
+                hidden = self._decode(
+                    cache, tokens, torch.tensor(last, device=device)[:, None], max(last) + 1
+                )
+            if refill:
+                new = [waiting.popleft() for _ in refill]
+                fresh = KVCache(model.args, len(new), max_len, device)
+                new_hidden = self._prefill([prompts[i] for i in new], fresh)
+                rows = torch.tensor(refill, device=device)
+                cache.replace_rows(rows, fresh)
+                hidden = hidden.index_copy(0, rows, new_hidden) if survivors else new_hidden
+                for row, i in zip(refill, new):
+                    prompt_of[row], position[row] = i, len(prompts[i])
 
-    def _sample(self, hidden: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens ``[B]`` from the final hidden states ``[B, hidden]``, and their log-probs under
-        the tempered distribution (before top-k / top-p filtering), both on the CPU."""
-        logits = decode_linear(hidden, self.model.lm_head.weight).float().cpu()  # [B, vocab]
-        if params.temperature != 1.0:
-            logits = logits / params.temperature
-        if params.top_k == 1:  # greedy
-            sampled = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
-            sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        # log p(token) = logit - logsumexp(logits): the full [B, vocab] log-softmax is never stored
-        logprobs = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        return sampled, logprobs
+    @staticmethod
+    def _read(
+        drawn: list[torch.Tensor], logprobs: list[torch.Tensor]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """The host's one read per ``check_every`` steps: sampled ids and log-probs ``[B][steps]``."""
+        return torch.stack(drawn, dim=1).tolist(), torch.stack(logprobs, dim=1).tolist()
+
+    def _sample(
+        self, hidden: torch.Tensor, params: SamplingParams, keys: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens ``[B]`` from the final hidden states ``[B, hidden]`` of rows with noise
+        ``keys [B]`` at token index ``steps [B]``, and their log-probs under the tempered
+        distribution (before top-k / top-p filtering), on the model's device."""
+        logits = decode_linear(hidden, self.model.lm_head.weight)  # [B, vocab]
+        noise = None if params.top_k == 1 else exponential_noise(keys, steps, logits.shape[-1])
+        return sample_next(logits, params, noise)
