@@ -77,3 +77,35 @@ class MetricsLogger:
                     parts.append(f"{short} {fmt.format(record[key])}")
             console.print("  ".join(parts), highlight=False, soft_wrap=True)
         return record
+
+
+class NoSignalWatch:
+    """Says once when ``patience`` consecutive steps had no learning signal.
+
+    A step has none when every group's episodes got equal rewards: every GRPO / RLOO advantage is
+    then zero, the gradient is zero, and the policy cannot change, so the run will not recover by
+    itself. That is what a collapsed policy (every reward 0) or a saturated task (every reward 1)
+    looks like; ``reward/informative_groups`` in metrics.jsonl is the fraction of groups with signal.
+    """
+
+    def __init__(self, patience: int = 10) -> None:
+        self.patience = patience
+        self.since: int | None = None  # first step of the current run of steps without signal
+        self.warned = False
+
+    def update(self, step: int, informative_fraction: float, mean_reward: float) -> str | None:
+        """The warning to print at ``step``, or None."""
+        if informative_fraction > 0:
+            self.since, self.warned = None, False
+            return None
+        if self.since is None:
+            self.since = step
+        if self.warned or step - self.since + 1 < self.patience:
+            return None
+        self.warned = True
+        return (
+            f"warning: steps {self.since}-{step} had no learning signal: in every group all episodes "
+            f"got the same reward (mean {mean_reward:.3f}), so every advantage and the gradient are "
+            "zero and the policy cannot change. A collapsed policy (all 0) or a saturated task (all 1) "
+            "does this; resume from an earlier checkpoint with a lower learning rate, or change the task."
+        )

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
-from titan_rl.metrics import MetricsLogger, peak_memory_gb
+from titan_rl.metrics import MetricsLogger, NoSignalWatch, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.parallel import ParallelDims
 from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_collective_failure
@@ -38,6 +38,8 @@ from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+NO_SIGNAL_PATIENCE = 10  # steps without any informative group before the run warns
 
 
 def seed_everything(seed: int) -> None:
@@ -142,7 +144,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         start_step, extra = resumed
         if "engine_rng" in extra:  # absent when the saving engine had no state to give
             engine.set_rng_state(extra["engine_rng"])
-        console.print(f"resumed from step {start_step}")
+        changes = trainer.apply_optimizer_config()  # the config's lr etc., not the saved ones
+        console.print(f"resumed from step {start_step}" + "".join(f"; {c}" for c in changes))
 
     logger.start(start_step)
     if start_step == 0 and cfg.sft.steps > 0:
@@ -153,6 +156,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
         f"dump {dump}"
     )
+    no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE)
     for step in range(start_step + 1, cfg.training.steps + 1):
         t0 = time.perf_counter()
         model.eval()
@@ -163,8 +167,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
         advantages = group_advantages(rewards, cfg.rl.advantage)
+        informative = informative_groups(rewards)
         if cfg.rl.drop_uninformative_groups:
-            advantages = advantages * informative_groups(rewards)[:, None]
+            advantages = advantages * informative[:, None]
         batch = pack_trajectories(trajectories, advantages.flatten().tolist(), cfg.training.seq_len)
         metrics = trainer.train_step(batch, len(trajectories))
         engine.update_weights(model)
@@ -176,6 +181,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
                 "reward/min": rewards.min().item(),
                 "reward/max": rewards.max().item(),
+                "reward/informative_groups": informative.float().mean().item(),
                 "response_len/mean": response.mean().item(),
                 "tokens_per_s/rollout": response.sum().item() / (t1 - t0),
                 "tokens_per_s/train": sum(len(t.tokens) for t in trajectories) / (t2 - t1),  # no padding
@@ -186,6 +192,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
             }
         )
         logger.log(step, metrics, console)
+        warning = no_signal.update(step, metrics["reward/informative_groups"], metrics["reward/mean"])
+        if warning is not None:
+            console.print(warning, style="yellow", highlight=False)
         if trainer.consecutive_skips >= cfg.training.max_skipped_steps:
             last = manager.latest() if manager.enable else None
             limit = cfg.training.max_skipped_steps

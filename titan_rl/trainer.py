@@ -209,6 +209,32 @@ class Trainer:
         """``_host_micro_batches`` on the model's device, with their host-built indices."""
         return [DeviceBatch.of(mb, self.device) for mb in self._host_micro_batches(batch)]
 
+    def apply_optimizer_config(self) -> list[str]:
+        """After loading a checkpoint: the config's AdamW hyperparameters replace the saved ones.
+
+        A checkpoint stores the learning rate (and betas, eps, weight decay) in its optimizer and
+        scheduler state; without this, ``--optimizer.lr`` on a resumed run would be silently
+        ignored. The schedule's shape (warmup, decay) always comes from the config, its position
+        from the checkpoint. Returns one ``key: saved -> config`` line per changed value.
+        """
+        opt, changes = self.cfg.optimizer, []
+        wanted = {"betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+        for key, value in wanted.items():
+            saved = self.optimizer.param_groups[0][key]
+            if (tuple(saved) if key == "betas" else saved) != value:
+                changes.append(f"optimizer.{key}: {saved} -> {value}")
+                for group in self.optimizer.param_groups:
+                    group[key] = value
+        scheduler = self.lr_scheduler
+        if any(base != opt.lr for base in scheduler.base_lrs):
+            changes.append(f"optimizer.lr: {scheduler.base_lrs[0]} -> {opt.lr}")
+            scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
+            for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = opt.lr
+                group["lr"] = opt.lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return changes
+
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
         """All optimizer steps for one rollout batch; returns the merged metrics."""
         cfg = self.cfg

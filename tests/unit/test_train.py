@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,50 @@ def test_the_trainer_uses_only_the_engine_protocol(tmp_path, engines):
     resumed = engines[1].calls
     assert resumed[0] == ("set_rng_state", {"native": saved})
     assert resumed[1:] == [*step, "rng_state"]
+
+
+class OneAnswerEngine(ProtocolOnlyEngine):
+    """Every prompt of a call gets the call's first completion: each group's rewards are equal."""
+
+    __slots__ = ()
+
+    def generate(self, prompts, params):
+        first = self.inner.generate(prompts[:1], params)[0]
+        return [first] * len(prompts)
+
+
+@pytest.mark.parametrize("signal", [False, True])
+def test_a_run_without_learning_signal_says_so(tmp_path, monkeypatch, capsys, signal):
+    """Equal rewards in every group: reward/informative_groups is 0 and, after the patience, one
+    warning names the steps. With the real engine's varied episodes neither happens."""
+    engine = NativeEngine if signal else (lambda model, seed: OneAnswerEngine(NativeEngine(model, seed=seed)))
+    monkeypatch.setattr(train, "build_engine", lambda cfg, model: engine(model, seed=cfg.job.seed))
+    monkeypatch.setattr(train, "NO_SIGNAL_PATIENCE", 2)
+    args = ["--config", SMOKE, f"--job.dump_folder={tmp_path}", "--training.steps=3"]
+    assert train.main([*args, "--rollout.prompts_per_step=4", "--metrics.log_freq=100"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fractions = [row["reward/informative_groups"] for row in rows]
+    out = capsys.readouterr().out
+    if signal:
+        assert all(f > 0 for f in fractions) and "no learning signal" not in out
+    else:
+        assert fractions == [0.0, 0.0, 0.0]
+        assert out.count("no learning signal") == 1 and "steps 1-2 had no learning signal" in out
+
+
+def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys):
+    """The checkpoint's optimizer and scheduler state hold the old peak LR; the config's must win
+    (a lower LR is the usual reason to resume from an earlier checkpoint), at the saved position
+    of the schedule, and the startup line says what changed."""
+    args = ["--config", SMOKE, "--rollout.prompts_per_step=2", "--lr_scheduler.warmup_steps=0"]
+    first = [*args, f"--job.dump_folder={tmp_path / 'a'}", "--checkpoint.enable=true"]
+    assert train.main([*first, "--checkpoint.interval=2", "--training.steps=2", "--optimizer.lr=1e-2"]) == 0
+    saved = tmp_path / "a/checkpoint/step-000002"
+    resumed = [*args, f"--job.dump_folder={tmp_path / 'b'}", f"--checkpoint.load_path={saved}"]
+    assert train.main([*resumed, "--training.steps=4", "--optimizer.lr=1e-5", "--optimizer.eps=1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 2; optimizer.eps: 1e-08 -> 1e-06; optimizer.lr: 0.01 -> 1e-05" in out
+    rows = [json.loads(line) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    # cosine over 4 steps from 1e-5 to 1e-6: factors at optimizer steps 2 and 3
+    factors = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-5 * f for f in factors], rel=1e-12)
