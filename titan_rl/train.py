@@ -92,7 +92,10 @@ def build_engine(cfg: JobConfig, model: GptOss) -> RolloutEngine:
             return VllmEngine.from_config(cfg, model)
         except VllmUnavailable as e:  # a setup problem: one line, like a bad config
             raise ConfigError(str(e)) from None
-    return NativeEngine(model, seed=cfg.job.seed)
+    r = cfg.rollout
+    return NativeEngine(
+        model, seed=cfg.job.seed, max_batch_rows=r.max_batch_rows or None, check_every=r.check_every or None
+    )
 
 
 def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:

@@ -119,3 +119,11 @@ def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys)
     # cosine over 4 steps from 1e-5 to 1e-6: factors at optimizer steps 2 and 3
     factors = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)]
     assert [row["lr"] for row in rows] == pytest.approx([1e-5 * f for f in factors], rel=1e-12)
+
+
+def test_the_native_engine_takes_its_batching_keys_from_the_config():
+    cfg = train.load_config(SMOKE, ["--rollout.max_batch_rows=3", "--rollout.check_every=4"])
+    engine = train.build_engine(cfg, object())
+    assert (engine.max_batch_rows, engine.check_every) == (3, 4)
+    engine = train.build_engine(train.load_config(SMOKE), object())
+    assert (engine.max_batch_rows, engine.check_every) == (None, None)  # all at once; by device

@@ -162,6 +162,12 @@ class Rollout:
     """Samples per prompt (the advantage group)."""
     prompts_per_step: int = 8
     """Prompts per RL step; a step trains on prompts_per_step x group_size trajectories."""
+    max_batch_rows: int = 0
+    """native: sequences decoding at once per rank; more wait in a queue and take the rows of
+    finished ones (continuous batching); 0: all of them at once."""
+    check_every: int = 0
+    """native: decode steps between two host reads of the sampled tokens (stop-token checks); 0: 8 on
+    a GPU, 1 on the CPU."""
     vllm_gpu_memory_utilization: float = 0.4
     """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""
     vllm_tensor_parallel_size: int = 1

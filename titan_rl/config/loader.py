@@ -125,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "env.name": ("token_preference", "tool_lookup", "math"),
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }
+NON_NEGATIVE = ("rollout.max_batch_rows", "rollout.check_every")
 POSITIVE = ("training.steps", "training.minibatches", "training.micro_batch_rows", "training.seq_len",
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
@@ -148,6 +149,11 @@ def validate(config: JobConfig) -> None:
         value = getattr(getattr(config, section), key)
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name in NON_NEGATIVE:
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0 (0: the default), got {value}")
     if config.env.name != "token_preference" and config.training.seq_len < config.env.max_episode_tokens:
         raise ConfigError(
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "

@@ -64,6 +64,7 @@ def test_every_shipped_config_loads():
         ("", ["--rl.nope=1"], "unknown key rl.nope"),
         ("", ["training.steps=1"], "overrides look like --section.key=value"),
         ("", ["--training.steps=0"], "training.steps must be >= 1"),
+        ("", ["--rollout.max_batch_rows=-1"], "rollout.max_batch_rows must be >= 0"),
         ("[training\n", [], "invalid TOML"),
     ],
 )
