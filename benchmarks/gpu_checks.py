@@ -1,0 +1,184 @@
+"""Every GPU check of the open GPU work in one run: each part under its own timeout, results in a folder.
+
+A borrowed GPU comes with minutes, not hours, so this is the one command to run there. Each part
+runs in its own process (a crash or hang costs that part only) and writes ``<out>/<part>.txt``;
+``<out>/summary.txt`` gets one line per part (exit code, seconds) as it finishes, so a run cut
+short still says what it did. From the repo root:
+
+    python benchmarks/gpu_checks.py --out $OUT                     # a CUDA machine
+    python benchmarks/gpu_checks.py --out $OUT --only bench_model  # some parts
+    python benchmarks/gpu_checks.py --out /tmp/dry --tiny          # the same parts, tiny shapes (CPU)
+
+Parts, in order (seconds allowed; the default five fit one 10-minute device call, 540 s in all):
+- ``env`` (30): torch / transformers versions, the device (and ``nvidia-smi.txt`` where it exists).
+- ``cuda_tests`` (90): the CUDA-only tests (flash sink kernels with and without a host layout, GQA)
+  and the bf16 numerics tests, through pytest when the interpreter has it, else by calling them.
+- ``train`` (90): 3 steps of ``train_configs/smoke_cpu.toml`` on the device (one-rank FSDP mixed
+  precision, flash attention, device sampling, the out_dtype log-prob GEMMs).
+- ``bench_model`` (180): the training-step table of benchmarks/README.md (gpt-oss-20b shapes, 4
+  layers, bf16, T = 4,096 and 65,536 against HF eager and flex_attention).
+- ``bench_generate`` (150): native engine vs HF ``generate``, batches 32 and 128, with the
+  engine / trainer log-prob agreement.
+- ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
+
+``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
+torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LENT_PYTHON = "/opt/torch/.venv/bin/python3"
+OPT_IN = ("bench_model_compile",)  # parts that run only when --only names them
+
+CUDA_TESTS = [
+    "tests/unit/model/test_attention.py",
+    "tests/unit/model/test_bf16.py",
+    "tests/unit/model/test_logprobs.py",
+]
+# without pytest: the CUDA-only test functions, called with each of their parameters
+CUDA_TEST_CALLS = """
+import itertools, sys, traceback, types
+sys.path.insert(0, ".")
+try:
+    import pytest
+except ImportError:  # the test modules only need pytest's decorators to import
+    class _Mark:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: (lambda fn: fn)
+    sys.modules["pytest"] = types.SimpleNamespace(mark=_Mark(), fixture=lambda *a, **k: (lambda fn: fn))
+import torch
+if not torch.cuda.is_available():
+    print("SKIP: no CUDA device")
+    sys.exit(0)
+from tests.unit.model import test_attention as t
+calls = [(t.test_flash_matches_eager_on_cuda, dict(window=w, packed=p))
+         for w, p in itertools.product([None, 5], [False, True])]
+calls.append((t.test_flash_with_a_host_layout_and_gqa_matches_eager_on_cuda, {}))
+failed = 0
+for fn, kw in calls:
+    try:
+        fn(**kw)
+        print("PASS", fn.__name__, kw)
+    except Exception:
+        failed += 1
+        print("FAIL", fn.__name__, kw)
+        traceback.print_exc()
+sys.exit(1 if failed else 0)
+"""
+ENV = """
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+"""
+
+
+def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]]:
+    """(name, seconds allowed, command) of every part; ``tiny`` swaps in shapes a CPU runs in seconds."""
+    model = ["--preset", "debug", "--layers", "2"] if tiny else ["--preset", "20b", "--layers", "4"]
+    dtype = ["--dtype", "bfloat16"]
+    seqs = (
+        ["--seq", "32", "64", "--ac-from", "64"] if tiny else ["--seq", "4096", "65536", "--ac-from", "65536"]
+    )
+    short = ["--steps", "1", "--warmup", "0"] if tiny else []
+    has_pytest = subprocess.run([python, "-c", "import pytest"], capture_output=True).returncode == 0
+    tests = (
+        [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
+        if has_pytest
+        else [python, "-c", CUDA_TEST_CALLS]
+    )
+    train = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml"]
+    train += ["--training.steps=3", f"--job.dump_folder={out / 'train_run'}"]
+    generate = [python, "benchmarks/bench_generate.py", *model, *dtype]
+    generate += (
+        ["--batch", "2", "--new", "4", "--prompt", "8", "--repeats", "1"]
+        if tiny
+        else ["--batch", "32", "128"]
+    )
+    bench = [python, "benchmarks/bench_model.py", *model, *dtype, "--batch", "1", *seqs, *short]
+    bench += ["--hf-attn", "eager"] if tiny else ["--hf-attn", "eager", "flex_attention"]
+    compiled = [python, "benchmarks/bench_model.py", *model, *dtype, "--batch", "1", *short, "--compile"]
+    compiled += (
+        ["--seq", "32", "--hf-attn", "eager"] if tiny else ["--seq", "4096", "--hf-attn", "flex_attention"]
+    )
+    env = [python, "-c", ENV]
+    return [
+        ("env", 30, env),
+        ("cuda_tests", 90, tests),
+        ("train", 90, train),
+        ("bench_model", 180, bench),
+        ("bench_generate", 150, generate),
+        ("bench_model_compile", 200, compiled),  # only when named in --only
+    ]
+
+
+def run_part(name: str, limit: int, cmd: list[str], out: Path, env: dict[str, str]) -> int:
+    """Run one part under ``limit`` seconds; its output goes to ``out/<name>.txt``. Returns its exit
+    code (124 when it ran out of time, as coreutils ``timeout`` says)."""
+    log = out / f"{name}.txt"
+    start = time.monotonic()
+    with log.open("w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the part and anything it started
+            proc.wait()
+            rc = 124
+            f.write(f"\n[gpu_checks] {name}: killed after {limit} s\n")
+    line = f"{name}: rc {rc}, {time.monotonic() - start:.0f} s (limit {limit} s), {log.name}"
+    with (out / "summary.txt").open("a") as s:
+        s.write(line + "\n")
+    print(line, flush=True)
+    return rc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for <part>.txt and summary.txt")
+    p.add_argument("--only", nargs="+", help="run just these parts (names as listed above)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of every part on a CPU")
+    p.add_argument("--python", default=sys.executable, help=f"interpreter for the parts; auto: {LENT_PYTHON}")
+    a = p.parse_args()
+    python = a.python
+    if python == "auto":
+        python = LENT_PYTHON if os.path.exists(LENT_PYTHON) else sys.executable
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.txt").write_text("")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    selected = parts(a.tiny, out, python)
+    known = [name for name, _, _ in selected]
+    unknown = sorted(set(a.only or []) - set(known))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(known)}")
+    failed = []
+    for name, limit, cmd in selected:
+        if (name not in a.only) if a.only else name in OPT_IN:
+            continue
+        if run_part(name, limit, cmd, out, env) != 0:
+            failed.append(name)
+        if name == "env" and shutil.which("nvidia-smi"):
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
+            (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+    print("failed: " + (", ".join(failed) if failed else "none"), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
