@@ -77,10 +77,7 @@ class Block(nn.Module):
         documents: DocumentLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache, documents)
-        # decoding with a cache may take the MoE's few-token path (same math, other round-off);
-        # every other forward, with grad or without, runs the one training path: bitwise equal
-        decoding = kv_cache is not None
-        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices, decoding)
+        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices)
         return x + moe_out, expert_indices
 
     def init_weights(self, std: float) -> None:

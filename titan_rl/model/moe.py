@@ -2,13 +2,10 @@
 
 No path computes every expert for every token or copies the hidden states once per expert: each
 token is gathered once per *chosen* expert (top_k copies), the copies are sorted by expert, and
-each expert multiplies its contiguous slice. ``train()`` and ``eval()`` run the same code.
-
-Decoding (a few tokens, no autograd) has one more path, ``Experts.forward_padded``: when most
-experts are chosen by someone, the chosen copies are laid out in an ``[experts, capacity]`` grid
-(capacity = the busiest expert's count; empty cells are zeros whose outputs are never read) and
-each matmul is one batched matmul that reads every expert's weights once. At a handful of rows per
-expert that beats one small matmul per expert; it computes the same per-token math.
+each expert multiplies its contiguous slice. ``train()`` and ``eval()``, training and decoding,
+run the same code. (A padded ``[experts, capacity]`` batched matmul for decode steps was dropped:
+with torch 2.14's CPU ``_grouped_mm``, which reads only the chosen experts' weights, it was slower
+at every batch size measured, 1 to 64 tokens; benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -113,35 +110,9 @@ class Experts(nn.Module):
         up = up.clamp(min=-self.limit, max=self.limit)
         return gate * torch.sigmoid(self.alpha * gate) * (up + 1)
 
-    def forward_padded(
-        self, x: torch.Tensor, expert_indices: torch.Tensor, counts: torch.Tensor
-    ) -> torch.Tensor:
-        """Few-token path: ``x [N, hidden]``, ``expert_indices [N, k]``, ``counts [E]`` ->
-        ``[N * k, hidden]`` in (token, slot) order, each row ``expert(x[token])``.
-
-        Copy ``a`` of the N * k (token, slot) copies goes to cell ``expert * capacity + rank``, its rank
-        among the earlier copies routed to the same expert; the grid is ``[E, capacity, hidden]``.
-        """
-        num_experts, hidden_size = self.gate_up_proj.shape[0], x.shape[-1]
-        top_k = expert_indices.shape[-1]
-        flat = expert_indices.reshape(-1)  # [N * k]
-        capacity = int(counts.max())
-        rank = F.one_hot(flat, num_experts).cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1
-        cell = flat * capacity + rank
-        grid = x.new_zeros(num_experts * capacity, hidden_size)
-        grid.index_copy_(0, cell, x.repeat_interleave(top_k, dim=0))
-        gate_up = torch.baddbmm(
-            self.gate_up_proj_bias[:, None], grid.view(num_experts, capacity, hidden_size), self.gate_up_proj
-        )
-        out = torch.baddbmm(self.down_proj_bias[:, None], self._clamped_swiglu(gate_up), self.down_proj)
-        return out.view(num_experts * capacity, hidden_size).index_select(0, cell)
-
 
 class MoE(nn.Module):
     """Router + experts. Returns the output and the expert indices it used."""
-
-    few_tokens = 64
-    """When decoding without autograd, up to this many tokens may take ``Experts.forward_padded``."""
 
     def __init__(self, args: GptOssModelArgs) -> None:
         super().__init__()
@@ -150,10 +121,9 @@ class MoE(nn.Module):
         self.experts = Experts(args)
 
     def forward(
-        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None, decoding: bool = False
+        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[..., hidden]``; ``expert_indices [..., k]`` forces the routing (replay); ``decoding``
-        (generation with a KV cache) allows the few-token path."""
+        """x ``[..., hidden]``; ``expert_indices [..., k]`` forces the routing (replay)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, hidden]
         forced = None if expert_indices is None else expert_indices.reshape(x.shape[0], -1)
@@ -164,30 +134,15 @@ class MoE(nn.Module):
         counts = flat_experts.new_zeros(self.num_experts).index_add_(
             0, flat_experts, torch.ones_like(flat_experts)
         )
-        if decoding and self._use_padded(x, counts):
-            y = self.experts.forward_padded(x, expert_indices, counts)
-        else:
-            order = torch.argsort(flat_experts, stable=True)
-            # index_select, not x[idx]: its backward is index_add, far faster than index_put on CPU
-            x_sorted = x.index_select(0, order // top_k)  # [N * k, hidden]: a token once per chosen expert
-            y_sorted = self.experts(x_sorted, flat_experts.index_select(0, order), counts)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            y = y_sorted.index_select(0, inverse)  # back to (token, slot) order: a gather, no atomics
+        order = torch.argsort(flat_experts, stable=True)
+        # index_select, not x[idx]: its backward is index_add, far faster than index_put on CPU
+        x_sorted = x.index_select(0, order // top_k)  # [N * k, hidden]: a token once per chosen expert
+        y_sorted = self.experts(x_sorted, flat_experts.index_select(0, order), counts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = y_sorted.index_select(0, inverse)  # back to (token, slot) order: a gather, no atomics
         out = (y.view(-1, top_k, shape[-1]) * weights[..., None].to(y.dtype)).sum(dim=1)
         return out.view(shape), expert_indices.view(*shape[:-1], top_k)
-
-    def _use_padded(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
-        """The padded grid for few tokens without autograd, when at least half the experts are chosen
-        (it reads every expert's weights, so with most experts idle the sorted path is cheaper). Not
-        where CUDA's grouped kernel runs: the grid's capacity is read on the host, a device sync."""
-        if torch.is_grad_enabled() or x.shape[0] > self.few_tokens:
-            return False
-        if type(self.experts) is not Experts or type(self.experts.gate_up_proj).__name__ == "DTensor":
-            return False  # expert-parallel or separately FSDP-sharded experts: only their forward knows
-        if x.device.type == "cuda" and _grouped_mm_ok(x, self.experts.gate_up_proj):
-            return False
-        return 2 * int(torch.count_nonzero(counts)) >= self.num_experts
 
     def init_weights(self, std: float) -> None:
         for p in (self.router.weight, self.router.bias, *self.experts.parameters()):

@@ -1,5 +1,5 @@
 """MoE: grouped path equals a per-token loop; train == eval; replayed routing reproduces itself;
-no path multiplies a token by an expert it did not choose (beyond the documented padded grid)."""
+no path multiplies a token by an expert it did not choose."""
 
 from __future__ import annotations
 
@@ -125,32 +125,3 @@ def test_sorted_path_multiplies_each_token_by_its_chosen_experts_only():
     assert 0 in counts, "some expert should be idle for this test to mean anything"
     for rows in forward.group_rows + backward.group_rows:  # empty when grouped_mm is unavailable
         assert rows == counts
-
-
-def forced(*per_token: tuple[int, int]) -> torch.Tensor:
-    return torch.tensor(per_token)
-
-
-@pytest.mark.parametrize(
-    ("routing", "grad", "decoding", "padded"),
-    [
-        # 5 of 8 experts chosen (>= half), no autograd, decoding: the padded grid, capacity 2
-        (forced((0, 1), (2, 3), (4, 0)), False, True, True),
-        (forced((0, 1), (1, 0), (0, 1)), False, True, False),  # 2 of 8 experts: sorted
-        (forced((0, 1), (2, 3), (4, 0)), True, True, False),  # autograd: the training path
-        (forced((0, 1), (2, 3), (4, 0)), False, False, False),  # not decoding
-        (None, False, True, False),  # more than MoE.few_tokens tokens
-    ],
-    ids=["padded", "few-experts", "grad", "not-decoding", "many-tokens"],
-)
-def test_padded_grid_runs_only_under_its_condition_and_computes_its_grid(routing, grad, decoding, padded):
-    """The padded decode path multiplies an [experts, capacity] grid (capacity = the busiest
-    expert's count), as documented; every other case multiplies only the chosen copies."""
-    moe = random_moe(4, num_local_experts=8, num_experts_per_tok=2)
-    tokens = MoE.few_tokens + 1 if routing is None else routing.shape[0]
-    x = torch.randn(tokens, moe.router.weight.shape[1], generator=torch.Generator().manual_seed(4))
-    with torch.set_grad_enabled(grad), MatmulCounter() as counter:
-        _, chosen = moe(x, routing, decoding=decoding)
-    counts = torch.bincount(chosen.flatten(), minlength=8)
-    rows = 8 * int(counts.max()) if padded else chosen.numel()
-    assert counter.macs == moe_macs(moe, tokens, expert_rows=rows)

@@ -4,9 +4,9 @@ Same module, same attention and MoE code as the trainer, so there is no second m
 implementation and no weight sync (the engine holds a reference to the live module). This
 engine prefills the left-padded prompts with the model's ordinary attention backend, then decodes
 one token at a time against a preallocated KV cache (``titan_rl.model.kv_cache``; sliding-window
-layers keep only their window). Decode steps take the model's few-token paths: one-query attention
-against the cache, the padded batched-matmul MoE (``Experts.forward_padded``, CPU only: on CUDA the
-grouped kernel runs, which reads no counts on the host), and the LM head through ``decode_linear``.
+layers keep only their window). Decode steps take one-query attention against the cache, the
+grouped expert kernel as in training (it reads no counts on the host), and the LM head through
+``decode_linear``.
 
 A decode step does not wait for the device: sampling (temperature, top-k, top-p, the token's
 log-prob) runs where the model runs, and the host reads the sampled ids and log-probs once every

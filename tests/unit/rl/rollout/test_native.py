@@ -1,6 +1,6 @@
 """The native engine: KV-cache decoding equals re-running the prefix; its log-probs equal the trainer's.
 
-Its decode-only fast paths (one-query cache attention, the padded MoE, the LM-head matmul, dropping
+Its decode-only fast paths (one-query cache attention, the LM-head matmul, dropping
 finished rows) are each checked against the reference they replace, on random inputs.
 """
 
@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 
-from tests.conftest import rel_err, tiny_args, tiny_model
+from tests.conftest import rel_err, tiny_model
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
-from titan_rl.model.moe import Experts, MoE
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 from titan_rl.rl.rollout.native import decode_linear, filter_logits, sample_next, share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
@@ -120,7 +119,7 @@ def assert_same_completions(completions, reference):
     for completion, expected in zip(completions, reference, strict=True):
         assert completion.tokens == expected.tokens
         assert completion.finish_reason == expected.finish_reason
-        # fp32 round-off of a different batch (GEMM blocking; the MoE's padded or sorted path)
+        # fp32 round-off of a different batch (GEMM blocking)
         assert (torch.tensor(completion.logprobs) - torch.tensor(expected.logprobs)).abs().max() < 1e-5
 
 
@@ -171,12 +170,10 @@ def test_the_host_reads_the_sampled_tokens_once_per_check_every_steps(monkeypatc
 
 
 def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
-    """The CUDA decode path, run on CPU: the MoE through the grouped kernel (what ``_use_padded``
-    picks on CUDA), and no tensor read by Python (``item``, ``tolist``, ``int``, ``bool``, ...) inside
+    """No tensor read by Python (``item``, ``tolist``, ``int``, ``bool``, ...) inside
     a decode step or a sampling step, where on a GPU it would wait for the device. Only the
     engine's reads between steps (``_read``) may look at tensors."""
     model = tiny_model(seed=17).eval()
-    monkeypatch.setattr(MoE, "_use_padded", lambda self, x, counts: False)
     in_step = []
 
     def refusing(name):
@@ -259,39 +256,6 @@ def test_decode_linear_equals_matmul():
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(5, 64, generator=g), torch.randn(300, 64, generator=g)
     assert rel_err(decode_linear(x, weight), x @ weight.T) <= 1e-5
-
-
-@pytest.mark.parametrize("forced", [False, True], ids=["routed", "replayed"])
-def test_padded_experts_equal_sorted_path(monkeypatch, forced):
-    torch.manual_seed(0)
-    moe = MoE(tiny_args(num_local_experts=8, num_experts_per_tok=3))
-    moe.init_weights(std=0.5)  # large enough that the clamps at +-7 are hit
-    x = torch.randn(6, moe.router.weight.shape[1]) * 2
-    indices = torch.stack([torch.randperm(8)[:3] for _ in range(6)]) if forced else None
-    calls = []
-    padded = Experts.forward_padded
-    monkeypatch.setattr(Experts, "forward_padded", lambda *a: calls.append(1) or padded(*a))
-    with torch.no_grad():
-        out, chosen = moe(x, indices, decoding=True)
-        assert calls, "6 tokens x 3 of 8 experts should take the padded path"
-        ref, ref_chosen = moe(x, indices)  # not decoding: the sorted grouped path
-    assert len(calls) == 1 and torch.equal(chosen, ref_chosen)
-    assert rel_err(out, ref) <= 1e-6
-
-
-def test_padded_experts_only_when_decoding_without_autograd_and_most_experts_chosen(monkeypatch):
-    """Any other forward (the trainer's no-grad old-log-prob pass included) is the training path,
-    bitwise: on-policy ratios stay exactly 1."""
-    torch.manual_seed(1)
-    moe = MoE(tiny_args(num_local_experts=8, num_experts_per_tok=2))
-    moe.init_weights(std=0.5)
-    calls = []
-    monkeypatch.setattr(Experts, "forward_padded", lambda *a: calls.append(1))
-    moe(torch.randn(6, moe.router.weight.shape[1]), decoding=True)  # autograd on: training path
-    with torch.no_grad():
-        moe(torch.randn(1, moe.router.weight.shape[1]), decoding=True)  # 2 of 8 experts: sorted path
-        moe(torch.randn(6, moe.router.weight.shape[1]) * 3)  # not decoding
-    assert not calls
 
 
 def test_several_tokens_per_step_after_prefill_match_full_forward():
