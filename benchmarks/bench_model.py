@@ -146,9 +146,35 @@ def worker(job: dict[str, Any], a: argparse.Namespace, device: torch.device) -> 
         if step >= a.warmup:
             times.append(dt)
     out = {"seconds": statistics.median(times), "peak_mib": peak_mib(device) - start_mib}
+    if a.profile:
+        profile_step(job, model, inputs, targets, device, a.profile)
     if side == "hf":
         out["experts"] = model.config._experts_implementation
     return out
+
+
+def profile_step(
+    job: dict[str, Any],
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    top: int,
+) -> None:
+    """One more step under ``torch.profiler``: its ``top`` ops by self device time (CPU time on a
+    CPU) on stderr, after the timed steps (the numbers in the table are unaffected)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    model.zero_grad(set_to_none=True)
+    with profile(activities=activities) as prof:
+        loss_of(job["side"], model, inputs, targets).backward()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=top)
+    log(f"profile of {label(job)} at T={job['seq']}: one step, top {top} ops by {key}\n{table}")
 
 
 def label(job: dict[str, Any]) -> str:
@@ -212,6 +238,13 @@ def main() -> None:
         "--peak-tflops", type=float, default=0.0, help="device bf16 peak for MFU (default: by name)"
     )
     p.add_argument("--tol", type=float, default=None, help="largest accepted relative loss difference")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each row, profile one step: its top N ops (stderr)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

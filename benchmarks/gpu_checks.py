@@ -103,7 +103,19 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         if tiny
         else ["--batch", "32", "128"]
     )
-    bench = [python, "benchmarks/bench_model.py", *model, *dtype, "--batch", "1", *seqs, *short]
+    generate += ["--profile", "25"]
+    bench = [
+        python,
+        "benchmarks/bench_model.py",
+        *model,
+        *dtype,
+        "--batch",
+        "1",
+        *seqs,
+        *short,
+        "--profile",
+        "25",
+    ]
     bench += ["--hf-attn", "eager"] if tiny else ["--hf-attn", "eager", "flex_attention"]
     compiled = [python, "benchmarks/bench_model.py", *model, *dtype, "--batch", "1", *short, "--compile"]
     compiled += (

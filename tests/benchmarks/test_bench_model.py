@@ -17,10 +17,13 @@ def test_bench_model_prints_every_row_on_cpu():
     cmd = [
         sys.executable, "benchmarks/bench_model.py", "--preset", "debug", "--layers", "2",
         "--seq", "32", "64", "--hf-attn", "eager", "--steps", "1", "--warmup", "0", "--ac-from", "64",
+        "--profile", "3",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert "profile of titan_rl at T=32: one step, top 3 ops" in proc.stderr  # --profile, every row
+    assert "profile of HF eager at T=32" in proc.stderr
     check = re.search(r"loss check at T=32: titan_rl (\S+), transformers (\S+), rel diff (\S+)", out)
     assert check and float(check.group(3)) <= 1e-4, out
     for row in (
