@@ -26,7 +26,11 @@ from importlib.metadata import version
 from typing import Any
 
 import torch
-from bench_model import add_model_flags, build  # same model and flags as the training benchmark
+from bench_model import (
+    add_model_flags,
+    build,
+    print_top_ops,
+)  # same model and flags as the training benchmark
 
 from titan_rl.model import GptOss
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
@@ -94,24 +98,6 @@ def trainer_logprobs(model: GptOss, prompts: list[list[int]], completions: list[
     return logprobs.float().cpu()
 
 
-def profile_generate(run: Callable[[], Any], device: torch.device, batch: int, top: int) -> None:
-    """One more ``generate`` under ``torch.profiler``: its ``top`` ops by self device time (CPU time
-    on a CPU) on stderr; after the timed runs, so the table is unaffected."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=top)
-    print(
-        f"[bench] profile of titan_rl native, batch {batch}: top {top} ops by {key}\n{table}", file=sys.stderr
-    )
-
-
 def main() -> None:
     a = parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +129,7 @@ def main() -> None:
         print(f"[bench] batch {batch}", file=sys.stderr, flush=True)
         results = timed_alternately({"ours": run_ours, "hf": run_hf}, a.repeats, sync)
         if a.profile:
-            profile_generate(run_ours, device, batch, a.profile)
+            print_top_ops(run_ours, device, a.profile, f"titan_rl native at batch {batch}")
         completions, hf_tokens = results["ours"]["output"], results["hf"]["output"]
         engine_logprobs = torch.tensor([lp for c in completions for lp in c.logprobs])
         diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)).abs()

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -147,34 +148,31 @@ def worker(job: dict[str, Any], a: argparse.Namespace, device: torch.device) -> 
             times.append(dt)
     out = {"seconds": statistics.median(times), "peak_mib": peak_mib(device) - start_mib}
     if a.profile:
-        profile_step(job, model, inputs, targets, device, a.profile)
+
+        def one_step() -> None:
+            model.zero_grad(set_to_none=True)
+            loss_of(side, model, inputs, targets).backward()
+
+        print_top_ops(one_step, device, a.profile, f"{label(job)} at T={job['seq']}: one step")
     if side == "hf":
         out["experts"] = model.config._experts_implementation
     return out
 
 
-def profile_step(
-    job: dict[str, Any],
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    device: torch.device,
-    top: int,
-) -> None:
-    """One more step under ``torch.profiler``: its ``top`` ops by self device time (CPU time on a
-    CPU) on stderr, after the timed steps (the numbers in the table are unaffected)."""
+def print_top_ops(run: Callable[[], Any], device: torch.device, top: int, what: str) -> None:
+    """Run ``run()`` once under ``torch.profiler`` and print its ``top`` ops by self device time
+    (CPU time on a CPU) to stderr as "profile of <what>, top N ops". Both benchmarks call it after
+    their timed runs, so the tables are unaffected."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    model.zero_grad(set_to_none=True)
     with profile(activities=activities) as prof:
-        loss_of(job["side"], model, inputs, targets).backward()
+        run()
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=top)
-    log(f"profile of {label(job)} at T={job['seq']}: one step, top {top} ops by {key}\n{table}")
+    log(f"profile of {what}, top {top} ops by {key}\n{prof.key_averages().table(sort_by=key, row_limit=top)}")
 
 
 def label(job: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     for batch in (2, 3):  # --profile: one profiled generate per batch size
-        assert f"profile of titan_rl native, batch {batch}: top 3 ops" in proc.stderr, proc.stderr[-2000:]
+        assert f"profile of titan_rl native at batch {batch}, top 3 ops" in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "float32, cpu" in out, out

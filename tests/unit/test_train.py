@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
 from titan_rl import train
+from titan_rl.report import read_metrics
 from titan_rl.rl.rollout import NativeEngine
 
 SMOKE = str(Path(__file__).resolve().parents[2] / "train_configs/smoke_cpu.toml")
@@ -93,7 +93,7 @@ def test_a_run_without_learning_signal_says_so(tmp_path, monkeypatch, capsys, si
     monkeypatch.setattr(train, "NO_SIGNAL_PATIENCE", 2)
     args = ["--config", SMOKE, f"--job.dump_folder={tmp_path}", "--training.steps=3"]
     assert train.main([*args, "--rollout.prompts_per_step=4", "--metrics.log_freq=100"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     fractions = [row["reward/informative_groups"] for row in rows]
     out = capsys.readouterr().out
     if signal:
@@ -115,7 +115,7 @@ def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys)
     assert train.main([*resumed, "--training.steps=4", "--optimizer.lr=1e-5", "--optimizer.eps=1e-6"]) == 0
     out = capsys.readouterr().out
     assert "resumed from step 2; optimizer.eps: 1e-08 -> 1e-06; optimizer.lr: 0.01 -> 1e-05" in out
-    rows = [json.loads(line) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "b/metrics.jsonl")
     # cosine over 4 steps from 1e-5 to 1e-6: factors at optimizer steps 2 and 3
     factors = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)]
     assert [row["lr"] for row in rows] == pytest.approx([1e-5 * f for f in factors], rel=1e-12)

@@ -224,11 +224,6 @@ def load_hf_model(
     return model
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor; a plain tensor itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on CPU (gathers FSDP shards: a collective every rank must join)."""
     return (tensor.full_tensor() if _is_dtensor(tensor) else tensor).detach().cpu()
@@ -247,11 +242,11 @@ def hf_tensors(
     ``device``, never a view of a parameter (a consumer may modify it in place).
     """
     for native, tensor in model.state_dict().items():
+        sharded = _is_dtensor(tensor)
         local = tensor.detach().to(dtype)  # a DTensor casts its own shard: no communication
-        out = local.full_tensor() if _is_dtensor(local) else local
-        out = out.to(device)
-        if out.untyped_storage().data_ptr() == _local(tensor).untyped_storage().data_ptr():
-            out = out.clone()  # no cast, no gather, no move happened: still the parameter itself
+        out = (local.full_tensor() if sharded else local).to(device)  # full_tensor(): a new tensor
+        if not sharded and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            out = out.clone()  # no cast and no move happened: still the parameter itself
         del local
         yield to_hf_name(native), out.contiguous()
         del out

@@ -144,16 +144,13 @@ def validate(config: JobConfig) -> None:
         if value not in choices:
             extra = " or package.module:Factory (your own environment)" if name == "env.name" else ""
             raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}{extra}")
-    for name in POSITIVE:
-        section, key = name.split(".")
-        value = getattr(getattr(config, section), key)
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    for name in NON_NEGATIVE:
-        section, key = name.split(".")
-        value = getattr(getattr(config, section), key)
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0 (0: the default), got {value}")
+    for names, least in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
+        for name in names:
+            section, key = name.split(".")
+            value = getattr(getattr(config, section), key)
+            if value < least:
+                zero = " (0: the default)" if least == 0 else ""
+                raise ConfigError(f"{name} must be >= {least}{zero}, got {value}")
     if config.env.name != "token_preference" and config.training.seq_len < config.env.max_episode_tokens:
         raise ConfigError(
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
