@@ -16,7 +16,7 @@ from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
-from titan_rl.rl.rollout.native import decode_linear, filter_logits, sample_next, share_of
+from titan_rl.rl.rollout.native import DecodeHead, filter_logits, sample_next, share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 
 
@@ -252,10 +252,17 @@ def test_decode_attention_equals_sink_softmax_reference():
     assert rel_err(out, ref) <= 1e-6
 
 
-def test_decode_linear_equals_matmul():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_head_equals_a_matmul_for_any_row_count(dtype):
+    """The head is packed for 5 rows (on CPU in fp32); rows leave or are fewer, so 1, 5 and 9 rows
+    must all give ``x @ weight.T``. Planted: packing the weight with its rows reversed fails it."""
     g = torch.Generator().manual_seed(1)
-    x, weight = torch.randn(5, 64, generator=g), torch.randn(300, 64, generator=g)
-    assert rel_err(decode_linear(x, weight), x @ weight.T) <= 1e-5
+    weight = torch.randn(300, 64, generator=g).to(dtype)
+    head = DecodeHead(weight, rows=5)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for rows in (1, 5, 9):
+        x = torch.randn(rows, 64, generator=g).to(dtype)
+        assert rel_err(head(x).float(), (x.float() @ weight.float().T)) <= tolerance
 
 
 def test_several_tokens_per_step_after_prefill_match_full_forward():
