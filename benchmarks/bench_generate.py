@@ -18,9 +18,11 @@ available, else on the CPU. Run from the repo root with titan_rl importable:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -34,6 +36,7 @@ from bench_model import (
 
 from titan_rl.model import GptOss
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
+from titan_rl.rl.rollout.native import DECODE_MODES
 
 GREEDY_TEMPERATURE = 1.0  # the temperature both sides' log-probs are taken at (greedy picks the argmax)
 
@@ -48,6 +51,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128, help="generated tokens per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine, after one warm-up")
     p.add_argument(
+        "--decode", nargs="+", default=["eager"], choices=DECODE_MODES,
+        help="our engine's decode modes, a row each (cuda_graph: CUDA, bf16, sm90+)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="profile one more generate of ours per batch size: its top N ops (stderr)",
     )  # fmt: skip
@@ -57,14 +64,23 @@ def parse() -> argparse.Namespace:
 def timed_alternately(
     engines: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]
 ) -> dict[str, Any]:
-    """Seconds of every timed run and the last output, per engine; run 0 of each warms up."""
-    results = {name: {"times": [], "output": None} for name in engines}
+    """Seconds of every timed run and the last output, per engine; run 0 of each warms up. An engine
+    that raises is reported (traceback on stderr, ``error`` in its result) and left out of later
+    rounds, so one failing mode does not cost the others' numbers."""
+    results = {name: {"times": [], "output": None, "error": None} for name in engines}
     for r in range(repeats + 1):
         for name, fn in engines.items():
+            if results[name]["error"]:
+                continue
             sync()
             t0 = time.perf_counter()
-            results[name]["output"] = fn()
-            sync()
+            try:
+                results[name]["output"] = fn()
+                sync()
+            except Exception as e:  # reported; the other engines go on
+                traceback.print_exc()
+                results[name]["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                continue
             seconds = time.perf_counter() - t0
             if r:
                 results[name]["times"].append(seconds)
@@ -106,13 +122,13 @@ def main() -> None:
     hf = build("hf", a, device).eval()
     vocab = ours.args.vocab_size
     params = SamplingParams(temperature=GREEDY_TEMPERATURE, top_k=1, max_new_tokens=a.new)
-    engine = NativeEngine(ours, seed=0)
+    engines = {mode: NativeEngine(ours, seed=0, decode=mode) for mode in a.decode}
     rows = []
     for batch in a.batch:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, vocab, (batch, a.prompt), generator=g)
 
-        def run_ours(prompts: torch.Tensor = prompts) -> list[Completion]:
+        def run_ours(engine: NativeEngine, prompts: torch.Tensor = prompts) -> list[Completion]:
             return engine.generate(prompts.tolist(), params)
 
         @torch.no_grad()
@@ -127,14 +143,20 @@ def main() -> None:
             return out[:, a.prompt :].tolist()
 
         print(f"[bench] batch {batch}", file=sys.stderr, flush=True)
-        results = timed_alternately({"ours": run_ours, "hf": run_hf}, a.repeats, sync)
+        runs = {mode: functools.partial(run_ours, engine) for mode, engine in engines.items()}
+        results = timed_alternately({**runs, "hf": run_hf}, a.repeats, sync)
+        ok = [mode for mode in engines if not results[mode]["error"]]
         if a.profile:
-            print_top_ops(run_ours, device, a.profile, f"titan_rl native at batch {batch}")
-        completions, hf_tokens = results["ours"]["output"], results["hf"]["output"]
-        engine_logprobs = torch.tensor([lp for c in completions for lp in c.logprobs])
-        diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)).abs()
-        same = sum(x == y for c, h in zip(completions, hf_tokens) for x, y in zip(c.tokens, h))
-        rows.append((batch, results, same, diff.mean().item(), diff.max().item()))
+            for mode in ok:
+                print_top_ops(runs[mode], device, a.profile, f"titan_rl native ({mode}) at batch {batch}")
+        checks = {}
+        for mode in ok:
+            completions, hf_tokens = results[mode]["output"], results["hf"]["output"]
+            engine_logprobs = torch.tensor([lp for c in completions for lp in c.logprobs])
+            diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)).abs()
+            same = sum(x == y for c, h in zip(completions, hf_tokens) for x, y in zip(c.tokens, h))
+            checks[mode] = (same, diff.mean().item(), diff.max().item())
+        rows.append((batch, results, checks))
 
     where = (
         torch.cuda.get_device_name(device)
@@ -156,16 +178,22 @@ def main() -> None:
         "| greedy tokens = HF | engine vs trainer logp, mean | max |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, results, same, mean_diff, max_diff in rows:
+    for batch, results, checks in rows:
         total = batch * a.new
-        median = {name: statistics.median(r["times"]) for name, r in results.items()}
-        best = {name: min(r["times"]) for name, r in results.items()}
-        for name, label in (("ours", "titan_rl native"), ("hf", "transformers generate")):
-            extra = (
-                [f"{same}/{total}", f"{mean_diff:.2e}", f"{max_diff:.2e}"]
-                if name == "ours"
-                else ["", "n/a", "n/a"]
-            )
+        median = {name: statistics.median(r["times"]) for name, r in results.items() if r["times"]}
+        best = {name: min(r["times"]) for name, r in results.items() if r["times"]}
+        for name in results:
+            if results[name]["error"]:
+                print(f"| titan_rl native ({name}) | {batch} | failed: {results[name]['error']} |")
+                continue
+            if name == "hf":
+                label, extra = "transformers generate", ["", "n/a", "n/a"]
+            else:
+                same, mean_diff, max_diff = checks[name]
+                label, extra = (
+                    f"titan_rl native ({name})",
+                    [f"{same}/{total}", f"{mean_diff:.2e}", f"{max_diff:.2e}"],
+                )
             cells = [
                 label,
                 str(batch),

@@ -17,8 +17,9 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   precision, flash attention, device sampling, the out_dtype log-prob GEMMs).
 - ``bench_model`` (180): the training-step table of benchmarks/README.md (gpt-oss-20b shapes, 4
   layers, bf16, T = 4,096 and 65,536 against HF eager and flex_attention).
-- ``bench_generate`` (150): native engine vs HF ``generate``, batches 32 and 128, with the
-  engine / trainer log-prob agreement.
+- ``bench_generate`` (150): native engine (eager and CUDA-graph decode) vs HF ``generate``,
+  batches 32 and 128, with the engine / trainer log-prob agreement. A decode mode that fails is
+  reported in the table and the others still run.
 - ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
@@ -43,6 +44,7 @@ CUDA_TESTS = [
     "tests/unit/model/test_attention.py",
     "tests/unit/model/test_bf16.py",
     "tests/unit/model/test_logprobs.py",
+    "tests/unit/rl/rollout/test_native_cuda.py",
 ]
 # without pytest: the CUDA-only test functions, called with each of their parameters
 CUDA_TEST_CALLS = """
@@ -63,6 +65,10 @@ from tests.unit.model import test_attention as t
 calls = [(t.test_flash_matches_eager_on_cuda, dict(window=w, packed=p))
          for w, p in itertools.product([None, 5], [False, True])]
 calls.append((t.test_flash_with_a_host_layout_and_gqa_matches_eager_on_cuda, {}))
+from tests.unit.rl.rollout import test_native_cuda as n  # sm90+, as the lent H100 / H200
+graph_test = n.test_cuda_graph_decode_returns_what_static_decode_returns
+calls += [(graph_test, dict(sampled=s)) for s in (False, True)]
+calls.append((n.test_cuda_graph_decode_refuses_an_fp32_model, {}))
 failed = 0
 for fn, kw in calls:
     try:
@@ -98,6 +104,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     train = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml"]
     train += ["--training.steps=3", f"--job.dump_folder={out / 'train_run'}"]
     generate = [python, "benchmarks/bench_generate.py", *model, *dtype]
+    generate += ["--decode", "eager", "static"] if tiny else ["--decode", "eager", "cuda_graph"]
     generate += (
         ["--batch", "2", "--new", "4", "--prompt", "8", "--repeats", "1"]
         if tiny

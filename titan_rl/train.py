@@ -94,7 +94,11 @@ def build_engine(cfg: JobConfig, model: GptOss) -> RolloutEngine:
             raise ConfigError(str(e)) from None
     r = cfg.rollout
     return NativeEngine(
-        model, seed=cfg.job.seed, max_batch_rows=r.max_batch_rows or None, check_every=r.check_every or None
+        model,
+        seed=cfg.job.seed,
+        max_batch_rows=r.max_batch_rows or None,
+        check_every=r.check_every or None,
+        decode=r.decode,
     )
 
 

@@ -64,4 +64,6 @@ def test_the_cuda_tests_run_without_pytest():
     assert proc.returncode == 1, out
     assert out.count("FAIL test_flash_matches_eager_on_cuda") == 4, out
     assert "FAIL test_flash_with_a_host_layout_and_gqa_matches_eager_on_cuda" in out
+    assert out.count("FAIL test_cuda_graph_decode_returns_what_static_decode_returns") == 2, out
+    assert "FAIL test_cuda_graph_decode_refuses_an_fp32_model" in out
     assert "ModuleNotFoundError" not in out and "ImportError" not in out, out

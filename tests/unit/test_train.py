@@ -122,8 +122,9 @@ def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys)
 
 
 def test_the_native_engine_takes_its_batching_keys_from_the_config():
-    cfg = train.load_config(SMOKE, ["--rollout.max_batch_rows=3", "--rollout.check_every=4"])
-    engine = train.build_engine(cfg, object())
-    assert (engine.max_batch_rows, engine.check_every) == (3, 4)
+    keys = ["--rollout.max_batch_rows=3", "--rollout.check_every=4", "--rollout.decode=static"]
+    engine = train.build_engine(train.load_config(SMOKE, keys), object())
+    assert (engine.max_batch_rows, engine.check_every, engine.decode) == (3, 4, "static")
     engine = train.build_engine(train.load_config(SMOKE), object())
-    assert (engine.max_batch_rows, engine.check_every) == (None, None)  # all at once; by device
+    # all at once; by device; rows leave as they finish
+    assert (engine.max_batch_rows, engine.check_every, engine.decode) == (None, None, "eager")

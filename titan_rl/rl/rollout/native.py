@@ -27,6 +27,7 @@ across ranks or scheduled into rows.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -194,6 +195,67 @@ def share_of(count: int, world: int, rank: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+DECODE_MODES = ("eager", "static", "cuda_graph")
+
+
+@dataclass
+class _Rows:
+    """The device-side state of the batch rows between decode steps, updated in place (in the
+    static modes these are the buffers a captured step reads and writes).
+
+    ``hidden [R, hidden]``: the final hidden state each row's next token is sampled from.
+    ``positions [R, 1]``: the position that token takes; -1 parks a row (static modes: a finished row
+    that stays in the batch; its writes land in the cache's never-read padding slot).
+    ``keys [R]``: the noise keys of the rows' prompts. ``drawn [R]``: tokens drawn so far per row.
+    """
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    keys: torch.Tensor
+    drawn: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.hidden, self.positions, self.keys, self.drawn)
+
+    def select(self, rows: torch.Tensor) -> _Rows:
+        return _Rows(*(t.index_select(0, rows) for t in self.tensors()))
+
+    def clone(self) -> _Rows:
+        return _Rows(*(t.clone() for t in self.tensors()))
+
+    def copy_(self, other: _Rows) -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+
+
+class _CudaGraphStep:
+    """One decode step captured as a CUDA graph on the static ``rows``; calling it replays it.
+
+    The step runs once for warm-up on a side stream (lazy initialization, library handles, allocator
+    blocks), then is captured. Both run with every row parked at position -1, so their key/value
+    writes land in the cache's padding slot, which attention never reads; ``rows`` is restored after.
+    The outputs live in the graph's memory pool and are overwritten by the next replay: the caller
+    gets copies.
+    """
+
+    def __init__(self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: _Rows) -> None:
+        saved = rows.clone()
+        rows.positions.fill_(-1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step()
+        rows.copy_(saved)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.graph.replay()
+        return self.out[0].clone(), self.out[1].clone()
+
+
 class NativeEngine:
     """Batched sampling from a live ``GptOss``; reproducible through its own generator.
 
@@ -202,19 +264,40 @@ class NativeEngine:
     the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps); None: 8
     on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing, so
     finished rows may as well leave at once. The completions do not depend on it.
+
+    ``decode``: how decode steps run.
+
+    - ``eager`` (default): finished rows leave the batch and attention reads only the cache slots
+      that can hold keys yet; every step's shapes follow the batch.
+    - ``static``: fixed shapes, what a CUDA graph needs: a finished row stays in the batch, parked,
+      until a waiting prompt takes it; attention reads the whole cache with the slot mask. Same
+      completions as ``eager``; runs anywhere (on its own only slower: for tests and comparison).
+    - ``cuda_graph``: ``static`` with the step (sampling, then the decode of the sampled tokens)
+      captured once per ``generate`` call as a CUDA graph and replayed: no kernel launches from
+      Python per step. Needs one CUDA process without FSDP or expert parallelism and bf16/fp16
+      weights on sm90 or newer (the grouped expert kernel; elsewhere it reads counts on the host).
     """
 
     def __init__(
-        self, model: GptOss, seed: int = 0, max_batch_rows: int | None = None, check_every: int | None = None
+        self,
+        model: GptOss,
+        seed: int = 0,
+        max_batch_rows: int | None = None,
+        check_every: int | None = None,
+        decode: str = "eager",
     ) -> None:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows = {max_batch_rows}: use None (all prompts at once) or >= 1")
         if check_every is not None and check_every < 1:
             raise ValueError(f"check_every = {check_every}: use >= 1 (1 reads the tokens every step)")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode = {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.model = model
         self.generator = torch.Generator(device="cpu").manual_seed(seed)  # the state checkpoints save
         self.max_batch_rows = max_batch_rows
         self.check_every = check_every
+        self.decode = decode
+        self.captures = 0  # CUDA graphs captured so far (one per generate call in cuda_graph mode)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's module itself."""
@@ -241,6 +324,8 @@ class NativeEngine:
         """One completion per prompt, in order; under ``torch.distributed`` every rank returns all."""
         if params.max_new_tokens < 1:
             return [Completion([], [], "length") for _ in prompts]
+        if self.decode == "cuda_graph":
+            self._check_graphable()
         world, rank = self._split()
         share = share_of(len(prompts), world, rank)
         mine, start = [prompts[i] for i in share], share.start
@@ -253,6 +338,27 @@ class NativeEngine:
         parts: list[list[Completion] | None] = [None] * world
         dist.all_gather_object(parts, completions)
         return [c for part in parts for c in part]
+
+    def _check_graphable(self) -> None:
+        """Why ``cuda_graph`` cannot run for this model, as a ``ValueError``; nothing if it can."""
+        weight = self.model.lm_head.weight
+        why = None
+        if weight.device.type != "cuda":
+            why = f"the model is on {weight.device.type}, not CUDA"
+        elif any(isinstance(m, FSDPModule) for m in self.model.modules()) or self._split()[0] > 1:
+            why = "the model is sharded (FSDP) or the prompts are split across processes"
+        elif any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
+            why = "expert parallelism runs an all-to-all with host-side split sizes"
+        elif (
+            weight.dtype not in (torch.bfloat16, torch.float16)
+            or torch.cuda.get_device_capability(weight.device)[0] < 9
+        ):
+            why = (
+                f"the grouped expert kernel needs bf16/fp16 on sm90+ (have {weight.dtype}, "
+                f"sm{''.join(map(str, torch.cuda.get_device_capability(weight.device)))})"
+            )
+        if why:
+            raise ValueError(f"decode = 'cuda_graph' cannot run here: {why}; use decode = 'eager'")
 
     def _split(self) -> tuple[int, int]:
         """(ranks sharing the prompts, this rank's index among them): 1 and 0 without
@@ -291,12 +397,24 @@ class NativeEngine:
         cache.extent = reach
         return self.model(tokens[:, None], positions=positions, return_hidden=True, kv_cache=cache)[:, -1]
 
+    def _step(
+        self, head: DecodeHead, cache: KVCache, rows: _Rows, params: SamplingParams, reach: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample every row's next token from ``rows.hidden``, then decode it (KV written, the next
+        hidden state computed); ``rows`` advances in place. -> (tokens ``[R]``, log-probs ``[R]``)."""
+        tokens, logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
+        rows.hidden.copy_(self._decode(cache, tokens, rows.positions, reach))
+        rows.positions.add_((rows.positions >= 0).long())  # parked rows stay at -1
+        rows.drawn.add_(1)
+        return tokens, logprobs
+
     def _generate(
         self, prompts: list[list[int]], params: SamplingParams, seed: int, first_id: int = 0
     ) -> list[Completion]:
         """``prompts`` are the call's prompts ``first_id``, ``first_id + 1``, ...: their noise keys."""
         model = self.model
         device = model.lm_head.weight.device
+        static = self.decode != "eager"
         max_len = max(len(p) for p in prompts) + params.max_new_tokens  # any prompt fits any row
         outputs = [Completion([], [], "length") for _ in prompts]
         stop = set(params.stop_token_ids)
@@ -305,26 +423,42 @@ class NativeEngine:
         first = [waiting.popleft() for _ in range(min(self.max_batch_rows or len(prompts), len(prompts)))]
         cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
         head = DecodeHead(model.lm_head.weight, len(first))
-        hidden = self._prefill([prompts[i] for i in first], cache)
-        # host-side state of each batch (and cache) row: its prompt, the position of its next token
-        prompt_of = first
+
+        def state_of(ids: list[int]) -> tuple[torch.Tensor, ...]:
+            """(positions, keys, drawn) of fresh rows for prompts ``ids``."""
+            positions = torch.tensor([[len(prompts[i])] for i in ids], device=device)
+            keys = row_keys(seed, torch.tensor([first_id + i for i in ids], device=device))
+            return positions, keys, torch.zeros(len(ids), dtype=torch.long, device=device)
+
+        rows = _Rows(self._prefill([prompts[i] for i in first], cache), *state_of(first))
+        # host-side state of each batch (and cache) row: its prompt (None: parked), its next position
+        prompt_of: list[int | None] = list(first)
         position = [len(prompts[i]) for i in first]
-        tokens = torch.empty(0, dtype=torch.long, device=device)  # the last sampled, [rows]
+
+        def step(reach: int = max_len) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._step(head, cache, rows, params, reach)
+
+        replay = None
+        if self.decode == "cuda_graph":
+            replay = _CudaGraphStep(step, rows)
+            self.captures += 1
         while True:
-            steps = min(check_every, *(params.max_new_tokens - len(outputs[i].tokens) for i in prompt_of))
-            positions = torch.tensor(position, device=device)[:, None]
-            keys = row_keys(seed, torch.tensor([first_id + i for i in prompt_of], device=device))
-            done = torch.tensor([len(outputs[i].tokens) for i in prompt_of], device=device)
+            live = [r for r, i in enumerate(prompt_of) if i is not None]
+            steps = min(
+                check_every, *(params.max_new_tokens - len(outputs[prompt_of[r]].tokens) for r in live)
+            )
             drawn, logprobs = [], []
-            for step in range(steps):  # no host reads in here: the device runs ahead
-                if step:
-                    hidden = self._decode(cache, tokens, positions, max(position) + step)
-                    positions = positions + 1
-                tokens, token_logprobs = self._sample(head, hidden, params, keys, done + step)
+            for s in range(steps):  # no host reads in here: the device runs ahead
+                # eager: attention reads only the slots that can hold keys by now
+                tokens, token_logprobs = (
+                    replay() if replay else step(max_len if static else max(position) + s + 1)
+                )
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
             finished = []
             for row, (i, ids, lps) in enumerate(zip(prompt_of, *self._read(drawn, logprobs))):
+                if i is None:
+                    continue
                 for token, logprob in zip(ids, lps):
                     outputs[i].tokens.append(token)
                     outputs[i].logprobs.append(logprob)
@@ -335,28 +469,29 @@ class NativeEngine:
                     finished.append(row)
                 position[row] += steps
             refill = finished[: len(waiting)]  # rows that take the next waiting prompts
-            survivors = [row for row in range(len(prompt_of)) if row not in finished]
-            if not survivors and not refill:
+            leaving = finished[len(refill) :]
+            if len(finished) == len(live) and not refill:
                 return outputs
-            if len(refill) < len(finished):  # the other finished rows leave the batch and the cache
-                keep = sorted(survivors + refill)
-                cache.keep_rows(torch.tensor(keep, device=device))
-                tokens = tokens[torch.tensor(keep, device=device)]
+            if leaving and static:  # parked: they stay in the batch, their writes go nowhere
+                parked = torch.tensor(leaving, device=device)
+                rows.positions.index_fill_(0, parked, -1)
+                for row in leaving:
+                    prompt_of[row] = None
+            elif leaving:  # they leave the batch and the cache
+                keep = [r for r in range(len(prompt_of)) if r not in leaving]
+                kept = torch.tensor(keep, device=device)
+                cache.keep_rows(kept)
+                rows = rows.select(kept)
                 prompt_of, position = [prompt_of[r] for r in keep], [position[r] for r in keep]
                 refill = [keep.index(r) for r in refill]
-                survivors = [keep.index(r) for r in survivors]
-            if survivors:  # the last sampled tokens; rows about to be refilled decode a throwaway
-                last = [position[r] - 1 if r in survivors else 0 for r in range(len(prompt_of))]
-                hidden = self._decode(
-                    cache, tokens, torch.tensor(last, device=device)[:, None], max(last) + 1
-                )
-            if refill:
+            if refill:  # their prefill replaces the whole cache row and the row's state
                 new = [waiting.popleft() for _ in refill]
                 fresh = KVCache(model.args, len(new), max_len, device)
                 new_hidden = self._prefill([prompts[i] for i in new], fresh)
-                rows = torch.tensor(refill, device=device)
-                cache.replace_rows(rows, fresh)
-                hidden = hidden.index_copy(0, rows, new_hidden) if survivors else new_hidden
+                at = torch.tensor(refill, device=device)
+                cache.replace_rows(at, fresh)
+                for mine, theirs in zip(rows.tensors(), (new_hidden, *state_of(new))):
+                    mine.index_copy_(0, at, theirs)
                 for row, i in zip(refill, new):
                     prompt_of[row], position[row] = i, len(prompts[i])
 

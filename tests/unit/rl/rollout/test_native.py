@@ -123,9 +123,11 @@ def assert_same_completions(completions, reference):
         assert (torch.tensor(completion.logprobs) - torch.tensor(expected.logprobs)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
 @pytest.mark.parametrize(("rows", "check_every"), [(2, 3), (3, 1)])
-def test_continuous_batching_returns_what_each_prompt_alone_returns(monkeypatch, rows, check_every):
-    """More prompts than rows: finished rows (stop tokens, uneven lengths) take waiting prompts."""
+def test_continuous_batching_returns_what_each_prompt_alone_returns(monkeypatch, rows, check_every, decode):
+    """More prompts than rows: finished rows (stop tokens, uneven lengths) take waiting prompts.
+    ``static``: fixed shapes, finished rows parked in the batch, attention over the whole cache."""
     model = tiny_model(seed=13).eval()
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 2, 5, 1, 12, 3, 7)]
@@ -135,7 +137,7 @@ def test_continuous_batching_returns_what_each_prompt_alone_returns(monkeypatch,
     monkeypatch.setattr(
         KVCache, "replace_rows", lambda self, r, other: refills.append(len(r)) or replace_rows(self, r, other)
     )
-    engine = NativeEngine(model, max_batch_rows=rows, check_every=check_every)
+    engine = NativeEngine(model, max_batch_rows=rows, check_every=check_every, decode=decode)
     completions = engine.generate(prompts, params)
     assert sum(refills) == len(prompts) - rows  # every waiting prompt went into a freed row
     reference = alone(model, prompts, params)
@@ -143,7 +145,8 @@ def test_continuous_batching_returns_what_each_prompt_alone_returns(monkeypatch,
     assert_same_completions(completions, reference)
 
 
-def test_a_refilled_row_does_not_see_the_previous_occupant():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_refilled_row_does_not_see_the_previous_occupant(decode):
     """Two rows: a 14-token prompt stops after 3 tokens and a 2-token prompt takes its row, while a
     13-token prompt decodes on in the other row, so attention reads slots up to its position ~20.
     The old occupant's keys at positions 2..16 sit in those slots of the full layer (and in the
@@ -154,8 +157,8 @@ def test_a_refilled_row_does_not_see_the_previous_occupant():
     params = SamplingParams(top_k=1, max_new_tokens=10, stop_token_ids=(41,))
     reference = alone(model, prompts, params)
     assert [len(c.tokens) for c in reference[:2]] == [3, 10]  # the first ends early, the second not
-    completions = NativeEngine(model, max_batch_rows=2, check_every=1).generate(prompts, params)
-    assert_same_completions(completions, reference)
+    engine = NativeEngine(model, max_batch_rows=2, check_every=1, decode=decode)
+    assert_same_completions(engine.generate(prompts, params), reference)
 
 
 def test_the_host_reads_the_sampled_tokens_once_per_check_every_steps(monkeypatch):
@@ -169,7 +172,8 @@ def test_the_host_reads_the_sampled_tokens_once_per_check_every_steps(monkeypatc
     assert len(reads) == 2 and all(len(c.tokens) == 16 for c in completions)
 
 
-def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch, decode):
     """No tensor read by Python (``item``, ``tolist``, ``int``, ``bool``, ...) inside
     a decode step or a sampling step, where on a GPU it would wait for the device. Only the
     engine's reads between steps (``_read``) may look at tensors."""
@@ -199,10 +203,10 @@ def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch):
 
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, refusing(name))
-    for name in ("_decode", "_sample"):
+    for name in ("_step", "_decode", "_sample"):
         monkeypatch.setattr(NativeEngine, name, marking(name))
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=(5, 9))
-    engine = NativeEngine(model, seed=1, max_batch_rows=2, check_every=4)
+    engine = NativeEngine(model, seed=1, max_batch_rows=2, check_every=4, decode=decode)
     completions = engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
     assert all(0 < len(c.tokens) <= 12 for c in completions)
 
@@ -219,10 +223,46 @@ def test_sampled_completions_do_not_depend_on_the_batching():
     for engine in (
         NativeEngine(model, seed=9, max_batch_rows=2, check_every=4),
         NativeEngine(model, seed=9, check_every=3),
+        NativeEngine(model, seed=9, max_batch_rows=2, check_every=4, decode="static"),
+        NativeEngine(model, seed=9, check_every=3, decode="static"),
     ):
         assert_same_completions(engine.generate(prompts, params), together)
     other_seed = NativeEngine(model, seed=10).generate(prompts, params)
     assert [c.tokens for c in other_seed] != [c.tokens for c in together]
+
+
+def test_static_decode_parks_finished_rows_and_keeps_its_shapes(monkeypatch):
+    """``static`` must keep every step's shapes fixed (what a CUDA graph replays): one batch size
+    and one attention extent for all decode steps, finished rows parked rather than dropped, while
+    ``eager`` shrinks both. Planted: dropping finished rows in static mode fails it."""
+    model = tiny_model(seed=18).eval()
+    g = torch.Generator().manual_seed(18)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 2, 9, 4, 3)]
+    params = SamplingParams(top_k=1, max_new_tokens=9, stop_token_ids=(3, 40, 77))
+    shapes = {}
+    decode = NativeEngine._decode
+
+    def recording(self, cache, tokens, positions, reach):
+        shapes[self.decode].add((tokens.shape[0], reach))
+        return decode(self, cache, tokens, positions, reach)
+
+    monkeypatch.setattr(NativeEngine, "_decode", recording)
+    results = {}
+    for mode in ("eager", "static"):
+        shapes[mode] = set()
+        results[mode] = NativeEngine(model, max_batch_rows=3, decode=mode).generate(prompts, params)
+    assert len({len(c.tokens) for c in results["eager"]}) > 1  # rows end at different steps
+    assert shapes["static"] == {(3, 9 + 9)}  # 3 rows, the longest prompt + max_new_tokens
+    assert len(shapes["eager"]) > 1
+    assert_same_completions(results["static"], results["eager"])
+
+
+def test_cuda_graph_decode_says_why_it_cannot_run_here():
+    model = tiny_model(seed=19).eval()
+    with pytest.raises(ValueError, match=r"cuda_graph.*not CUDA.*use decode = 'eager'"):
+        NativeEngine(model, decode="cuda_graph").generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="decode = 'fast'"):
+        NativeEngine(model, decode="fast")
 
 
 # ---- the decode-only fast paths, each against its reference ----

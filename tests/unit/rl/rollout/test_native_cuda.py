@@ -1,0 +1,62 @@
+"""The native engine's CUDA-graph decode against its reference, the static decode it captures.
+
+Both run the same kernels on the same fixed shapes; the graph only replays them without Python, so
+tokens must be equal and log-probs equal up to bf16 round-off of a different launch (cuBLAS may pick
+another algorithm for the captured GEMMs). Needs CUDA on sm90 or newer (the grouped expert kernel
+in bf16, which reads no counts on the host); skipped elsewhere. ``benchmarks/gpu_checks.py`` runs
+this file on a lent GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from titan_rl.rl.rollout import NativeEngine, SamplingParams
+
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs CUDA sm90+ (bf16 grouped expert kernel)",
+)
+
+
+def bf16_model(seed: int):
+    # hidden 32 and intermediate 24: bf16 rows of 64 and 48 bytes, as the grouped kernel needs
+    return tiny_model(seed=seed).to("cuda", torch.bfloat16).eval()
+
+
+@needs_sm90
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
+    """7 prompts through 3 rows: refills (a new prefill written into a row the graph reads), parked
+    rows (finished with nobody waiting), stop tokens and length ends, one capture per call."""
+    model = bf16_model(seed=21)
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 2, 5, 1, 12, 3, 7)]
+    params = (
+        SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=11, stop_token_ids=(3, 40, 77))
+        if sampled
+        else SamplingParams(top_k=1, max_new_tokens=11, stop_token_ids=(3, 40, 77))
+    )
+    static = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="static")
+    graph = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="cuda_graph")
+    expected = static.generate(prompts, params)
+    got = graph.generate(prompts, params)
+    assert graph.captures == 1
+    assert {c.finish_reason for c in expected} == {"stop", "length"}
+    for completion, reference in zip(got, expected, strict=True):
+        assert completion.tokens == reference.tokens
+        assert completion.finish_reason == reference.finish_reason
+        diff = (torch.tensor(completion.logprobs) - torch.tensor(reference.logprobs)).abs().max()
+        assert diff <= 2e-2
+    # a second call captures again (new cache, new prompts) and gives the same answer
+    assert [c.tokens for c in graph.generate(prompts, params)] == [c.tokens for c in got]
+    assert graph.captures == 2
+
+
+@needs_sm90
+def test_cuda_graph_decode_refuses_an_fp32_model():
+    model = tiny_model(seed=22).to("cuda").eval()
+    with pytest.raises(ValueError, match="bf16/fp16 on sm90"):
+        NativeEngine(model, decode="cuda_graph").generate([[1, 2]], SamplingParams(max_new_tokens=2))
