@@ -171,7 +171,7 @@ class Rollout:
     decode: str = "eager"
     """native: eager (finished rows leave the batch), static (fixed shapes: finished rows stay parked,
     attention over the whole cache), or cuda_graph (static, each step replayed as a CUDA graph; one
-    CUDA process without FSDP, bf16 on sm90+)."""
+    CUDA process without FSDP, bf16 on sm90 / sm100)."""
     vllm_gpu_memory_utilization: float = 0.4
     """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""
     vllm_tensor_parallel_size: int = 1

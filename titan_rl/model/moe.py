@@ -17,13 +17,20 @@ from torch import nn
 from titan_rl.model.args import GptOssModelArgs
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs fp32/bf16/fp16 and 16-byte aligned rows."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs here as one kernel that reads the group offsets on the
+    device: on CPU (fp32/bf16/fp16), and on CUDA in bf16/fp16 on sm90 and sm100 (its fused kernel;
+    on other GPUs and for fp32 torch loops over the groups after copying the offsets to the host)."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if x.device.type == "cuda" and (
-        x.dtype == torch.float32 or torch.cuda.get_device_capability(x.device)[0] < 9
-    ):
+    if device.type == "cuda":
+        return dtype != torch.float32 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return device.type == "cpu"
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The fused grouped GEMM runs here, and the rows are 16-byte aligned as it needs."""
+    if not fused_grouped_mm_on(x.device, x.dtype):
         return False
     row_bytes = 16 // x.element_size()
     return x.shape[-1] % row_bytes == 0 and w.shape[-1] % row_bytes == 0
@@ -32,7 +39,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``.
 
-    Where ``torch._grouped_mm`` cannot run (CUDA before sm90 or fp32 on CUDA) the fallback splits
+    Where the fused ``torch._grouped_mm`` cannot run (``fused_grouped_mm_on``) the fallback splits
     by counts read on the host: one synchronization per call."""
     if _grouped_mm_ok(x, w):
         offsets = torch.cumsum(counts, 0).to(torch.int32)

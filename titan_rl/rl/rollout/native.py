@@ -37,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
+from titan_rl.model.moe import fused_grouped_mm_on
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 
@@ -275,7 +276,8 @@ class NativeEngine:
     - ``cuda_graph``: ``static`` with the step (sampling, then the decode of the sampled tokens)
       captured once per ``generate`` call as a CUDA graph and replayed: no kernel launches from
       Python per step. Needs one CUDA process without FSDP or expert parallelism and bf16/fp16
-      weights on sm90 or newer (the grouped expert kernel; elsewhere it reads counts on the host).
+      weights on sm90 or sm100 (the fused grouped expert kernel; elsewhere it reads counts on the
+      host).
     """
 
     def __init__(
@@ -349,13 +351,11 @@ class NativeEngine:
             why = "the model is sharded (FSDP) or the prompts are split across processes"
         elif any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
             why = "expert parallelism runs an all-to-all with host-side split sizes"
-        elif (
-            weight.dtype not in (torch.bfloat16, torch.float16)
-            or torch.cuda.get_device_capability(weight.device)[0] < 9
-        ):
+        elif weight.dtype == torch.float32 or not fused_grouped_mm_on(weight.device, weight.dtype):
+            major, minor = torch.cuda.get_device_capability(weight.device)
             why = (
-                f"the grouped expert kernel needs bf16/fp16 on sm90+ (have {weight.dtype}, "
-                f"sm{''.join(map(str, torch.cuda.get_device_capability(weight.device)))})"
+                "the grouped expert kernel reads no counts on the host only in bf16/fp16 on sm90 or "
+                f"sm100 (have {weight.dtype}, sm{major}{minor})"
             )
         if why:
             raise ValueError(f"decode = 'cuda_graph' cannot run here: {why}; use decode = 'eager'")

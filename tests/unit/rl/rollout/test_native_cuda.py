@@ -2,7 +2,7 @@
 
 Both run the same kernels on the same fixed shapes; the graph only replays them without Python, so
 tokens must be equal and log-probs equal up to bf16 round-off of a different launch (cuBLAS may pick
-another algorithm for the captured GEMMs). Needs CUDA on sm90 or newer (the grouped expert kernel
+another algorithm for the captured GEMMs). Needs CUDA on sm90 or sm100 (the fused grouped expert kernel
 in bf16, which reads no counts on the host); skipped elsewhere. ``benchmarks/gpu_checks.py`` runs
 this file on a lent GPU.
 """
@@ -16,8 +16,8 @@ from tests.conftest import tiny_model
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 
 needs_sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="needs CUDA sm90+ (bf16 grouped expert kernel)",
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
+    reason="needs CUDA sm90 / sm100 (the fused bf16 grouped expert kernel)",
 )
 
 
@@ -58,5 +58,5 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
 @needs_sm90
 def test_cuda_graph_decode_refuses_an_fp32_model():
     model = tiny_model(seed=22).to("cuda").eval()
-    with pytest.raises(ValueError, match="bf16/fp16 on sm90"):
+    with pytest.raises(ValueError, match="only in bf16/fp16 on sm90 or sm100"):
         NativeEngine(model, decode="cuda_graph").generate([[1, 2]], SamplingParams(max_new_tokens=2))
