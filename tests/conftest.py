@@ -79,6 +79,35 @@ def read_hf_folder(folder) -> dict[str, torch.Tensor]:
 aten = torch.ops.aten
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device on CUDA: reading a value (``.item()``,
+    ``int()``, ``bool()`` -> ``_local_scalar_dense``) and data-dependent shapes (``nonzero`` behind
+    boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``).
+
+    ``host_data=True`` also records tensors made from Python data (``torch.tensor([...])`` ->
+    ``lift_fresh``): on CUDA a copy from pageable host memory, which a CUDA graph cannot capture."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "repeat_interleave")
+
+    def __init__(self, host_data: bool = False) -> None:
+        super().__init__()
+        self.host_data = host_data
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(name.startswith(s) or f"_{s}" in name for s in self.SYNCING):
+            self.calls.append(name)
+        if self.host_data and name.startswith("lift_fresh"):
+            self.calls.append(f"{name} (a tensor from host data)")
+        indices = args[1] if name.startswith("index") and len(args) > 1 else None
+        if isinstance(indices, list | tuple) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
+        ):
+            self.calls.append(f"{name} with a boolean mask")  # nonzero inside the op
+        return func(*args, **(kwargs or {}))
+
+
 class MatmulCounter(TorchDispatchMode):
     """Multiply-adds of every matmul the ops under it run (forward or backward), and the row blocks
     of each grouped matmul. Counting aten ops, not our functions, keeps it true to what runs

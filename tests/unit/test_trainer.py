@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.conftest import HostSyncs
 from titan_rl.config import load_config
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.advantages import group_advantages
@@ -180,29 +180,6 @@ def test_activation_checkpointing_from_the_config_changes_memory_not_results(mod
     )
     for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records the ops that make the host wait for the device on CUDA: reading a value (``.item()``,
-    ``int()``, ``bool()`` -> ``_local_scalar_dense``) and data-dependent shapes (``nonzero`` behind
-    boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``)."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "repeat_interleave")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__
-        if any(name.startswith(s) or f"_{s}" in name for s in self.SYNCING):
-            self.calls.append(name)
-        indices = args[1] if name.startswith("index") and len(args) > 1 else None
-        if isinstance(indices, list | tuple) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
-        ):
-            self.calls.append(f"{name} with a boolean mask")  # nonzero inside the op
-        return func(*args, **(kwargs or {}))
 
 
 def test_a_micro_batch_never_waits_on_the_device():

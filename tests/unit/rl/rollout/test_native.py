@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import HostSyncs, rel_err, tiny_model
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
@@ -255,6 +255,32 @@ def test_static_decode_parks_finished_rows_and_keeps_its_shapes(monkeypatch):
     assert shapes["static"] == {(3, 9 + 9)}  # 3 rows, the longest prompt + max_new_tokens
     assert len(shapes["eager"]) > 1
     assert_same_completions(results["static"], results["eager"])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_k=1, max_new_tokens=9, stop_token_ids=(3, 40)),
+    SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=9, stop_token_ids=(3, 40)),
+])  # fmt: skip
+def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, params):
+    """What ``cuda_graph`` captures is the static step: on CPU, the same code must make no op that
+    waits for the device (a value read, a data-dependent shape) and no tensor from host data (a
+    pageable copy), the two things a capture refuses. Planted: ``torch.tensor([reach])`` in the
+    step fails it."""
+    model = tiny_model(seed=20).eval()
+    seen, steps = [], []
+    step = NativeEngine._step
+
+    def watched(self, *args):
+        with HostSyncs(host_data=True) as syncs:
+            out = step(self, *args)
+        seen.extend(syncs.calls)
+        steps.append(1)
+        return out
+
+    monkeypatch.setattr(NativeEngine, "_step", watched)
+    engine = NativeEngine(model, seed=3, max_batch_rows=2, check_every=3, decode="static")
+    engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
+    assert len(steps) >= 9 and seen == []
 
 
 def test_cuda_graph_decode_says_why_it_cannot_run_here():
