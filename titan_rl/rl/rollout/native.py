@@ -8,12 +8,14 @@ layers keep only their window). Decode steps take one-query attention against th
 grouped expert kernel as in training (it reads no counts on the host), and the LM head through
 ``DecodeHead``.
 
-A decode step does not wait for the device: sampling (temperature, top-k, top-p, the token's
-log-prob) runs where the model runs, and the host reads the sampled ids and log-probs once every
-``check_every`` steps to find stop tokens. A row whose episode ended then leaves the batch and
-the cache, or, while prompts wait (``max_batch_rows`` fewer than the prompts), takes the next
-prompt: its prefill is written over the freed cache row, so a few long episodes do not keep the
-others waiting.
+A step samples every row's next token from its hidden state, then decodes that token (key and
+value written, the next hidden state computed). It does not wait for the device: sampling
+(temperature, top-k, top-p, the token's log-prob) runs where the model runs, and the host reads the
+sampled ids and log-probs once every ``check_every`` steps to find stop tokens. A row whose episode
+ended then leaves the batch and the cache (``decode="eager"``) or stays parked in it (``static``
+and ``cuda_graph``, whose shapes never change), or, while prompts wait (``max_batch_rows`` fewer
+than the prompts), takes the next prompt: its prefill is written over the freed cache row, so a few
+long episodes do not keep the others waiting. ``cuda_graph`` replays the step as a CUDA graph.
 
 Under ``torch.distributed`` every rank generates its contiguous share of the prompts and the ranks
 all-gather the completions (every rank returns all of them, in order), with each FSDP module's
