@@ -44,7 +44,7 @@ def _cuda_out_dtype(accumulate: bool) -> bool:
         return False
 
 
-class _Gemm:
+class LogitsGemm:
     """Matmuls with operands in the lm_head weight's dtype and fp32 sums and results.
 
     fp32 weights: plain fp32 matmuls. bf16 / fp16 weights: on CUDA one tensor-core GEMM with an fp32
@@ -71,6 +71,10 @@ class _Gemm:
             return torch.mm(a, b, out_dtype=torch.float32)
         return (a @ b).float()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[N, vocab]`` of ``hidden [N, hidden]``: what the trainer's log-probs use."""
+        return self.mm(self.operand(hidden), self.weight.T)
+
     def add_mm(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """``acc += a @ b`` with ``acc`` fp32."""
         if not self.cuda:
@@ -81,9 +85,9 @@ class _Gemm:
             acc.add_(self.mm(a, b))
 
 
-def _chunk_logits(gemm: _Gemm, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logits(gemm: LogitsGemm, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 tempered logits ``[chunk, vocab]`` (a fresh buffer the caller may modify in place)."""
-    logits = gemm.mm(gemm.operand(hidden), gemm.weight.T)
+    logits = gemm.logits(hidden)
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -91,7 +95,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):
         n = hidden.shape[0]
-        gemm = _Gemm(weight)
+        gemm = LogitsGemm(weight)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs)
         lse = torch.empty_like(logprobs)
@@ -112,7 +116,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         n = hidden.shape[0]
-        gemm = _Gemm(weight)
+        gemm = LogitsGemm(weight)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:

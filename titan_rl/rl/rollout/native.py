@@ -39,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
+from titan_rl.model.logprobs import LogitsGemm
 from titan_rl.model.moe import fused_grouped_mm_on
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
@@ -79,10 +80,10 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
     return logits
 
 
-def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_linear_ok(weight: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -90,30 +91,35 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class DecodeHead:
-    """The LM head ``x @ weight.T`` for the few rows of decode steps (``x [rows, hidden]``), for the
-    duration of one ``generate`` call.
+    """The LM head for the few rows of decode steps, ``hidden [rows, hidden]`` -> fp32 logits
+    ``[rows, vocab]``, for the duration of one ``generate`` call.
 
-    On CPU in fp32 this is oneDNN's GEMM on a copy of the weight reordered once, in the call, into
-    oneDNN's blocked layout for ``rows`` rows (``torch.ops.mkldnn._reorder_linear_weight``, the
-    packing inductor uses for CPU linears; any row count runs on it). Measured on the 2-core
-    benchmark machine for a ``[32000, 512]`` head at 8 rows: 3.6 ms a step against 4.9 ms for oneDNN
-    on the unchanged weight and about 10 ms for the default BLAS call (benchmarks/README.md); the
-    reorder takes about 20 ms, once per call. The copy is a snapshot of the weight: build a new head
-    whenever the weights may have changed (every call does). Elsewhere a plain matmul.
+    The numbers are the trainer's (``titan_rl.model.logprobs.LogitsGemm``): operands rounded to the
+    weight's dtype, fp32 sums and results. bf16 logits would be rounded to 3 significant digits
+    (spacing 0.06 at a logit of 10, 0.125 at 20): with logits in the tens a sampled token's log-prob
+    was 1e-2 off the trainer's (``test_bf16_engine_logprobs_of_a_prefilled_row_are_the_trainers``).
+    On CPU the fp32 weight (upcast once for bf16) is also reordered once, in the call, into oneDNN's
+    blocked layout for ``rows`` rows (``torch.ops.mkldnn._reorder_linear_weight``, the packing
+    inductor uses for CPU linears; any row count runs on it): on the 2-core benchmark machine, a
+    ``[32000, 512]`` head at 8 rows took 3.6 ms a step against 4.9 ms for oneDNN on the unchanged
+    weight and about 10 ms for the default BLAS call; the reorder takes about 20 ms, once per call.
+    The head is a snapshot of the weight: build a new one whenever the weights may have changed
+    (every call does).
     """
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
-        self.weight = weight
+        self.gemm = LogitsGemm(weight.detach())
+        fp32 = self.gemm.weight  # fp32 on CPU (bf16 upcast once), the weight itself on CUDA
         self.packed = (
-            torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 1))
-            if _onednn_linear_ok(weight, weight)
-            else None
+            torch.ops.mkldnn._reorder_linear_weight(fp32, max(rows, 1)) if _onednn_linear_ok(fp32) else None
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return x @ self.weight.T
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return self.gemm.logits(hidden)
+        return torch.ops.mkldnn._linear_pointwise(
+            self.gemm.operand(hidden), self.packed, None, "none", [], ""
+        )
 
 
 def sample_next(

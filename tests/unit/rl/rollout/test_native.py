@@ -319,16 +319,39 @@ def test_decode_attention_equals_sink_softmax_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_decode_head_equals_a_matmul_for_any_row_count(dtype):
-    """The head is packed for 5 rows (on CPU in fp32); rows leave or are fewer, so 1, 5 and 9 rows
-    must all give ``x @ weight.T``. Planted: packing the weight with its rows reversed fails it."""
+def test_the_decode_head_gives_fp32_logits_for_any_row_count(dtype):
+    """fp32 logits from operands in the weight's dtype, as the trainer's log-probs (bf16 logits would
+    be off by ~4e-3 relative). On CPU the head is packed for 5 rows; rows leave or are fewer, so 1,
+    5 and 9 rows must all be right. Planted: packing the weight with its rows reversed fails it, and
+    so do bf16 results."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(300, 64, generator=g).to(dtype)
     head = DecodeHead(weight, rows=5)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     for rows in (1, 5, 9):
         x = torch.randn(rows, 64, generator=g).to(dtype)
-        assert rel_err(head(x).float(), (x.float() @ weight.float().T)) <= tolerance
+        logits = head(x)
+        assert logits.dtype == torch.float32
+        assert rel_err(logits, x.float() @ weight.float().T) <= 1e-5
+
+
+def test_bf16_engine_logprobs_of_a_prefilled_row_are_the_trainers():
+    """The first token of each row comes from the prefill, the trainer's own forward: its log-prob
+    must be the trainer's to fp32 round-off also in bf16, with logits in the tens (real models' range,
+    where bf16 spacing is 0.06-0.125). Planted: the head returning bf16 logits fails it (~3e-2)."""
+    model = tiny_model(seed=23).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    g = torch.Generator().manual_seed(23)
+    prompts = [torch.randint(0, 96, (7,), generator=g).tolist() for _ in range(6)]
+    completions = NativeEngine(model, seed=4).generate(prompts, SamplingParams(max_new_tokens=1))
+    tokens = torch.tensor([p + c.tokens for p, c in zip(prompts, completions)])
+    first = torch.tensor([c.tokens[0] for c in completions])
+    with torch.no_grad():
+        logits = model(tokens).float()[:, -2]  # [rows, vocab]: the next-token logits after the prompt
+        trainer, _ = model(tokens, targets=first, target_index=torch.arange(6) * 8 + 6)
+    assert logits.abs().max() > 8  # the range where bf16 rounding of the logits would show
+    engine = torch.tensor([c.logprobs[0] for c in completions])
+    assert (engine - trainer).abs().max() <= 1e-4
 
 
 def test_several_tokens_per_step_after_prefill_match_full_forward():
