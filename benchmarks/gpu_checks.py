@@ -21,6 +21,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   batches 32 and 128, with the engine / trainer log-prob agreement. A decode mode that fails is
   reported in the table and the others still run.
 - ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
+- ``train_cuda_graph`` (90): the ``train`` part with ``--rollout.decode=cuda_graph`` (rollouts
+  replayed as CUDA graphs under one-rank FSDP); only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -38,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LENT_PYTHON = "/opt/torch/.venv/bin/python3"
-OPT_IN = ("bench_model_compile",)  # parts that run only when --only names them
+OPT_IN = ("bench_model_compile", "train_cuda_graph")  # parts that run only when --only names them
 
 CUDA_TESTS = [
     "tests/unit/model/test_attention.py",
@@ -103,6 +105,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     )
     train = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml"]
     train += ["--training.steps=3", f"--job.dump_folder={out / 'train_run'}"]
+    train_graph = [*train[:-1], f"--job.dump_folder={out / 'train_graph_run'}", "--rollout.decode=cuda_graph"]
     generate = [python, "benchmarks/bench_generate.py", *model, *dtype]
     generate += ["--decode", "eager", "static"] if tiny else ["--decode", "eager", "cuda_graph"]
     generate += (
@@ -136,6 +139,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_model", 180, bench),
         ("bench_generate", 150, generate),
         ("bench_model_compile", 200, compiled),  # only when named in --only
+        ("train_cuda_graph", 90, train_graph),  # only when named in --only
     ]
 
 

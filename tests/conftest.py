@@ -79,6 +79,14 @@ def read_hf_folder(folder) -> dict[str, torch.Tensor]:
 aten = torch.ops.aten
 
 
+@pytest.fixture
+def single_process_group():
+    """Mixed precision on one process builds a one-rank process group; leave none behind."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class HostSyncs(TorchDispatchMode):
     """Records the ops that make the host wait for the device on CUDA: reading a value (``.item()``,
     ``int()``, ``bool()`` -> ``_local_scalar_dense``) and data-dependent shapes (``nonzero`` behind

@@ -170,8 +170,8 @@ class Rollout:
     a GPU, 1 on the CPU."""
     decode: str = "eager"
     """native: eager (finished rows leave the batch), static (fixed shapes: finished rows stay parked,
-    attention over the whole cache), or cuda_graph (static, each step replayed as a CUDA graph; one
-    CUDA process without FSDP, bf16 on sm90 / sm100)."""
+    attention over the whole cache), or cuda_graph (static, each step replayed as a CUDA graph;
+    bf16 compute on sm90 / sm100, no expert parallelism)."""
     vllm_gpu_memory_utilization: float = 0.4
     """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""
     vllm_tensor_parallel_size: int = 1

@@ -102,11 +102,3 @@ def test_bf16_logprobs_as_exact_as_transformers_bf16(setup, way, single_process_
     error = (ours - reference).abs().mean().item()
     assert error <= TOLERANCE * hf_error, f"{way}: mean |error| {error:.4g} vs HF bf16 {hf_error:.4g}"
     assert error > 0  # it really computed in bf16
-
-
-@pytest.fixture
-def single_process_group():
-    """Mixed precision on one process builds a one-rank process group; leave none behind."""
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -283,6 +283,41 @@ def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, pa
     assert len(steps) >= 9 and seen == []
 
 
+def test_under_one_rank_fsdp_mixed_precision_the_engine_runs_the_plain_bf16_model(
+    single_process_group, monkeypatch
+):
+    """One-GPU training wraps the model in one-rank FSDP (bf16 compute, fp32 masters). During a
+    ``generate`` the weights are gathered once and FSDP's hooks are paused, so decode steps run the
+    plain module: the completions must be the plain bf16 model's, with no FSDP forward hook run
+    (they cost ~1 ms per module per step and would block a CUDA-graph capture); after it, the hooks
+    are back for training. Planted: not pausing FSDP's hooks fails it."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from titan_rl.parallel.parallel_dims import ParallelDims
+    from titan_rl.parallel.parallelize import ParallelConfig, parallelize_gpt_oss
+
+    plain = tiny_model(seed=24).to(torch.bfloat16).eval()
+    dims = ParallelDims(1, 1, 1, 1, world_size=1, device_type="cpu")
+    wrapped = parallelize_gpt_oss(tiny_model(seed=24), dims, ParallelConfig(mixed_precision="bf16"))
+    calls = []
+    pre_forward = FSDPParamGroup.pre_forward
+    monkeypatch.setattr(
+        FSDPParamGroup, "pre_forward", lambda *a, **k: calls.append(1) or pre_forward(*a, **k)
+    )
+    g = torch.Generator().manual_seed(24)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 2, 8)]
+    params = SamplingParams(top_k=1, max_new_tokens=7, stop_token_ids=(3,))
+    for decode in ("eager", "static"):
+        got = NativeEngine(wrapped, decode=decode).generate(prompts, params)
+        assert calls == []
+        expected = NativeEngine(plain, decode=decode).generate(prompts, params)
+        assert [c.tokens for c in got] == [c.tokens for c in expected]
+        assert_same_completions(got, expected)
+    wrapped.train()
+    wrapped(torch.tensor([prompts[0]])).float().sum().backward()  # training: FSDP's hooks run again
+    assert len(calls) > 0
+
+
 def test_cuda_graph_decode_says_why_it_cannot_run_here():
     model = tiny_model(seed=19).eval()
     with pytest.raises(ValueError, match=r"cuda_graph.*not CUDA.*use decode = 'eager'"):
