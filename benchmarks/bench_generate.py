@@ -52,7 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine, after one warm-up")
     p.add_argument(
         "--decode", nargs="+", default=["eager"], choices=DECODE_MODES,
-        help="our engine's decode modes, a row each (cuda_graph: CUDA, bf16, sm90+)",
+        help="our engine's decode modes, a row each (cuda_graph: CUDA, bf16, sm90 / sm100)",
     )  # fmt: skip
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",

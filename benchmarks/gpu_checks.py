@@ -10,14 +10,14 @@ short still says what it did. From the repo root:
     python benchmarks/gpu_checks.py --out /tmp/dry --tiny          # the same parts, tiny shapes (CPU)
 
 Parts, in order (seconds allowed; the default five fit one 10-minute device call, 540 s in all):
-- ``env`` (30): torch / transformers versions, the device (and ``nvidia-smi.txt`` where it exists).
+- ``env`` (20): torch / transformers versions, the device (and ``nvidia-smi.txt`` where it exists).
 - ``cuda_tests`` (90): the CUDA-only tests (flash sink kernels with and without a host layout, GQA)
   and the bf16 numerics tests, through pytest when the interpreter has it, else by calling them.
-- ``train`` (90): 3 steps of ``train_configs/smoke_cpu.toml`` on the device (one-rank FSDP mixed
+- ``train`` (80): 3 steps of ``train_configs/smoke_cpu.toml`` on the device (one-rank FSDP mixed
   precision, flash attention, device sampling, the out_dtype log-prob GEMMs).
 - ``bench_model`` (180): the training-step table of benchmarks/README.md (gpt-oss-20b shapes, 4
   layers, bf16, T = 4,096 and 65,536 against HF eager and flex_attention).
-- ``bench_generate`` (150): native engine (eager and CUDA-graph decode) vs HF ``generate``,
+- ``bench_generate`` (170): native engine (eager and CUDA-graph decode) vs HF ``generate``,
   batches 32 and 128, with the engine / trainer log-prob agreement. A decode mode that fails is
   reported in the table and the others still run.
 - ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
@@ -133,11 +133,11 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     )
     env = [python, "-c", ENV]
     return [
-        ("env", 30, env),
+        ("env", 20, env),
         ("cuda_tests", 90, tests),
-        ("train", 90, train),
+        ("train", 80, train),
         ("bench_model", 180, bench),
-        ("bench_generate", 150, generate),
+        ("bench_generate", 170, generate),
         ("bench_model_compile", 200, compiled),  # only when named in --only
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
     ]

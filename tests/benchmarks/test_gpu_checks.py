@@ -67,3 +67,11 @@ def test_the_cuda_tests_run_without_pytest():
     assert out.count("FAIL test_cuda_graph_decode_returns_what_static_decode_returns") == 2, out
     assert "FAIL test_cuda_graph_decode_refuses_an_fp32_model" in out
     assert "ModuleNotFoundError" not in out and "ImportError" not in out, out
+
+
+def test_the_default_parts_fit_one_device_call(tmp_path):
+    """A device call runs at most 600 s; the default parts' limits must leave room to start."""
+    default = [(name, limit) for name, limit, _ in gpu_checks.parts(True, tmp_path, sys.executable)]
+    default = [(name, limit) for name, limit in default if name not in gpu_checks.OPT_IN]
+    assert sum(limit for _, limit in default) <= 540, default
+    assert {name for name, _ in default} >= {"cuda_tests", "train", "bench_model", "bench_generate"}

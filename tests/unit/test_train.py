@@ -121,6 +121,13 @@ def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys)
     assert [row["lr"] for row in rows] == pytest.approx([1e-5 * f for f in factors], rel=1e-12)
 
 
+def test_the_config_offers_exactly_the_engines_decode_modes():
+    from titan_rl.config.loader import CHOICES
+    from titan_rl.rl.rollout.native import DECODE_MODES
+
+    assert CHOICES["rollout.decode"] == DECODE_MODES
+
+
 def test_the_native_engine_takes_its_batching_keys_from_the_config():
     keys = ["--rollout.max_batch_rows=3", "--rollout.check_every=4", "--rollout.decode=static"]
     engine = train.build_engine(train.load_config(SMOKE, keys), object())

@@ -19,12 +19,13 @@ from titan_rl.model.args import GptOssModelArgs
 
 def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs here as one kernel that reads the group offsets on the
-    device: on CPU (fp32/bf16/fp16), and on CUDA in bf16/fp16 on sm90 and sm100 (its fused kernel;
-    on other GPUs and for fp32 torch loops over the groups after copying the offsets to the host)."""
+    device: on CPU (fp32/bf16/fp16), and on CUDA in bf16 on sm90 and sm100 (its fused kernel; on
+    other GPUs and for fp16 or fp32 torch loops over the groups after copying the offsets to the
+    host)."""
     if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if device.type == "cuda":
-        return dtype != torch.float32 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
     return device.type == "cpu"
 
 

@@ -38,7 +38,8 @@ from titan_rl.rl.harmony import (
     render_message,
 )
 from titan_rl.rl.rollout.engine import RolloutEngine
-from titan_rl.rl.rollout.native import Completion, SamplingParams
+from titan_rl.rl.rollout.native import Completion
+from titan_rl.rl.rollout.sampling import SamplingParams
 from titan_rl.rl.tokenizer import Tokenizer
 from titan_rl.rl.types import Trajectory
 

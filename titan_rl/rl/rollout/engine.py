@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from titan_rl.rl.rollout.native import Completion, SamplingParams
+    from titan_rl.rl.rollout.native import Completion
+    from titan_rl.rl.rollout.sampling import SamplingParams
 
 
 class RolloutEngine(Protocol):

@@ -39,19 +39,10 @@ from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
-from titan_rl.model.logprobs import LogitsGemm
 from titan_rl.model.moe import fused_grouped_mm_on
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()
+from titan_rl.rl.rollout.sampling import DecodeHead, SamplingParams, sample_next
 
 
 @dataclass
@@ -59,93 +50,6 @@ class Completion:
     tokens: list[int]  # sampled tokens, the stop token included when one ended the episode
     logprobs: list[float]  # log-prob of each sampled token under the tempered distribution
     finish_reason: str  # "stop" or "length"
-
-
-def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    """Set logits outside top-k / the top-p nucleus to -inf. ``logits [B, vocab]``.
-
-    Top-p keeps the most probable tokens (of the top-k distribution) until their mass reaches
-    ``top_p``, the token that crosses it included. Both cut at a logit value, so tokens tied with the
-    last one kept are kept too: the result does not depend on the order of the vocabulary.
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits = torch.sort(logits, dim=-1, descending=True).values
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = probs.cumsum(-1) - probs  # the first token is always kept
-        cutoff = sorted_logits.masked_fill(mass_before > top_p, float("inf")).amin(-1, keepdim=True)
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    return logits
-
-
-def _onednn_linear_ok(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
-
-
-class DecodeHead:
-    """The LM head for the few rows of decode steps, ``hidden [rows, hidden]`` -> fp32 logits
-    ``[rows, vocab]``, for the duration of one ``generate`` call.
-
-    The numbers are the trainer's (``titan_rl.model.logprobs.LogitsGemm``): operands rounded to the
-    weight's dtype, fp32 sums and results. bf16 logits would be rounded to 3 significant digits
-    (spacing 0.06 at a logit of 10, 0.125 at 20): with logits in the tens a sampled token's log-prob
-    was 1e-2 off the trainer's (``test_bf16_engine_logprobs_of_a_prefilled_row_are_the_trainers``).
-    On CPU the fp32 weight (upcast once for bf16) is also reordered once, in the call, into oneDNN's
-    blocked layout for ``rows`` rows (``torch.ops.mkldnn._reorder_linear_weight``, the packing
-    inductor uses for CPU linears; any row count runs on it): on the 2-core benchmark machine, a
-    ``[32000, 512]`` head at 8 rows took 3.6 ms a step against 4.9 ms for oneDNN on the unchanged
-    weight and about 10 ms for the default BLAS call; the reorder takes about 20 ms, once per call.
-    The head is a snapshot of the weight: build a new one whenever the weights may have changed
-    (every call does).
-    """
-
-    def __init__(self, weight: torch.Tensor, rows: int) -> None:
-        self.gemm = LogitsGemm(weight.detach())
-        fp32 = self.gemm.weight  # fp32 on CPU (bf16 upcast once), the weight itself on CUDA
-        self.packed = (
-            torch.ops.mkldnn._reorder_linear_weight(fp32, max(rows, 1)) if _onednn_linear_ok(fp32) else None
-        )
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return self.gemm.logits(hidden)
-        return torch.ops.mkldnn._linear_pointwise(
-            self.gemm.operand(hidden), self.packed, None, "none", [], ""
-        )
-
-
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens ``[B]`` from ``logits [B, vocab]`` and their log-probs under the tempered
-    distribution (before top-k / top-p filtering: what the trainer computes), fp32, on the logits'
-    device. ``noise``: Exp(1) draws like ``logits`` (``titan_rl.rl.rollout.noise``); unused when greedy.
-
-    The draw is the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d., which picks v with
-    probability p_v: ``torch.multinomial``'s own method for one sample (with its generator's
-    exponential draws as ``noise``, the same tokens), without its validity checks, which read the
-    probabilities on the host (a CUDA sync).
-    """
-    logits = logits.float()
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k == 1:  # greedy
-        # max(dim).indices: the first maximum, as argmax, and on CPU about 40% faster (one pass)
-        sampled = logits.max(dim=-1).indices
-    else:
-        probs = torch.softmax(filter_logits(logits, params.top_p, params.top_k), dim=-1)
-        sampled = (probs / noise).max(dim=-1).indices
-    # log p(token) = logit - logsumexp(logits): the full [B, vocab] log-softmax is never stored
-    logprobs = logits.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return sampled, logprobs
 
 
 @contextmanager
@@ -159,6 +63,9 @@ def full_sequence_attention(model: GptOss):
     finally:
         for block, fn in zip(model.layers, saved):
             block.self_attn.attention_fn = fn
+
+
+OURS = "titan_rl.parallel.fsdp"  # the module of our own FSDP hooks (reshard after a no-grad forward)
 
 
 @contextmanager
@@ -184,10 +91,10 @@ def gathered_weights(model: torch.nn.Module):
     saved = [all(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in modules]
     hook_dicts = [d for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)]
     originals = [dict(d) for d in hook_dicts]
-    states = {id(m._get_fsdp_state()) for m in modules}
+    states = {id(m._get_fsdp_state()) for m in modules}  # FSDP's hooks are its states' methods
     for hooks in hook_dicts:
         for key, fn in list(hooks.items()):
-            if id(getattr(fn, "__self__", None)) in states or fn.__module__ == "titan_rl.parallel.fsdp":
+            if id(getattr(fn, "__self__", None)) in states or getattr(fn, "__module__", None) == OURS:
                 del hooks[key]
     try:
         for module in modules:
@@ -243,6 +150,11 @@ class _Rows:
         for mine, theirs in zip(self.tensors(), other.tensors()):
             mine.copy_(theirs)
 
+    def index_copy_(self, rows: torch.Tensor, other: _Rows) -> None:
+        """Rows ``rows`` (int64) take ``other``'s rows, in order, in place."""
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.index_copy_(0, rows, theirs)
+
 
 class _CudaGraphStep:
     """One decode step captured as a CUDA graph on the static ``rows``; calling it replays it.
@@ -277,7 +189,7 @@ class NativeEngine:
 
     ``max_batch_rows``: at most this many prompts decode at once (None: all of them); the rest wait
     and take the rows of finished episodes. ``check_every``: decode steps between two host reads of
-    the sampled tokens (a finished row may decode up to ``check_every - 1`` wasted steps); None: 8
+    the sampled tokens (a finished row may decode up to ``check_every`` wasted steps); None: 8
     on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing, so
     finished rows may as well leave at once. The completions do not depend on it.
 
@@ -290,8 +202,8 @@ class NativeEngine:
       completions as ``eager``; runs anywhere (on its own only slower: for tests and comparison).
     - ``cuda_graph``: ``static`` with the step (sampling, then the decode of the sampled tokens)
       captured once per ``generate`` call as a CUDA graph and replayed: no kernel launches from
-      Python per step. Needs CUDA, bf16/fp16 compute weights on sm90 or sm100 (the fused grouped
-      expert kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP is fine
+      Python per step. Needs CUDA, bf16 compute weights on sm90 or sm100 (the fused grouped expert
+      kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP is fine
       (its weights are gathered for the call and its hooks paused: ``gathered_weights``).
     """
 
@@ -357,18 +269,25 @@ class NativeEngine:
         return [c for part in parts for c in part]
 
     def _check_graphable(self) -> None:
-        """Why ``cuda_graph`` cannot run for this model, as a ``ValueError``; nothing if it can."""
-        weight = self.model.lm_head.weight
+        """Why ``cuda_graph`` cannot run for this model, as a ``ValueError``; nothing if it can. Every
+        case is a place where a decode step would read a value on the host, which a capture refuses."""
+        weight, args = self.model.lm_head.weight, self.model.args
+        row = 16 // weight.element_size()  # elements in the 16 bytes the grouped kernel aligns rows to
         why = None
         if weight.device.type != "cuda":
             why = f"the model is on {weight.device.type}, not CUDA"
         elif any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
             why = "expert parallelism runs an all-to-all with host-side split sizes"
-        elif weight.dtype == torch.float32 or not fused_grouped_mm_on(weight.device, weight.dtype):
+        elif not fused_grouped_mm_on(weight.device, weight.dtype):
             major, minor = torch.cuda.get_device_capability(weight.device)
             why = (
-                "the grouped expert kernel reads no counts on the host only in bf16/fp16 on sm90 or "
-                f"sm100 (have {weight.dtype}, sm{major}{minor})"
+                "the grouped expert kernel reads no counts on the host only in bf16 on sm90 or sm100 "
+                f"(have {weight.dtype}, sm{major}{minor})"
+            )
+        elif args.hidden_size % row or args.intermediate_size % row:
+            why = (
+                f"the grouped expert kernel needs hidden_size and intermediate_size divisible by {row} "
+                f"(have {args.hidden_size} and {args.intermediate_size})"
             )
         if why:
             raise ValueError(f"decode = 'cuda_graph' cannot run here: {why}; use decode = 'eager'")
@@ -401,7 +320,7 @@ class NativeEngine:
             document_ids=document_ids.to(device),
             return_hidden=True,
             kv_cache=cache,
-        )[:, -1]
+        )[:, -1].contiguous()  # a copy: a view would keep the whole [B, T, hidden] output alive
 
     def _decode(
         self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, reach: int
@@ -437,13 +356,16 @@ class NativeEngine:
         cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
         head = DecodeHead(model.lm_head.weight, len(first))
 
-        def state_of(ids: list[int]) -> tuple[torch.Tensor, ...]:
-            """(positions, keys, drawn) of fresh rows for prompts ``ids``."""
-            positions = torch.tensor([[len(prompts[i])] for i in ids], device=device)
-            keys = row_keys(seed, torch.tensor([first_id + i for i in ids], device=device))
-            return positions, keys, torch.zeros(len(ids), dtype=torch.long, device=device)
+        def fresh_rows(ids: list[int], cache: KVCache) -> _Rows:
+            """Prompts ``ids`` prefilled into ``cache``: their rows' state before the first token."""
+            return _Rows(
+                hidden=self._prefill([prompts[i] for i in ids], cache),
+                positions=torch.tensor([[len(prompts[i])] for i in ids], device=device),
+                keys=row_keys(seed, torch.tensor([first_id + i for i in ids], device=device)),
+                drawn=torch.zeros(len(ids), dtype=torch.long, device=device),
+            )
 
-        rows = _Rows(self._prefill([prompts[i] for i in first], cache), *state_of(first))
+        rows = fresh_rows(first, cache)
         # host-side state of each batch (and cache) row: its prompt (None: parked), its next position
         prompt_of: list[int | None] = list(first)
         position = [len(prompts[i]) for i in first]
@@ -460,12 +382,19 @@ class NativeEngine:
             steps = min(
                 check_every, *(params.max_new_tokens - len(outputs[prompt_of[r]].tokens) for r in live)
             )
+            # every row reaches max_new_tokens with this read and nobody waits: the last step need not
+            # decode its tokens (the only decode whose result nothing would read)
+            ending = not waiting and all(
+                params.max_new_tokens - len(outputs[prompt_of[r]].tokens) == steps for r in live
+            )
             drawn, logprobs = [], []
             for s in range(steps):  # no host reads in here: the device runs ahead
-                # eager: attention reads only the slots that can hold keys by now
-                tokens, token_logprobs = (
-                    replay() if replay else step(max_len if static else max(position) + s + 1)
-                )
+                if ending and s == steps - 1:
+                    tokens, token_logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
+                elif replay:
+                    tokens, token_logprobs = replay()
+                else:  # eager: attention reads only the slots that can hold keys by now
+                    tokens, token_logprobs = step(max_len if static else max(position) + s + 1)
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
             finished = []
@@ -500,11 +429,9 @@ class NativeEngine:
             if refill:  # their prefill replaces the whole cache row and the row's state
                 new = [waiting.popleft() for _ in refill]
                 fresh = KVCache(model.args, len(new), max_len, device)
-                new_hidden = self._prefill([prompts[i] for i in new], fresh)
                 at = torch.tensor(refill, device=device)
+                rows.index_copy_(at, fresh_rows(new, fresh))
                 cache.replace_rows(at, fresh)
-                for mine, theirs in zip(rows.tensors(), (new_hidden, *state_of(new))):
-                    mine.index_copy_(0, at, theirs)
                 for row, i in zip(refill, new):
                     prompt_of[row], position[row] = i, len(prompts[i])
 

@@ -60,7 +60,8 @@ import torch
 from torch import nn
 
 from titan_rl.checkpoint.hf import hf_tensors, write_hf_config
-from titan_rl.rl.rollout.native import Completion, SamplingParams
+from titan_rl.rl.rollout.native import Completion
+from titan_rl.rl.rollout.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from titan_rl.config import JobConfig

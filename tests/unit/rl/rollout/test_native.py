@@ -16,8 +16,9 @@ from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
-from titan_rl.rl.rollout.native import DecodeHead, filter_logits, sample_next, share_of
+from titan_rl.rl.rollout.native import share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
+from titan_rl.rl.rollout.sampling import DecodeHead, filter_logits, sample_next
 
 
 def sample_without_cache(model, prompts, params, seed):
@@ -263,9 +264,10 @@ def test_static_decode_parks_finished_rows_and_keeps_its_shapes(monkeypatch):
 ])  # fmt: skip
 def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, params):
     """What ``cuda_graph`` captures is the static step: on CPU, the same code must make no op that
-    waits for the device (a value read, a data-dependent shape) and no tensor from host data (a
-    pageable copy), the two things a capture refuses. Planted: ``torch.tensor([reach])`` in the
-    step fails it."""
+    waits for the device (a value read, a data-dependent shape) and no tensor from Python data
+    (``torch.tensor([...])``: on CUDA a pageable copy), two things a capture refuses. A CPU run
+    cannot see a ``.to(device)`` of a CPU tensor (a no-op here); the CUDA test catches that.
+    Planted: ``torch.tensor([reach])`` in the step fails it."""
     model = tiny_model(seed=20).eval()
     seen, steps = [], []
     step = NativeEngine._step
@@ -316,6 +318,22 @@ def test_under_one_rank_fsdp_mixed_precision_the_engine_runs_the_plain_bf16_mode
     wrapped.train()
     wrapped(torch.tensor([prompts[0]])).float().sum().backward()  # training: FSDP's hooks run again
     assert len(calls) > 0
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_n_new_tokens_take_n_minus_one_decode_forwards(monkeypatch, decode, check_every):
+    """The first token comes from the prefill, each later one from decoding its predecessor; the
+    last token's own decode would be read by nobody when every row ends there by length. Planted:
+    decoding it anyway (one more forward per generate call) fails it."""
+    model = tiny_model(seed=26).eval()
+    calls = []
+    decode_fn = NativeEngine._decode
+    monkeypatch.setattr(NativeEngine, "_decode", lambda self, *a: calls.append(1) or decode_fn(self, *a))
+    engine = NativeEngine(model, check_every=check_every, decode=decode)
+    completions = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(top_k=1, max_new_tokens=7))
+    assert [len(c.tokens) for c in completions] == [7, 7]
+    assert len(calls) == 6
 
 
 def test_cuda_graph_decode_says_why_it_cannot_run_here():
@@ -372,7 +390,7 @@ def test_the_decode_head_gives_fp32_logits_for_any_row_count(dtype):
 def test_bf16_engine_logprobs_of_a_prefilled_row_are_the_trainers():
     """The first token of each row comes from the prefill, the trainer's own forward: its log-prob
     must be the trainer's to fp32 round-off also in bf16, with logits in the tens (real models' range,
-    where bf16 spacing is 0.06-0.125). Planted: the head returning bf16 logits fails it (~3e-2)."""
+    where bf16 spacing is 0.06-0.125). Planted: the head returning bf16 logits fails it (1.1e-2)."""
     model = tiny_model(seed=23).to(torch.bfloat16).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)

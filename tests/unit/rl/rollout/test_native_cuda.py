@@ -1,8 +1,9 @@
 """The native engine's CUDA-graph decode against its reference, the static decode it captures.
 
 Both run the same kernels on the same fixed shapes; the graph only replays them without Python, so
-tokens must be equal and log-probs equal up to bf16 round-off of a different launch (cuBLAS may pick
-another algorithm for the captured GEMMs). Needs CUDA on sm90 or sm100 (the fused grouped expert kernel
+tokens must be equal and log-probs equal or within 1e-3 (cuBLAS may pick another algorithm for a
+captured GEMM, which moves a bf16 hidden state by an ulp; a wrong buffer or a frozen value moves
+log-probs by 1e-1 or more). Needs CUDA on sm90 or sm100 (the fused grouped expert kernel
 in bf16, which reads no counts on the host); skipped elsewhere. ``benchmarks/gpu_checks.py`` runs
 this file on a lent GPU.
 """
@@ -49,7 +50,7 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
         assert completion.tokens == reference.tokens
         assert completion.finish_reason == reference.finish_reason
         diff = (torch.tensor(completion.logprobs) - torch.tensor(reference.logprobs)).abs().max()
-        assert diff <= 2e-2
+        assert diff <= 1e-3
     # a second call captures again (new cache, new prompts) and gives the same answer
     assert [c.tokens for c in graph.generate(prompts, params)] == [c.tokens for c in got]
     assert graph.captures == 2
@@ -58,5 +59,5 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
 @needs_sm90
 def test_cuda_graph_decode_refuses_an_fp32_model():
     model = tiny_model(seed=22).to("cuda").eval()
-    with pytest.raises(ValueError, match="only in bf16/fp16 on sm90 or sm100"):
+    with pytest.raises(ValueError, match="only in bf16 on sm90 or sm100"):
         NativeEngine(model, decode="cuda_graph").generate([[1, 2]], SamplingParams(max_new_tokens=2))
