@@ -88,6 +88,12 @@ def timed_alternately(
     return results
 
 
+def paired_ratio(reference: list[float], times: list[float]) -> float:
+    """Median over the timed rounds of reference time / time: each round's two runs were back to
+    back, so a change in the machine's load between rounds cancels (runs of a failed engine: none)."""
+    return statistics.median(r / t for r, t in zip(reference, times, strict=True))
+
+
 @torch.no_grad()
 def trainer_logprobs(model: GptOss, prompts: list[list[int]], completions: list[Completion]) -> torch.Tensor:
     """The trainer's log-probs of every completion token, flat ``[sum of lengths]``, fp32 on the CPU.
@@ -175,9 +181,9 @@ def main() -> None:
     )
     print(
         "| engine | batch | tokens/s (median) | ratio (median) | tokens/s (best) | ratio (best) "
-        "| greedy tokens = HF | engine vs trainer logp, mean | max |"
+        "| ratio (paired median) | greedy tokens = HF | engine vs trainer logp, mean | max |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch, results, checks in rows:
         total = batch * a.new
         median = {name: statistics.median(r["times"]) for name, r in results.items() if r["times"]}
@@ -201,6 +207,7 @@ def main() -> None:
                 f"{median['hf'] / median[name]:.2f}x",
                 f"{total / best[name]:,.0f}",
                 f"{best['hf'] / best[name]:.2f}x",
+                f"{paired_ratio(results['hf']['times'], results[name]['times']):.2f}x",
                 *extra,
             ]
             print("| " + " | ".join(cells) + " |")

@@ -48,8 +48,10 @@ def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
     for row in rows:
         assert float(row[2].replace(",", "")) > 0 and float(row[4].replace(",", "")) > 0, row
     for ours, batch in ((rows[0], 2), (rows[1], 2), (rows[3], 3), (rows[4], 3)):
-        equal, total = map(int, ours[6].split("/"))
+        assert float(ours[6].rstrip("x")) > 0, ours  # ratio (paired median)
+        equal, total = map(int, ours[7].split("/"))
         assert total == batch * 5 and 0 <= equal <= total, ours
-        mean, largest = float(ours[7]), float(ours[8])
+        mean, largest = float(ours[8]), float(ours[9])
         assert 0 <= mean <= largest <= ROUND_OFF, ours
-    assert rows[2][7:] == ["n/a", "n/a"] and rows[5][7:] == ["n/a", "n/a"]
+    assert rows[2][8:] == ["n/a", "n/a"] and rows[5][8:] == ["n/a", "n/a"]
+    assert rows[2][6] == "1.00x" and rows[5][6] == "1.00x"  # HF against itself
