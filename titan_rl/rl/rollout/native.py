@@ -200,6 +200,10 @@ class NativeEngine:
     - ``static``: fixed shapes, what a CUDA graph needs: a finished row stays in the batch, parked,
       until a waiting prompt takes it; attention reads the whole cache with the slot mask. Same
       completions as ``eager``; runs anywhere (on its own only slower: for tests and comparison).
+      Reading the whole cache costs bandwidth with long rows: every row reads ``max_len`` slots of
+      each full-attention layer at every step, where ``eager`` reads up to the longest position yet
+      (gpt-oss-20b, 12 full layers, bf16: 24 KB per slot and row, so 128 rows x 4,096 slots read
+      12.9 GB a step). Capturing one graph per extent bucket would bound it; not done yet.
     - ``cuda_graph``: ``static`` with the step (sampling, then the decode of the sampled tokens)
       captured once per ``generate`` call as a CUDA graph and replayed: no kernel launches from
       Python per step. Needs CUDA, bf16 compute weights on sm90 or sm100 (the fused grouped expert
