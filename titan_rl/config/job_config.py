@@ -170,7 +170,7 @@ class Rollout:
     a GPU, 1 on the CPU."""
     decode: str = "eager"
     """native: eager (finished rows leave the batch), static (fixed shapes: finished rows stay parked,
-    attention over the whole cache), or cuda_graph (static, each step replayed as a CUDA graph;
+    attention over a few fixed cache extents), or cuda_graph (static, each step replayed as a CUDA graph;
     bf16 compute on sm90 / sm100, no expert parallelism)."""
     vllm_gpu_memory_utilization: float = 0.4
     """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""

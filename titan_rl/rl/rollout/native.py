@@ -28,6 +28,7 @@ across ranks or scheduled into rows.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -163,10 +164,15 @@ class _CudaGraphStep:
     blocks), then is captured. Both run with every row parked at position -1, so their key/value
     writes land in the cache's padding slot, which attention never reads; ``rows`` is restored after.
     The outputs live in the graph's memory pool and are overwritten by the next replay: the caller
-    gets copies.
+    gets copies. The graphs of one call share ``pool`` (one step's activations, logits and sampling
+    temporaries, not one set per extent): they never run at once, each writes its temporaries before
+    reading them, and nothing of theirs outlives a replay but the copied outputs (vLLM shares one
+    pool across its batch-size graphs alike).
     """
 
-    def __init__(self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: _Rows) -> None:
+    def __init__(
+        self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: _Rows, pool: tuple
+    ) -> None:
         saved = rows.clone()
         rows.positions.fill_(-1)
         stream = torch.cuda.Stream()
@@ -175,7 +181,7 @@ class _CudaGraphStep:
             step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = step()
         rows.copy_(saved)
 
@@ -198,18 +204,20 @@ class NativeEngine:
     - ``eager`` (default): finished rows leave the batch and attention reads only the cache slots
       that can hold keys yet; every step's shapes follow the batch.
     - ``static``: fixed shapes, what a CUDA graph needs: a finished row stays in the batch, parked,
-      until a waiting prompt takes it; attention reads the whole cache with the slot mask. Same
-      completions as ``eager``; runs anywhere (on its own only slower: for tests and comparison).
-      Reading the whole cache costs bandwidth with long rows: every row reads ``max_len`` slots of
-      each full-attention layer at every step, where ``eager`` reads up to the longest position yet
-      (gpt-oss-20b, 12 full layers, bf16: 24 KB per slot and row, so 128 rows x 4,096 slots read
-      12.9 GB a step). Capturing one graph per extent bucket would bound it; not done yet.
+      until a waiting prompt takes it, and attention reads a fixed number of cache slots (with the
+      slot mask): the longest position yet rounded up to a power of two from ``min_extent``, capped
+      at the row length. Whole-cache reads would cost bandwidth with long rows (gpt-oss-20b, 12
+      full-attention layers, bf16: 24 KB per slot and row, so 128 rows x 4,096 slots would read
+      12.9 GB a step); the buckets keep it within 2x of ``eager``'s. Same completions as
+      ``eager``; runs anywhere (on its own only slower: for tests and comparison).
     - ``cuda_graph``: ``static`` with the step (sampling, then the decode of the sampled tokens)
-      captured once per ``generate`` call as a CUDA graph and replayed: no kernel launches from
-      Python per step. Needs CUDA, bf16 compute weights on sm90 or sm100 (the fused grouped expert
-      kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP is fine
-      (its weights are gathered for the call and its hooks paused: ``gathered_weights``).
+      captured as a CUDA graph once per extent a ``generate`` call reaches, and replayed: no kernel
+      launches from Python per step. Needs CUDA, bf16 compute weights on sm90 or sm100 (the fused
+      grouped expert kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP
+      is fine (its weights are gathered for the call and its hooks paused: ``gathered_weights``).
     """
+
+    min_extent = 128  # the static modes' smallest attention extent (cache slots read per step)
 
     def __init__(
         self,
@@ -230,7 +238,7 @@ class NativeEngine:
         self.max_batch_rows = max_batch_rows
         self.check_every = check_every
         self.decode = decode
-        self.captures = 0  # CUDA graphs captured so far (one per generate call in cuda_graph mode)
+        self.captures = 0  # CUDA graphs captured so far (cuda_graph: one per extent used in a call)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's module itself."""
@@ -295,6 +303,14 @@ class NativeEngine:
             )
         if why:
             raise ValueError(f"decode = 'cuda_graph' cannot run here: {why}; use decode = 'eager'")
+
+    def _extent(self, need: int, max_len: int) -> int:
+        """The static modes' attention extent for positions < ``need``: a power of two from
+        ``min_extent``, capped at ``max_len``, so a call captures a few graphs, not one per step."""
+        extent = self.min_extent
+        while extent < need:
+            extent *= 2
+        return min(extent, max_len)
 
     def _split(self) -> tuple[int, int]:
         """(ranks sharing the prompts, this rank's index among them): 1 and 0 without
@@ -374,13 +390,11 @@ class NativeEngine:
         prompt_of: list[int | None] = list(first)
         position = [len(prompts[i]) for i in first]
 
-        def step(reach: int = max_len) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(reach: int) -> tuple[torch.Tensor, torch.Tensor]:
             return self._step(head, cache, rows, params, reach)
 
-        replay = None
-        if self.decode == "cuda_graph":
-            replay = _CudaGraphStep(step, rows)
-            self.captures += 1
+        graphs: dict[int, _CudaGraphStep] = {}  # cuda_graph: one per attention extent, one pool
+        pool = torch.cuda.graph_pool_handle() if self.decode == "cuda_graph" else None
         while True:
             live = [r for r, i in enumerate(prompt_of) if i is not None]
             steps = min(
@@ -393,12 +407,19 @@ class NativeEngine:
             )
             drawn, logprobs = [], []
             for s in range(steps):  # no host reads in here: the device runs ahead
+                # attention reads only the slots that can hold keys by now: exactly that many in
+                # eager mode, rounded up to a few fixed extents in the static ones
+                reach = max(position[r] for r in live) + s + 1
+                reach = self._extent(reach, max_len) if static else reach
                 if ending and s == steps - 1:
                     tokens, token_logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
-                elif replay:
-                    tokens, token_logprobs = replay()
-                else:  # eager: attention reads only the slots that can hold keys by now
-                    tokens, token_logprobs = step(max_len if static else max(position) + s + 1)
+                elif self.decode == "cuda_graph":
+                    if reach not in graphs:
+                        graphs[reach] = _CudaGraphStep(functools.partial(step, reach), rows, pool)
+                        self.captures += 1
+                    tokens, token_logprobs = graphs[reach]()
+                else:
+                    tokens, token_logprobs = step(reach)
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
             finished = []
