@@ -103,9 +103,9 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         if has_pytest
         else [python, "-c", CUDA_TEST_CALLS]
     )
-    train = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml"]
-    train += ["--training.steps=3", f"--job.dump_folder={out / 'train_run'}"]
-    train_graph = [*train[:-1], f"--job.dump_folder={out / 'train_graph_run'}", "--rollout.decode=cuda_graph"]
+    smoke = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml", "--training.steps=3"]
+    train = [*smoke, f"--job.dump_folder={out / 'train_run'}"]
+    train_graph = [*smoke, f"--job.dump_folder={out / 'train_graph_run'}", "--rollout.decode=cuda_graph"]
     generate = [python, "benchmarks/bench_generate.py", *model, *dtype]
     generate += ["--decode", "eager", "static"] if tiny else ["--decode", "eager", "cuda_graph"]
     generate += (

@@ -29,12 +29,15 @@ def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
+def grouped_mm_aligned(dtype: torch.dtype, *widths: int) -> bool:
+    """Whether rows of these widths are 16-byte aligned in ``dtype``, as ``torch._grouped_mm`` needs."""
+    per_16_bytes = 16 // torch.empty(0, dtype=dtype).element_size()
+    return all(width % per_16_bytes == 0 for width in widths)
+
+
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The fused grouped GEMM runs here, and the rows are 16-byte aligned as it needs."""
-    if not fused_grouped_mm_on(x.device, x.dtype):
-        return False
-    row_bytes = 16 // x.element_size()
-    return x.shape[-1] % row_bytes == 0 and w.shape[-1] % row_bytes == 0
+    """The fused grouped GEMM runs here, and the rows are aligned as it needs."""
+    return fused_grouped_mm_on(x.device, x.dtype) and grouped_mm_aligned(x.dtype, x.shape[-1], w.shape[-1])
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
-from titan_rl.model.moe import fused_grouped_mm_on
+from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, SamplingParams, sample_next
@@ -284,7 +284,6 @@ class NativeEngine:
         """Why ``cuda_graph`` cannot run for this model, as a ``ValueError``; nothing if it can. Every
         case is a place where a decode step would read a value on the host, which a capture refuses."""
         weight, args = self.model.lm_head.weight, self.model.args
-        row = 16 // weight.element_size()  # elements in the 16 bytes the grouped kernel aligns rows to
         why = None
         if weight.device.type != "cuda":
             why = f"the model is on {weight.device.type}, not CUDA"
@@ -296,10 +295,10 @@ class NativeEngine:
                 "the grouped expert kernel reads no counts on the host only in bf16 on sm90 or sm100 "
                 f"(have {weight.dtype}, sm{major}{minor})"
             )
-        elif args.hidden_size % row or args.intermediate_size % row:
+        elif not grouped_mm_aligned(weight.dtype, args.hidden_size, args.intermediate_size):
             why = (
-                f"the grouped expert kernel needs hidden_size and intermediate_size divisible by {row} "
-                f"(have {args.hidden_size} and {args.intermediate_size})"
+                "the grouped expert kernel needs 16-byte rows: hidden_size and intermediate_size "
+                f"divisible by 8 in bf16 (have {args.hidden_size} and {args.intermediate_size})"
             )
         if why:
             raise ValueError(f"decode = 'cuda_graph' cannot run here: {why}; use decode = 'eager'")
@@ -397,14 +396,11 @@ class NativeEngine:
         pool = torch.cuda.graph_pool_handle() if self.decode == "cuda_graph" else None
         while True:
             live = [r for r, i in enumerate(prompt_of) if i is not None]
-            steps = min(
-                check_every, *(params.max_new_tokens - len(outputs[prompt_of[r]].tokens) for r in live)
-            )
+            remaining = [params.max_new_tokens - len(outputs[prompt_of[r]].tokens) for r in live]
+            steps = min(check_every, *remaining)
             # every row reaches max_new_tokens with this read and nobody waits: the last step need not
             # decode its tokens (the only decode whose result nothing would read)
-            ending = not waiting and all(
-                params.max_new_tokens - len(outputs[prompt_of[r]].tokens) == steps for r in live
-            )
+            ending = not waiting and all(n == steps for n in remaining)
             drawn, logprobs = [], []
             for s in range(steps):  # no host reads in here: the device runs ahead
                 # attention reads only the slots that can hold keys by now: exactly that many in
