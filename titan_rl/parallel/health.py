@@ -40,8 +40,13 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop beating and wait for the thread: a daemon thread still inside a store call when the
+        interpreter exits is torn down mid C++ call, which can abort the process (SIGABRT) after a
+        clean run."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _beat(self) -> None:
         count = 0
