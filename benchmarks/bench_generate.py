@@ -7,7 +7,13 @@ trainer's are the model's own teacher-forced log-prob path (``model(tokens, targ
 target_index=...)``, what ``train.py`` computes) over prompt + completion, scoring the tokens the
 engine sampled; on-policy RL needs their difference to be small. The two engines run alternately
 (one warm-up each, then ours, HF, ours, HF, ...), so a machine whose load changes during the run
-slows both alike; the table gives the median and the best run of each. Runs on CUDA when
+slows both alike; the table gives the median and the best run of each.
+
+With ``--dtype bfloat16`` (or float16) a second table says where the engine / trainer difference
+comes from: the trainer replaying the experts the engine chose (``engine_routing``: a routing flip
+between the two, a near-tie of router logits rounded apart, moves a token to other experts and its
+log-prob by ~1e-1), the share of positions routed differently, and the trainer against its own
+weights in fp32 (how far the dtype's rounding alone moves the same model). Runs on CUDA when
 available, else on the CPU. Run from the repo root with titan_rl importable:
 
     python benchmarks/bench_generate.py                     # 4 layers, hidden 512, 16 experts, vocab 32000
@@ -18,6 +24,7 @@ available, else on the CPU. Run from the repo root with titan_rl importable:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import sys
@@ -95,14 +102,21 @@ def paired_ratio(reference: list[float], times: list[float]) -> float:
 
 
 @torch.no_grad()
-def trainer_logprobs(model: GptOss, prompts: list[list[int]], completions: list[Completion]) -> torch.Tensor:
-    """The trainer's log-probs of every completion token, flat ``[sum of lengths]``, fp32 on the CPU.
+def trainer_logprobs(
+    model: GptOss,
+    prompts: list[list[int]],
+    completions: list[Completion],
+    expert_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's log-probs of every completion token, flat ``[sum of lengths]``, fp32 on the
+    CPU, and the experts it routed each input position to, ``[layers, rows, width, top_k]``.
 
-    One forward over the right-padded rows prompt + completion; the target at position ``p`` is the
-    token at ``p + 1``, taken at the completion's positions only (padding after them is never seen
-    by the tokens before it: attention is causal).
+    One forward over the right-padded rows prompt + completion (the last completion token only as a
+    target); the target at position ``p`` is the token at ``p + 1``, taken at the completion's
+    positions only (padding after them is never seen by the tokens before it: attention is causal).
+    ``expert_indices`` replays a routing instead of the model's own (``GptOss.forward``).
     """
-    rows = [prompt + c.tokens for prompt, c in zip(prompts, completions)]
+    rows = [prompt + c.tokens[:-1] for prompt, c in zip(prompts, completions)]
     width = max(map(len, rows))
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     targets, target_index = [], []
@@ -111,13 +125,63 @@ def trainer_logprobs(model: GptOss, prompts: list[list[int]], completions: list[
         targets += c.tokens
         target_index += [b * width + len(prompt) - 1 + j for j in range(len(c.tokens))]
     device = model.lm_head.weight.device
-    logprobs, _ = model(
+    logprobs, _, routing = model(
         tokens.to(device),
         targets=torch.tensor(targets, device=device),
         target_index=torch.tensor(target_index, device=device),
         temperature=GREEDY_TEMPERATURE,
+        expert_indices=expert_indices,
+        return_expert_indices=True,
     )
-    return logprobs.float().cpu()
+    return logprobs.float().cpu(), routing
+
+
+@torch.no_grad()
+def engine_routing(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> tuple:
+    """One more (untimed) ``eager`` generate of equal-length prompts, recording the experts every MoE
+    layer chose for every position it ran: -> (completions, routing ``[layers, rows, prompt + new -
+    1, top_k]``), in the layout ``trainer_logprobs`` replays. Recorded by forward hooks on the MoE
+    modules, so the engine runs unchanged; its rows stay in order since none ends early (no stop
+    tokens) and none waits (no ``max_batch_rows``)."""
+    calls: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    hooks = [
+        block.mlp.register_forward_hook(
+            functools.partial(lambda seen, _m, _i, out: seen.append(out[1]), seen)
+        )
+        for block, seen in zip(model.layers, calls)
+    ]
+    try:
+        completions = NativeEngine(model, seed=0).generate(prompts, params)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    routing = torch.stack([torch.cat(seen, dim=1) for seen in calls])
+    expected = (len(model.layers), len(prompts), len(prompts[0]) + params.max_new_tokens - 1)
+    if tuple(routing.shape[:3]) != expected:
+        raise RuntimeError(f"recorded routing {tuple(routing.shape)}, expected {expected} + (top_k,)")
+    return completions, routing
+
+
+def mismatch_sources(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    """Cells of one row of the low-precision table: engine vs trainer (mean, max), the same with the
+    engine's routing replayed in the trainer (what is left is rounding, not a different expert),
+    the share of input positions where some layer chose another set of experts, and the trainer
+    against its own weights in fp32 (the rounding floor of the model's dtype)."""
+    completions, routing = engine_routing(model, prompts, params)
+    engine = torch.tensor([lp for c in completions for lp in c.logprobs])
+    trainer, trainer_routing = trainer_logprobs(model, prompts, completions)
+    replayed, _ = trainer_logprobs(model, prompts, completions, expert_indices=routing)
+    moved = (routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1).any(0)  # [rows, width]
+    fp32 = copy.deepcopy(model).float()
+    reference, _ = trainer_logprobs(fp32, prompts, completions)
+    del fp32
+    cells = []
+    for diff in ((engine - trainer).abs(), (engine - replayed).abs(), None, (trainer - reference).abs()):
+        if diff is None:
+            cells.append(f"{moved.float().mean().item():.2%}")
+        else:
+            cells += [f"{diff.mean().item():.2e}", f"{diff.max().item():.2e}"]
+    return cells
 
 
 def main() -> None:
@@ -159,10 +223,10 @@ def main() -> None:
         for mode in ok:
             completions, hf_tokens = results[mode]["output"], results["hf"]["output"]
             engine_logprobs = torch.tensor([lp for c in completions for lp in c.logprobs])
-            diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)).abs()
+            diff = (engine_logprobs - trainer_logprobs(ours, prompts.tolist(), completions)[0]).abs()
             same = sum(x == y for c, h in zip(completions, hf_tokens) for x, y in zip(c.tokens, h))
             checks[mode] = (same, diff.mean().item(), diff.max().item())
-        rows.append((batch, results, checks))
+        rows.append((batch, results, checks, prompts.tolist()))
 
     where = (
         torch.cuda.get_device_name(device)
@@ -184,7 +248,7 @@ def main() -> None:
         "| ratio (paired median) | greedy tokens = HF | engine vs trainer logp, mean | max |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, results, checks in rows:
+    for batch, results, checks, _ in rows:
         total = batch * a.new
         median = {name: statistics.median(r["times"]) for name, r in results.items() if r["times"]}
         best = {name: min(r["times"]) for name, r in results.items() if r["times"]}
@@ -211,6 +275,20 @@ def main() -> None:
                 *extra,
             ]
             print("| " + " | ".join(cells) + " |")
+    if a.dtype == "float32":
+        return
+    # after the main table, so a run cut short there still printed it
+    print(
+        f"\nWhere the {a.dtype} engine / trainer difference comes from (one more, untimed, eager generate "
+        "per batch; log-prob |difference| of the generated tokens):\n"
+    )
+    print(
+        "| batch | engine vs trainer, mean | max | trainer replaying the engine's routing, mean | max "
+        "| positions routed differently | trainer vs itself in fp32, mean | max |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, _, _, prompts in rows:
+        print(f"| {batch} | " + " | ".join(mismatch_sources(ours, prompts, params)) + " |", flush=True)
 
 
 if __name__ == "__main__":

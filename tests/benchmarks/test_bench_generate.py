@@ -55,3 +55,64 @@ def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
         assert 0 <= mean <= largest <= ROUND_OFF, ours
     assert rows[2][8:] == ["n/a", "n/a"] and rows[5][8:] == ["n/a", "n/a"]
     assert rows[2][6] == "1.00x" and rows[5][6] == "1.00x"  # HF against itself
+
+
+def _bench_generate_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_generate
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return bench_generate
+
+
+def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position():
+    """fp32, where engine and trainer agree to round-off: the experts recorded from the engine's
+    prefill and decode steps are the trainer's own for every input position, and replaying them in
+    the trainer changes no log-prob. A routing assembled wrongly (a step left out, shifted, rows
+    mixed) fails the first check, and replays experts the trainer did not choose."""
+    from titan_rl.model import GptOss, GptOssModelArgs
+    from titan_rl.rl.rollout import SamplingParams
+
+    bench = _bench_generate_module()
+    torch.manual_seed(0)
+    model = GptOss(GptOssModelArgs.from_preset("debug")).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, model.args.vocab_size, (3, 7), generator=g).tolist()
+    params = SamplingParams(top_k=1, max_new_tokens=6)
+    completions, routing = bench.engine_routing(model, prompts, params)
+    args = model.args
+    assert routing.shape == (args.num_hidden_layers, 3, 7 + 6 - 1, args.num_experts_per_tok)
+    trainer, trainer_routing = bench.trainer_logprobs(model, prompts, completions)
+    assert torch.equal(routing.sort(-1).values, trainer_routing.sort(-1).values)
+    replayed, _ = bench.trainer_logprobs(model, prompts, completions, expert_indices=routing)
+    torch.testing.assert_close(replayed, trainer, rtol=0, atol=1e-5)
+    other = (routing + 1) % args.num_local_experts  # the replay is honoured: other experts, other numbers
+    assert (bench.trainer_logprobs(model, prompts, completions, other)[0] - trainer).abs().max() > 1e-3
+    engine = torch.tensor([lp for c in completions for lp in c.logprobs])
+    torch.testing.assert_close(engine, trainer, rtol=0, atol=ROUND_OFF)
+
+
+@pytest.mark.timeout(240)
+def test_bench_generate_says_where_a_bf16_difference_comes_from():
+    cmd = [
+        sys.executable, "benchmarks/bench_generate.py", "--preset", "debug", "--layers", "2",
+        "--dtype", "bfloat16", "--batch", "2", "--prompt", "6", "--new", "5", "--repeats", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = proc.stdout.split("Where the bfloat16 engine / trainer difference comes from")
+    assert len(tables) == 2, proc.stdout
+    lines = [line for line in tables[1].splitlines() if line.startswith("| ")]
+    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    assert header[0] == "batch" and len(header) == 8 == len(row), (header, row)
+    assert row[0] == "2"
+    moved = float(row[5].rstrip("%"))
+    assert 0 <= moved <= 100, row
+    for mean, largest in ((row[1], row[2]), (row[3], row[4]), (row[6], row[7])):
+        assert 0 <= float(mean) <= float(largest) < 5, row
+    main_row = next(line for line in tables[0].splitlines() if "native (eager)" in line)
+    assert main_row.split("|")[-3:-1] == [f" {row[1]} ", f" {row[2]} "], (
+        main_row,
+        row,
+    )  # same run, same numbers
