@@ -63,7 +63,7 @@ def parse() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",
-        help="profile one more generate of ours per batch size: its top N ops (stderr)",
+        help="profile one more generate per batch size and mode (not cuda_graph): top N ops (stderr)",
     )  # fmt: skip
     return p.parse_args()
 
@@ -193,7 +193,7 @@ def main() -> None:
     vocab = ours.args.vocab_size
     params = SamplingParams(temperature=GREEDY_TEMPERATURE, top_k=1, max_new_tokens=a.new)
     engines = {mode: NativeEngine(ours, seed=0, decode=mode) for mode in a.decode}
-    rows = []
+    rows, notes = [], []
     for batch in a.batch:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, vocab, (batch, a.prompt), generator=g)
@@ -214,10 +214,22 @@ def main() -> None:
 
         print(f"[bench] batch {batch}", file=sys.stderr, flush=True)
         runs = {mode: functools.partial(run_ours, engine) for mode, engine in engines.items()}
+        graph_engine = engines.get("cuda_graph")
+        before = (graph_engine.captures, graph_engine.capture_seconds) if graph_engine else None
         results = timed_alternately({**runs, "hf": run_hf}, a.repeats, sync)
+        if graph_engine and results["cuda_graph"]["times"]:
+            calls = a.repeats + 1  # the warm-up captures too: every generate call captures anew
+            captured = (graph_engine.captures - before[0]) / calls
+            seconds = (graph_engine.capture_seconds - before[1]) / calls
+            notes.append(
+                f"cuda_graph at batch {batch}: {captured:g} graphs captured per generate, "
+                f"{seconds * 1e3:,.0f} ms of capture per generate (inside its times)"
+            )
         ok = [mode for mode in engines if not results[mode]["error"]]
         if a.profile:
-            for mode in ok:
+            # not cuda_graph: its op list is graph launches, and the profiler's CUPTI teardown
+            # has crashed processes that replay CUDA graphs (pytorch issue 75504)
+            for mode in (m for m in ok if m != "cuda_graph"):
                 print_top_ops(runs[mode], device, a.profile, f"titan_rl native ({mode}) at batch {batch}")
         checks = {}
         for mode in ok:
@@ -275,6 +287,8 @@ def main() -> None:
                 *extra,
             ]
             print("| " + " | ".join(cells) + " |")
+    for note in notes:
+        print(f"\n{note}")
     if a.dtype == "float32":
         return
     # after the main table, so a run cut short there still printed it

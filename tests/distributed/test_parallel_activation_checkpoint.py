@@ -116,3 +116,24 @@ def test_memory_model_matches_measured_activations(monkeypatch):
         ) / (2 * TOKENS)
         assert measured == pytest.approx(modelled, rel=0.10), (mode, per_layer)
     assert per_layer["full"] < per_layer["none"] / 10  # checkpointing is worth something at all
+
+
+def test_a_no_grad_forward_skips_the_checkpoint_machinery(monkeypatch) -> None:
+    """Nothing is recomputed without a backward, and ``checkpoint()`` would save the RNG state, which
+    on CUDA cannot be read during a graph capture (the rollout engine's ``cuda_graph`` decode of an
+    activation-checkpointed model). Grad forwards still checkpoint; the outputs do not change."""
+    from titan_rl.parallel import activation_checkpoint
+
+    calls = []
+    real = activation_checkpoint.checkpoint
+    monkeypatch.setattr(activation_checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = tiny_model(seed=3)
+    model = tiny_model(seed=3)
+    dims = ParallelDims(1, 1, 1, 1, world_size=1, device_type="cpu")
+    parallelize_gpt_oss(model, dims, ParallelConfig(activation_checkpoint="full"))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+    assert calls == []
+    model(tokens).float().sum().backward()
+    assert len(calls) == len(model.layers)

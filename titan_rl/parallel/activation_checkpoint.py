@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -36,6 +37,10 @@ def checkpoint_module(module: nn.Module) -> None:
 
     @functools.wraps(forward)
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            # nothing to recompute without a backward; and checkpoint() would save the RNG state,
+            # which on CUDA cannot be read while a graph is captured (the engine's cuda_graph decode)
+            return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     module.forward = checkpointed_forward

@@ -29,9 +29,10 @@ across ranks or scheduled into rows.
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,17 @@ def full_sequence_attention(model: GptOss):
             block.self_attn.attention_fn = fn
 
 
+def fsdp_param_groups(state) -> list:
+    """The parameter groups of an FSDP module's state: the list ``_fsdp_param_groups`` of newer torch
+    (2.14), or the one ``_fsdp_param_group`` (None without parameters) of older releases such as
+    2.11, the lent GPU machines' torch."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 OURS = "titan_rl.parallel.fsdp"  # the module of our own FSDP hooks (reshard after a no-grad forward)
 
 
@@ -89,7 +101,7 @@ def gathered_weights(model: torch.nn.Module):
         yield
         return
     # FSDP has no public getter; its setter is public (the root is False, blocks as configured)
-    saved = [all(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in modules]
+    saved = [all(g._reshard_after_forward for g in fsdp_param_groups(m._get_fsdp_state())) for m in modules]
     hook_dicts = [d for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)]
     originals = [dict(d) for d in hook_dicts]
     states = {id(m._get_fsdp_state()) for m in modules}  # FSDP's hooks are its states' methods
@@ -214,7 +226,9 @@ class NativeEngine:
       captured as a CUDA graph once per extent a ``generate`` call reaches, and replayed: no kernel
       launches from Python per step. Needs CUDA, bf16 compute weights on sm90 or sm100 (the fused
       grouped expert kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP
-      is fine (its weights are gathered for the call and its hooks paused: ``gathered_weights``).
+      is fine (its weights are gathered for the call and its hooks paused: ``gathered_weights``),
+      and so are activation checkpointing (no-grad forwards skip it) and compiled blocks (the two
+      static modes run them uncompiled).
     """
 
     min_extent = 128  # the static modes' smallest attention extent (cache slots read per step)
@@ -239,6 +253,7 @@ class NativeEngine:
         self.check_every = check_every
         self.decode = decode
         self.captures = 0  # CUDA graphs captured so far (cuda_graph: one per extent used in a call)
+        self.capture_seconds = 0.0  # host time spent on them (warm-up step, capture, instantiation)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's module itself."""
@@ -269,7 +284,7 @@ class NativeEngine:
         share = share_of(len(prompts), world, rank)
         mine, start = [prompts[i] for i in share], share.start
         # every rank gathers the weights, also one without prompts (the gathers are collective)
-        with full_sequence_attention(self.model), gathered_weights(self.model):
+        with full_sequence_attention(self.model), gathered_weights(self.model), self._compile_stance():
             if self.decode == "cuda_graph":
                 self._check_graphable()  # here: FSDP's gathered weights are in its compute dtype
             seed = draw_call_seed(self.generator)  # on every rank: their generators stay equal
@@ -279,6 +294,14 @@ class NativeEngine:
         parts: list[list[Completion] | None] = [None] * world
         dist.all_gather_object(parts, completions)
         return [c for part in parts for c in part]
+
+    def _compile_stance(self):
+        """``static`` and ``cuda_graph`` run compiled blocks (``parallelism.compile``) uncompiled: a
+        recompile for a new cache length inside a capture would compile (and autotune, which
+        synchronizes) where nothing may, and the graph already removes the launches compiling saves."""
+        if self.decode == "eager":
+            return nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def _check_graphable(self) -> None:
         """Why ``cuda_graph`` cannot run for this model, as a ``ValueError``; nothing if it can. Every
@@ -411,8 +434,10 @@ class NativeEngine:
                     tokens, token_logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
                 elif self.decode == "cuda_graph":
                     if reach not in graphs:
+                        started = time.perf_counter()
                         graphs[reach] = _CudaGraphStep(functools.partial(step, reach), rows, pool)
                         self.captures += 1
+                        self.capture_seconds += time.perf_counter() - started
                     tokens, token_logprobs = graphs[reach]()
                 else:
                     tokens, token_logprobs = step(reach)

@@ -16,7 +16,7 @@ from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
-from titan_rl.rl.rollout.native import share_of
+from titan_rl.rl.rollout.native import fsdp_param_groups, share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, filter_logits, sample_next
 
@@ -599,3 +599,40 @@ def test_top_k_top_p_rollouts_sample_in_the_support_and_report_the_tempered_logp
         assert (keep | ambiguous)[steps, sampled].all(), "a sampled token outside the support"
         expected = torch.log_softmax(logits, dim=-1)[steps, sampled]
         assert (torch.tensor(completion.logprobs).double() - expected).abs().max() < 1e-5  # fp32 decode
+
+
+def test_fsdp_param_groups_reads_the_state_of_either_torch_release():
+    """torch 2.14 keeps a list, ``_fsdp_param_groups``; 2.11 (the lent GPU machines) one
+    ``_fsdp_param_group``, None for a module without parameters of its own."""
+    from types import SimpleNamespace
+
+    first, second = object(), object()
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_groups=[first, second])) == [first, second]
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_group=first)) == [first]
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+
+
+def test_static_decode_runs_compiled_blocks_uncompiled():
+    """``parallelism.compile`` compiles the blocks for training; the static modes must not compile
+    (or recompile for every new cache length) inside generate: on a GPU that would happen inside a
+    CUDA-graph capture. The completions are the uncompiled model's. Planted: without the compile
+    stance, generate compiles graphs here."""
+    from titan_rl.parallel.parallelize import apply_compile
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    plain = tiny_model(seed=27).to(torch.bfloat16).eval()  # compile needs bf16 (the grouped GEMM)
+    compiled = tiny_model(seed=27).to(torch.bfloat16).eval()
+    apply_compile(compiled, backend=backend)
+    g = torch.Generator().manual_seed(27)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 3, 9)]
+    params = SamplingParams(top_k=1, max_new_tokens=6)
+    got = NativeEngine(compiled, decode="static").generate(prompts, params)
+    assert graphs == []
+    assert_same_completions(got, NativeEngine(plain, decode="static").generate(prompts, params))
+    compiled(torch.tensor(prompts[:1]))  # outside generate the blocks are still compiled
+    assert len(graphs) > 0

@@ -36,16 +36,20 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
     g = torch.Generator().manual_seed(21)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 2, 5, 1, 12, 3, 7)]
     params = (
-        SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=11, stop_token_ids=(3, 40, 77))
+        SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=11)
         if sampled
-        else SamplingParams(top_k=1, max_new_tokens=11, stop_token_ids=(3, 40, 77))
+        else SamplingParams(top_k=1, max_new_tokens=11)
     )
+    # stop tokens that end some episodes early, picked from this model's own unstopped output (what a
+    # random model emits on this GPU is not known in advance): the 5th tokens of prompts 0 and 2
+    unstopped = NativeEngine(model, seed=5, decode="static").generate(prompts, params)
+    params.stop_token_ids = (unstopped[0].tokens[4], unstopped[2].tokens[4])
     static = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="static")
     graph = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="cuda_graph")
     expected = static.generate(prompts, params)
     got = graph.generate(prompts, params)
     assert graph.captures == 1
-    assert {c.finish_reason for c in expected} == {"stop", "length"}
+    assert "stop" in {c.finish_reason for c in expected}  # rows freed early: refills or parking
     for completion, reference in zip(got, expected, strict=True):
         assert completion.tokens == reference.tokens
         assert completion.finish_reason == reference.finish_reason

@@ -120,6 +120,7 @@ def test_replayed_decode_returns_what_static_decode_returns(replayed_graphs, mon
     engine = NativeEngine(model, seed=6, max_batch_rows=3, check_every=4, decode="cuda_graph")
     got = engine.generate(prompts, params)
     assert engine.captures == len(replayed_graphs) >= 2  # prompts up to 12 + 10 tokens: 8, 16, 22
+    assert engine.capture_seconds > 0  # what bench_generate reports as the capture cost per call
     assert sum(graph.replays for graph in replayed_graphs) >= max(len(c.tokens) for c in expected) - 1
     assert {c.finish_reason for c in expected} == {"stop", "length"}
     for completion, reference in zip(got, expected, strict=True):
