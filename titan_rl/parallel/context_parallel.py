@@ -121,10 +121,12 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.
     cp = dist.get_world_size(group)
     if cp == 1:
         return x
-    inputs = [piece.contiguous() for piece in x.chunk(cp, dim=scatter_dim)]
-    outputs = [torch.empty_like(inputs[0]) for _ in range(cp)]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=gather_dim)
+    # one tensor, split on dim 0: all_to_all_single runs on gloo in every torch (the list form
+    # all_to_all does not in 2.11) and is NCCL's native all-to-all
+    send = torch.stack(x.chunk(cp, dim=scatter_dim))  # [cp, *piece]
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return torch.cat(received.unbind(0), dim=gather_dim)
 
 
 class _AllToAll(torch.autograd.Function):

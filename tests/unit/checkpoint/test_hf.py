@@ -43,7 +43,8 @@ def from_pretrained(folder: Path, **kwargs):
     from transformers import GptOssForCausalLM
 
     kwargs.update(dtype=torch.float32, attn_implementation="eager")
-    return GptOssForCausalLM.from_pretrained(folder, **kwargs).eval()
+    # .float(): transformers 5.17 leaves MXFP4-dequantized experts in bf16 despite dtype=float32
+    return GptOssForCausalLM.from_pretrained(folder, **kwargs).float().eval()
 
 
 def test_bf16_folder_round_trip_is_bitwise(tmp_path):
