@@ -49,17 +49,34 @@ CUDA_TESTS = [
     "tests/unit/model/test_logprobs.py",
     "tests/unit/rl/rollout/test_native_cuda.py",
 ]
-# without pytest: the CUDA-only test functions, called with each of their parameters
-CUDA_TEST_CALLS = """
-import itertools, sys, traceback, types
-sys.path.insert(0, ".")
+# without pytest: what the CUDA test modules use of it (decorators, pytest.raises)
+PYTEST_STAND_IN = """
+import contextlib, re, sys, types
 try:
     import pytest
-except ImportError:  # the test modules only need pytest's decorators to import
+except ImportError:
     class _Mark:
         def __getattr__(self, name):
             return lambda *args, **kwargs: (lambda fn: fn)
-    sys.modules["pytest"] = types.SimpleNamespace(mark=_Mark(), fixture=lambda *a, **k: (lambda fn: fn))
+    @contextlib.contextmanager
+    def _raises(expected, match=None):
+        try:
+            yield
+        except expected as error:
+            if match is not None and not re.search(match, str(error)):
+                raise AssertionError(f"{error!r} does not match {match!r}") from error
+        else:
+            raise AssertionError(f"did not raise {expected.__name__}")
+    sys.modules["pytest"] = types.SimpleNamespace(
+        mark=_Mark(), fixture=lambda *a, **k: (lambda fn: fn), raises=_raises
+    )
+"""
+# without pytest: the CUDA-only test functions, called with each of their parameters
+CUDA_TEST_CALLS = (
+    PYTEST_STAND_IN
+    + """
+import itertools, sys, traceback
+sys.path.insert(0, ".")
 import torch
 if not torch.cuda.is_available():
     print("SKIP: no CUDA device")
@@ -83,6 +100,7 @@ for fn, kw in calls:
         traceback.print_exc()
 sys.exit(1 if failed else 0)
 """
+)
 ENV = """
 import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__)

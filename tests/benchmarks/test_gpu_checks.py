@@ -69,6 +69,31 @@ def test_the_cuda_tests_run_without_pytest():
     assert "ModuleNotFoundError" not in out and "ImportError" not in out, out
 
 
+def test_the_pytest_stand_in_raises_checks_type_and_message():
+    """``test_cuda_graph_decode_refuses_an_fp32_model`` runs ``pytest.raises`` on the GPU; without
+    pytest the stand-in must pass a matching error and fail a missing or different one."""
+    checks = """
+import pytest
+with pytest.raises(ValueError, match="only in bf16"):
+    raise ValueError("cuda_graph decode runs only in bf16 on sm90")
+for body, why in ((lambda: None, "did not raise"), (lambda: int("x"), "does not match")):
+    try:
+        with pytest.raises(ValueError, match="only in bf16"):
+            body()
+    except AssertionError as error:
+        assert why in str(error), error
+    else:
+        raise SystemExit("the stand-in let a wrong outcome pass")
+print("ok")
+"""
+    prelude = "import sys; sys.modules['pytest'] = None\n"  # import pytest -> ImportError
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + gpu_checks.PYTEST_STAND_IN + checks],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
 def test_the_default_parts_fit_one_device_call(tmp_path):
     """A device call runs at most 600 s; the default parts' limits must leave room to start."""
     default = [(name, limit) for name, limit, _ in gpu_checks.parts(True, tmp_path, sys.executable)]
