@@ -12,8 +12,9 @@ slows both alike; the table gives the median and the best run of each.
 With ``--dtype bfloat16`` (or float16) a second table says where the engine / trainer difference
 comes from: the trainer replaying the experts the engine chose (``engine_routing``: a routing flip
 between the two, a near-tie of router logits rounded apart, moves a token to other experts and its
-log-prob by ~1e-1), the share of positions routed differently, and the trainer against its own
-weights in fp32 (how far the dtype's rounding alone moves the same model). Runs on CUDA when
+log-prob by ~1e-1), the share of positions routed differently, and the trainer against an fp32
+copy of its weights, routing on its own and replaying the trainer's routing (how far the dtype
+moves the same model, with and without its own routing flips). Runs on CUDA when
 available, else on the CPU. Run from the repo root with titan_rl importable:
 
     python benchmarks/bench_generate.py                     # 4 layers, hidden 512, 16 experts, vocab 32000
@@ -137,17 +138,17 @@ def trainer_logprobs(
 
 
 @torch.no_grad()
-def engine_routing(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> tuple:
+def engine_routing(
+    model: GptOss, prompts: list[list[int]], params: SamplingParams
+) -> tuple[list[Completion], torch.Tensor]:
     """One more (untimed) ``eager`` generate of equal-length prompts, recording the experts every MoE
     layer chose for every position it ran: -> (completions, routing ``[layers, rows, prompt + new -
     1, top_k]``), in the layout ``trainer_logprobs`` replays. Recorded by forward hooks on the MoE
     modules, so the engine runs unchanged; its rows stay in order since none ends early (no stop
     tokens) and none waits (no ``max_batch_rows``)."""
     calls: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    hooks = [
-        block.mlp.register_forward_hook(
-            functools.partial(lambda seen, _m, _i, out: seen.append(out[1]), seen)
-        )
+    hooks = [  # MoE.forward -> (out, expert_indices [rows, new tokens, top_k])
+        block.mlp.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out[1]))
         for block, seen in zip(model.layers, calls)
     ]
     try:
@@ -163,25 +164,31 @@ def engine_routing(model: GptOss, prompts: list[list[int]], params: SamplingPara
 
 
 def mismatch_sources(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-    """Cells of one row of the low-precision table: engine vs trainer (mean, max), the same with the
-    engine's routing replayed in the trainer (what is left is rounding, not a different expert),
-    the share of input positions where some layer chose another set of experts, and the trainer
-    against its own weights in fp32 (the rounding floor of the model's dtype)."""
+    """Cells of one row of the low-precision table: engine vs trainer (mean, max); the same with the
+    engine's routing replayed in the trainer (what is left is rounding, not a different expert);
+    the share of input positions where some layer chose another set of experts; and the trainer
+    against an fp32 copy of its weights, once routing on its own (how far the dtype moves the model,
+    its routing flips included) and once replaying the trainer's routing (rounding alone)."""
     completions, routing = engine_routing(model, prompts, params)
     engine = torch.tensor([lp for c in completions for lp in c.logprobs])
     trainer, trainer_routing = trainer_logprobs(model, prompts, completions)
     replayed, _ = trainer_logprobs(model, prompts, completions, expert_indices=routing)
     moved = (routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1).any(0)  # [rows, width]
     fp32 = copy.deepcopy(model).float()
-    reference, _ = trainer_logprobs(fp32, prompts, completions)
+    fp32_own, _ = trainer_logprobs(fp32, prompts, completions)
+    fp32_same, _ = trainer_logprobs(fp32, prompts, completions, expert_indices=trainer_routing)
     del fp32
-    cells = []
-    for diff in ((engine - trainer).abs(), (engine - replayed).abs(), None, (trainer - reference).abs()):
-        if diff is None:
-            cells.append(f"{moved.float().mean().item():.2%}")
-        else:
-            cells += [f"{diff.mean().item():.2e}", f"{diff.max().item():.2e}"]
-    return cells
+
+    def mean_max(diff: torch.Tensor) -> list[str]:
+        return [f"{diff.abs().mean().item():.2e}", f"{diff.abs().max().item():.2e}"]
+
+    return [
+        *mean_max(engine - trainer),
+        *mean_max(engine - replayed),
+        f"{moved.float().mean().item():.2%}",
+        *mean_max(trainer - fp32_own),
+        *mean_max(trainer - fp32_same),
+    ]
 
 
 def main() -> None:
@@ -217,8 +224,8 @@ def main() -> None:
         graph_engine = engines.get("cuda_graph")
         before = (graph_engine.captures, graph_engine.capture_seconds) if graph_engine else None
         results = timed_alternately({**runs, "hf": run_hf}, a.repeats, sync)
-        if graph_engine and results["cuda_graph"]["times"]:
-            calls = a.repeats + 1  # the warm-up captures too: every generate call captures anew
+        if graph_engine and results["cuda_graph"]["times"] and not results["cuda_graph"]["error"]:
+            calls = len(results["cuda_graph"]["times"]) + 1  # the warm-up captures too: every call anew
             captured = (graph_engine.captures - before[0]) / calls
             seconds = (graph_engine.capture_seconds - before[1]) / calls
             notes.append(
@@ -298,9 +305,10 @@ def main() -> None:
     )
     print(
         "| batch | engine vs trainer, mean | max | trainer replaying the engine's routing, mean | max "
-        "| positions routed differently | trainer vs itself in fp32, mean | max |"
+        "| positions routed differently | trainer vs itself in fp32, mean | max "
+        "| same, fp32 replaying the trainer's routing, mean | max |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch, _, _, prompts in rows:
         print(f"| {batch} | " + " | ".join(mismatch_sources(ours, prompts, params)) + " |", flush=True)
 

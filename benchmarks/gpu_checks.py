@@ -59,7 +59,7 @@ except ImportError:
         def __getattr__(self, name):
             return lambda *args, **kwargs: (lambda fn: fn)
     @contextlib.contextmanager
-    def _raises(expected, match=None):
+    def _raises(expected, match=None):  # one exception type; no ExceptionInfo (no caller needs them)
         try:
             yield
         except expected as error:

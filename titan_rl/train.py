@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         if heartbeat is not None:
-            heartbeat.stop()
+            heartbeat.stop(10.0 if healthy else 1.0)  # a failed run has already waited on suspects()
         if torch.distributed.is_initialized() and healthy:  # leave together, or gloo may abort a slower rank
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -79,7 +79,7 @@ def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position
     model = GptOss(GptOssModelArgs.from_preset("debug")).eval()
     g = torch.Generator().manual_seed(3)
     prompts = torch.randint(0, model.args.vocab_size, (3, 7), generator=g).tolist()
-    params = SamplingParams(top_k=1, max_new_tokens=6)
+    params = SamplingParams(temperature=bench.GREEDY_TEMPERATURE, top_k=1, max_new_tokens=6)
     completions, routing = bench.engine_routing(model, prompts, params)
     args = model.args
     assert routing.shape == (args.num_hidden_layers, 3, 7 + 6 - 1, args.num_experts_per_tok)
@@ -105,11 +105,11 @@ def test_bench_generate_says_where_a_bf16_difference_comes_from():
     assert len(tables) == 2, proc.stdout
     lines = [line for line in tables[1].splitlines() if line.startswith("| ")]
     header, row = ([c.strip() for c in line.strip("|").split("|")] for line in lines)
-    assert header[0] == "batch" and len(header) == 8 == len(row), (header, row)
+    assert header[0] == "batch" and len(header) == 10 == len(row), (header, row)
     assert row[0] == "2"
     moved = float(row[5].rstrip("%"))
     assert 0 <= moved <= 100, row
-    for mean, largest in ((row[1], row[2]), (row[3], row[4]), (row[6], row[7])):
+    for mean, largest in ((row[1], row[2]), (row[3], row[4]), (row[6], row[7]), (row[8], row[9])):
         assert 0 <= float(mean) <= float(largest) < 5, row
     main_row = next(line for line in tables[0].splitlines() if "native (eager)" in line)
     assert main_row.split("|")[-3:-1] == [f" {row[1]} ", f" {row[2]} "], (

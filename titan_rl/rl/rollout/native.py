@@ -228,7 +228,7 @@ class NativeEngine:
       grouped expert kernel; elsewhere it reads counts on the host) and no expert parallelism; FSDP
       is fine (its weights are gathered for the call and its hooks paused: ``gathered_weights``),
       and so are activation checkpointing (no-grad forwards skip it) and compiled blocks (the two
-      static modes run them uncompiled).
+      static modes run them uncompiled, their prefills included).
     """
 
     min_extent = 128  # the static modes' smallest attention extent (cache slots read per step)

@@ -42,7 +42,9 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
     )
     # stop tokens that end some episodes early, picked from this model's own unstopped output (what a
     # random model emits on this GPU is not known in advance): the 5th tokens of prompts 0 and 2
-    unstopped = NativeEngine(model, seed=5, decode="static").generate(prompts, params)
+    unstopped = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="static").generate(
+        prompts, params
+    )
     params.stop_token_ids = (unstopped[0].tokens[4], unstopped[2].tokens[4])
     static = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="static")
     graph = NativeEngine(model, seed=5, max_batch_rows=3, check_every=4, decode="cuda_graph")
