@@ -63,6 +63,11 @@ def parse() -> argparse.Namespace:
         help="our engine's decode modes, a row each (cuda_graph: CUDA, bf16, sm90 / sm100)",
     )  # fmt: skip
     p.add_argument(
+        "--sources", type=int, nargs="*", metavar="BATCH",
+        help="bf16 / fp16: the batch sizes of the where-the-difference-comes-from table (default: all; "
+        "none: no table)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="profile one more generate per batch size and mode (not cuda_graph): top N ops (stderr)",
     )  # fmt: skip
@@ -296,7 +301,8 @@ def main() -> None:
             print("| " + " | ".join(cells) + " |")
     for note in notes:
         print(f"\n{note}")
-    if a.dtype == "float32":
+    sources = [row for row in rows if a.sources is None or row[0] in a.sources]
+    if a.dtype == "float32" or not sources:
         return
     # after the main table, so a run cut short there still printed it
     print(
@@ -309,7 +315,7 @@ def main() -> None:
         "| same, fp32 replaying the trainer's routing, mean | max |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, _, _, prompts in rows:
+    for batch, _, _, prompts in sources:
         print(f"| {batch} | " + " | ".join(mismatch_sources(ours, prompts, params)) + " |", flush=True)
 
 

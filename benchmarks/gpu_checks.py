@@ -18,8 +18,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
 - ``bench_model`` (180): the training-step table of benchmarks/README.md (gpt-oss-20b shapes, 4
   layers, bf16, T = 4,096 and 65,536 against HF eager and flex_attention).
 - ``bench_generate`` (170): native engine (eager and CUDA-graph decode) vs HF ``generate``,
-  batches 32 and 128, with the engine / trainer log-prob agreement, then (bf16) where the
-  difference comes from: routing flips vs rounding, and bf16 vs fp32. A decode mode that fails is
+  batches 32 and 128, with the engine / trainer log-prob agreement, then (bf16, batch 32) where
+  the difference comes from: routing flips vs rounding, and bf16 vs fp32. A decode mode that fails is
   reported in the table and the others still run.
 - ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
 - ``train_cuda_graph`` (90): the ``train`` part with ``--rollout.decode=cuda_graph`` (rollouts
@@ -130,7 +130,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     generate += (
         ["--batch", "2", "--new", "4", "--prompt", "8", "--repeats", "1"]
         if tiny
-        else ["--batch", "32", "128"]
+        else ["--batch", "32", "128", "--sources", "32"]  # the bf16 sources table once: time
     )
     generate += ["--profile", "25"]
     bench = [

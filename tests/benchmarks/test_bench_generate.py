@@ -97,21 +97,22 @@ def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position
 def test_bench_generate_says_where_a_bf16_difference_comes_from():
     cmd = [
         sys.executable, "benchmarks/bench_generate.py", "--preset", "debug", "--layers", "2",
-        "--dtype", "bfloat16", "--batch", "2", "--prompt", "6", "--new", "5", "--repeats", "1",
+        "--dtype", "bfloat16", "--batch", "2", "3", "--prompt", "6", "--new", "5", "--repeats", "1",
+        "--sources", "3",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = proc.stdout.split("Where the bfloat16 engine / trainer difference comes from")
     assert len(tables) == 2, proc.stdout
     lines = [line for line in tables[1].splitlines() if line.startswith("| ")]
-    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in lines)  # one: --sources 3
     assert header[0] == "batch" and len(header) == 10 == len(row), (header, row)
-    assert row[0] == "2"
+    assert row[0] == "3"
     moved = float(row[5].rstrip("%"))
     assert 0 <= moved <= 100, row
     for mean, largest in ((row[1], row[2]), (row[3], row[4]), (row[6], row[7]), (row[8], row[9])):
         assert 0 <= float(mean) <= float(largest) < 5, row
-    main_row = next(line for line in tables[0].splitlines() if "native (eager)" in line)
+    main_row = next(line for line in tables[0].splitlines() if "native (eager) | 3 |" in line)
     assert main_row.split("|")[-3:-1] == [f" {row[1]} ", f" {row[2]} "], (
         main_row,
         row,
