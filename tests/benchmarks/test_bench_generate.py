@@ -4,25 +4,21 @@ round-off, and a mode that cannot run (cuda_graph on a CPU) is reported without 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import import_benchmark, run_benchmark, table_rows
+
 ROUND_OFF = 1e-4  # fp32 CPU; a token scored at the wrong position or temperature is ~0.1-1 off
 
 
 @pytest.mark.timeout(240)
 def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
-    cmd = [
-        sys.executable, "benchmarks/bench_generate.py", "--preset", "debug", "--layers", "2",
+    proc = run_benchmark(
+        "bench_generate.py", "--preset", "debug", "--layers", "2",
         "--batch", "2", "3", "--prompt", "6", "--new", "5", "--repeats", "1", "--profile", "3",
         "--decode", "eager", "static", "cuda_graph",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    )  # fmt: skip
     for batch in (2, 3):  # --profile: one profiled generate per batch size and mode that ran
         for mode in ("eager", "static"):
             assert f"profile of titan_rl native ({mode}) at batch {batch}, top 3 ops" in proc.stderr, (
@@ -31,9 +27,7 @@ def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "float32, cpu" in out, out
-    rows = [
-        [c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")
-    ]
+    rows = table_rows(out)
     header, rows = rows[0], rows[1:]
     assert header[-3:] == ["greedy tokens = HF", "engine vs trainer logp, mean", "max"], header
     if not torch.cuda.is_available():  # cuda_graph fails here: one row saying so, per batch size
@@ -57,15 +51,6 @@ def test_bench_generate_prints_rows_and_engine_trainer_agreement_on_cpu():
     assert rows[2][6] == "1.00x" and rows[5][6] == "1.00x"  # HF against itself
 
 
-def _bench_generate_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_generate
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return bench_generate
-
-
 def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position():
     """fp32, where engine and trainer agree to round-off: the experts recorded from the engine's
     prefill and decode steps are the trainer's own for every input position, and replaying them in
@@ -74,7 +59,7 @@ def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position
     from titan_rl.model import GptOss, GptOssModelArgs
     from titan_rl.rl.rollout import SamplingParams
 
-    bench = _bench_generate_module()
+    bench = import_benchmark("bench_generate")
     torch.manual_seed(0)
     model = GptOss(GptOssModelArgs.from_preset("debug")).eval()
     g = torch.Generator().manual_seed(3)
@@ -95,17 +80,15 @@ def test_the_engine_routing_recorded_for_replay_is_the_routing_of_every_position
 
 @pytest.mark.timeout(240)
 def test_bench_generate_says_where_a_bf16_difference_comes_from():
-    cmd = [
-        sys.executable, "benchmarks/bench_generate.py", "--preset", "debug", "--layers", "2",
+    proc = run_benchmark(
+        "bench_generate.py", "--preset", "debug", "--layers", "2",
         "--dtype", "bfloat16", "--batch", "2", "3", "--prompt", "6", "--new", "5", "--repeats", "1",
         "--sources", "3",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = proc.stdout.split("Where the bfloat16 engine / trainer difference comes from")
     assert len(tables) == 2, proc.stdout
-    lines = [line for line in tables[1].splitlines() if line.startswith("| ")]
-    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in lines)  # one: --sources 3
+    header, row = table_rows(tables[1])  # one row: --sources 3
     assert header[0] == "batch" and len(header) == 10 == len(row), (header, row)
     assert row[0] == "3"
     moved = float(row[5].rstrip("%"))

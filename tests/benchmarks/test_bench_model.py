@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import run_benchmark, table_rows
 
 
 @pytest.mark.timeout(240)
 def test_bench_model_prints_every_row_on_cpu():
-    cmd = [
-        sys.executable, "benchmarks/bench_model.py", "--preset", "debug", "--layers", "2",
+    proc = run_benchmark(
+        "bench_model.py", "--preset", "debug", "--layers", "2",
         "--seq", "32", "64", "--hf-attn", "eager", "--steps", "1", "--warmup", "0", "--ac-from", "64",
         "--profile", "3",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "profile of titan_rl at T=32: one step, top 3 ops" in proc.stderr  # --profile, every row
@@ -33,8 +29,7 @@ def test_bench_model_prints_every_row_on_cpu():
     ):
         assert re.search(row, out), f"missing row {row}:\n{out}"
     # every row measured something: tokens/s and TFLOP/s are positive numbers, MFU n/a on CPU
-    rows = [line for line in out.splitlines() if line.startswith("| titan_rl") or line.startswith("| HF")]
+    rows = [cells for cells in table_rows(out) if cells[0].startswith(("titan_rl", "HF"))]
     assert len(rows) == 4
-    for line in rows:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert float(cells[2].replace(",", "")) > 0 and float(cells[4]) > 0 and cells[5] == "n/a", line
+    for cells in rows:
+        assert float(cells[2].replace(",", "")) > 0 and float(cells[4]) > 0 and cells[5] == "n/a", cells

@@ -5,14 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_checks  # noqa: E402
+from tests.benchmarks import REPO, import_benchmark
+
+gpu_checks = import_benchmark("gpu_checks")
 
 
 @pytest.mark.timeout(300)
