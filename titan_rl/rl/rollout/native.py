@@ -19,11 +19,11 @@ long episodes do not keep the others waiting. ``cuda_graph`` replays the step as
 
 Under ``torch.distributed`` every rank generates its contiguous share of the prompts and the ranks
 all-gather the completions (every rank returns all of them, in order), with each FSDP module's
-weights gathered once per ``generate`` (``gathered_weights``), not once per token. With expert
-parallelism every MoE forward is an all-to-all that all ranks must join with the same tokens, so
-there every rank generates every prompt. The sampling noise is keyed by prompt and token index
-(``titan_rl.rl.rollout.noise``), so the completions do not depend on how the prompts are split
-across ranks or scheduled into rows.
+weights gathered once per ``generate`` (``titan_rl.parallel.fsdp.gathered_weights``), not once per
+token. With expert parallelism every MoE forward is an all-to-all that all ranks must join with
+the same tokens, so there every rank generates every prompt. The sampling noise is keyed by prompt
+and token index (``titan_rl.rl.rollout.noise``), so the completions do not depend on how the
+prompts are split across ranks or scheduled into rows.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
 from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
+from titan_rl.parallel.fsdp import gathered_weights
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, SamplingParams, sample_next
 
@@ -65,62 +65,6 @@ def full_sequence_attention(model: GptOss):
     finally:
         for block, fn in zip(model.layers, saved):
             block.self_attn.attention_fn = fn
-
-
-def fsdp_param_groups(state) -> list:
-    """The parameter groups of an FSDP module's state: the list ``_fsdp_param_groups`` of newer torch
-    (2.14), or the one ``_fsdp_param_group`` (None without parameters) of older releases such as
-    2.11, the lent GPU machines' torch."""
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is not None:
-        return list(groups)
-    group = getattr(state, "_fsdp_param_group", None)
-    return [] if group is None else [group]
-
-
-OURS = "titan_rl.parallel.fsdp"  # the module of our own FSDP hooks (reshard after a no-grad forward)
-
-
-@contextmanager
-def gathered_weights(model: torch.nn.Module):
-    """Every FSDP module's full weights gathered once, kept for the duration, then resharded; in
-    between the model runs as a plain module.
-
-    Decode forwards then run no collectives, so ranks can run different numbers of steps. Every
-    rank must enter (the gathers are collective), also one without prompts. The forward hooks of
-    FSDP (per module: unshard, reshard, input casts, the root's stream bookkeeping) and of
-    ``titan_rl.parallel.fsdp`` (reshard at the next forward after a no-grad one) are paused
-    meanwhile: with the weights gathered and held they have nothing to do, yet they cost Python
-    time at every decode step (one-rank bf16 FSDP on CPU, 5 FSDP modules: 15.8 ms a step against
-    10.7 ms for the same bf16 model unwrapped) and would keep a step from being captured as a CUDA
-    graph. Nothing casts the forward's inputs to FSDP's compute dtype then; the engine's inputs are
-    token ids and positions, and every activation starts from the gathered embedding, already in it.
-    """
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not modules:
-        yield
-        return
-    # FSDP has no public getter; its setter is public (the root is False, blocks as configured)
-    saved = [all(g._reshard_after_forward for g in fsdp_param_groups(m._get_fsdp_state())) for m in modules]
-    hook_dicts = [d for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)]
-    originals = [dict(d) for d in hook_dicts]
-    states = {id(m._get_fsdp_state()) for m in modules}  # FSDP's hooks are its states' methods
-    for hooks in hook_dicts:
-        for key, fn in list(hooks.items()):
-            if id(getattr(fn, "__self__", None)) in states or getattr(fn, "__module__", None) == OURS:
-                del hooks[key]
-    try:
-        for module in modules:
-            module.set_reshard_after_forward(False, recurse=False)
-            module.unshard()
-        yield
-    finally:
-        for hooks, original in zip(hook_dicts, originals):
-            hooks.clear()
-            hooks.update(original)  # in their original order (FSDP's and ours are prepended)
-        for module, reshard_after_forward in zip(modules, saved):
-            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
-            module.reshard()
 
 
 def share_of(count: int, world: int, rank: int) -> range:

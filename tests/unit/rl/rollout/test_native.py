@@ -15,8 +15,9 @@ from tests.conftest import HostSyncs, rel_err, tiny_model
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
+from titan_rl.parallel.fsdp import fsdp_param_groups
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
-from titan_rl.rl.rollout.native import fsdp_param_groups, share_of
+from titan_rl.rl.rollout.native import share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, filter_logits, sample_next
 
