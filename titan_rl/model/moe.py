@@ -64,6 +64,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+UNROUTED = -1  # a recorded routing's "nothing recorded here": the router chooses on its own
+
+
 class Router(nn.Module):
     """``logits = x W^T + b``; top-k on the logits; weights = softmax over the k chosen logits."""
 
@@ -79,14 +82,17 @@ class Router(nn.Module):
         """x ``[N, hidden]`` -> (weights ``[N, k]``, expert_indices ``[N, k]``).
 
         With ``expert_indices`` given (routing replay) those experts are used and their weights
-        are recomputed from the current logits.
+        are recomputed from the current logits, so the router still trains. A token whose recorded
+        experts are -1 (``UNROUTED``: nothing recorded there, e.g. a position the rollout engine never
+        fed through the model) takes its own top-k.
         """
         logits = F.linear(x, self.weight, self.bias)  # [N, experts]
+        chosen_logits, own = torch.topk(logits, self.top_k, dim=-1)
         if expert_indices is None:
-            chosen_logits, expert_indices = torch.topk(logits, self.top_k, dim=-1)
-        else:
-            chosen_logits = logits.gather(-1, expert_indices)
-        return torch.softmax(chosen_logits, dim=-1), expert_indices
+            return torch.softmax(chosen_logits, dim=-1), own
+        # elementwise, no host read of which tokens are recorded (a token's k are all -1 or none)
+        expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
+        return torch.softmax(logits.gather(-1, expert_indices), dim=-1), expert_indices
 
 
 class Experts(nn.Module):

@@ -8,7 +8,7 @@ import torch
 
 import titan_rl.model.moe as moe_module
 from tests.conftest import MatmulCounter, moe_macs, rel_err, tiny_args, tiny_model
-from titan_rl.model.moe import MoE
+from titan_rl.model.moe import UNROUTED, MoE
 
 
 def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,27 @@ def test_forced_routing_uses_the_given_experts():
             y_e, _ = moe(x[t : t + 1], single)  # all slots on expert e: output is y_e exactly
             y_manual[t] += w * y_e[0]
     assert rel_err(out, y_manual) <= 1e-5
+
+
+def test_unrouted_tokens_of_a_replay_take_their_own_experts():
+    """A recorded routing with -1 rows (positions the engine never fed) replays the other rows and
+    lets the router choose for those: int16 as trajectories store it."""
+    moe = random_moe(4, num_local_experts=8)
+    x = torch.randn(12, moe.router.weight.shape[1])
+    natural_out, natural = moe(x)
+    forced = ((natural + 3) % moe.num_experts).to(torch.int16)  # other experts for every token
+    unrouted = torch.tensor([1, 4, 5, 11])
+    forced[unrouted] = UNROUTED
+    out, used = moe(x, forced)
+    recorded = torch.ones(12, dtype=torch.bool)
+    recorded[unrouted] = False
+    assert torch.equal(used[~recorded], natural[~recorded])
+    assert torch.equal(used[recorded], forced[recorded].long())
+    # (to fp32 round-off: the experts' row groups differ between the calls)
+    assert rel_err(out[~recorded], natural_out[~recorded]) <= 1e-6
+    expected, _ = moe(x[recorded], forced[recorded])
+    assert rel_err(out[recorded], expected) <= 1e-6
+    assert (out[recorded] - natural_out[recorded]).abs().amax() > 1e-3  # the replay changed them
 
 
 def test_sorted_path_multiplies_each_token_by_its_chosen_experts_only():

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
-from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
+from titan_rl.model.moe import UNROUTED, fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.parallel.fsdp import gathered_weights
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
@@ -52,6 +52,10 @@ class Completion:
     tokens: list[int]  # sampled tokens, the stop token included when one ended the episode
     logprobs: list[float]  # log-prob of each sampled token under the tempered distribution
     finish_reason: str  # "stop" or "length"
+    # with NativeEngine(record_routing=True): the experts every MoE layer chose for each position of
+    # prompt + tokens, int16 [len(prompt) + len(tokens), layers, top_k]; -1 (moe.UNROUTED) where the
+    # engine never fed the token through the model (a last token drawn at max_new_tokens)
+    routing: torch.Tensor | None = None
 
 
 @contextmanager
@@ -126,9 +130,7 @@ class _CudaGraphStep:
     pool across its batch-size graphs alike).
     """
 
-    def __init__(
-        self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: _Rows, pool: tuple
-    ) -> None:
+    def __init__(self, step: Callable[[], tuple[torch.Tensor | None, ...]], rows: _Rows, pool: tuple) -> None:
         saved = rows.clone()
         rows.positions.fill_(-1)
         stream = torch.cuda.Stream()
@@ -141,9 +143,9 @@ class _CudaGraphStep:
             self.out = step()
         rows.copy_(saved)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self) -> tuple[torch.Tensor | None, ...]:
         self.graph.replay()
-        return self.out[0].clone(), self.out[1].clone()
+        return tuple(None if t is None else t.clone() for t in self.out)
 
 
 class NativeEngine:
@@ -154,6 +156,10 @@ class NativeEngine:
     the sampled tokens (a finished row may decode up to ``check_every`` wasted steps); None: 8
     on an accelerator, 1 on CPU, where the host computes anyway and reading costs nothing, so
     finished rows may as well leave at once. The completions do not depend on it.
+
+    ``record_routing``: also return, per completion, the experts each MoE layer chose for every
+    position (``Completion.routing``), so that the trainer can replay them (``rl.rollout_routing_replay``):
+    recorded on the device with the step, read with the sampled tokens.
 
     ``decode``: how decode steps run.
 
@@ -184,6 +190,7 @@ class NativeEngine:
         max_batch_rows: int | None = None,
         check_every: int | None = None,
         decode: str = "eager",
+        record_routing: bool = False,
     ) -> None:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows = {max_batch_rows}: use None (all prompts at once) or >= 1")
@@ -196,6 +203,7 @@ class NativeEngine:
         self.max_batch_rows = max_batch_rows
         self.check_every = check_every
         self.decode = decode
+        self.record_routing = record_routing
         self.captures = 0  # CUDA graphs captured so far (cuda_graph: one per extent used in a call)
         self.capture_seconds = 0.0  # host time spent on them (warm-up step, capture, instantiation)
 
@@ -287,8 +295,12 @@ class NativeEngine:
             return 1, 0
         return dist.get_world_size(), dist.get_rank()
 
-    def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Left-padded prompts through a fresh ``cache`` -> each row's last hidden state ``[B, hidden]``."""
+    def _prefill(
+        self, prompts: list[list[int]], cache: KVCache
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Left-padded prompts through a fresh ``cache`` -> each row's last hidden state ``[B, hidden]``,
+        and with ``record_routing`` each prompt's routing ``[len(prompt), layers, top_k]`` (int16, on
+        the device)."""
         model = self.model
         device = model.lm_head.weight.device
         batch, width = len(prompts), max(len(p) for p in prompts)
@@ -300,31 +312,51 @@ class NativeEngine:
             tokens[i, pad:] = torch.tensor(prompt)
             positions[i, pad:] = torch.arange(len(prompt))
             document_ids[i, pad:] = 1
-        return model(
+        out = model(
             tokens.to(device),
             positions=positions.to(device),
             document_ids=document_ids.to(device),
             return_hidden=True,
+            return_expert_indices=self.record_routing,
             kv_cache=cache,
-        )[:, -1].contiguous()  # a copy: a view would keep the whole [B, T, hidden] output alive
+        )
+        hidden, routing = out if self.record_routing else (out, None)
+        last = hidden[:, -1].contiguous()  # a copy: a view would keep the whole [B, T, hidden] output alive
+        if routing is None:
+            return last, None
+        routing = routing.to(torch.int16).permute(1, 2, 0, 3)  # [B, T, layers, top_k]
+        return last, [routing[i, width - len(p) :].clone() for i, p in enumerate(prompts)]
 
     def _decode(
         self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, reach: int
-    ) -> torch.Tensor:
-        """One token per row, ``tokens [B]`` at ``positions [B, 1]`` (all < ``reach``) -> ``[B, hidden]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row, ``tokens [B]`` at ``positions [B, 1]`` (all < ``reach``) -> ``[B, hidden]``,
+        and with ``record_routing`` the tokens' routing ``[B, layers, top_k]`` (int16)."""
         cache.extent = reach
-        return self.model(tokens[:, None], positions=positions, return_hidden=True, kv_cache=cache)[:, -1]
+        out = self.model(
+            tokens[:, None],
+            positions=positions,
+            return_hidden=True,
+            return_expert_indices=self.record_routing,
+            kv_cache=cache,
+        )
+        if not self.record_routing:
+            return out[:, -1], None
+        hidden, routing = out
+        return hidden[:, -1], routing[:, :, -1].transpose(0, 1).to(torch.int16)
 
     def _step(
         self, head: DecodeHead, cache: KVCache, rows: _Rows, params: SamplingParams, reach: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample every row's next token from ``rows.hidden``, then decode it (KV written, the next
-        hidden state computed); ``rows`` advances in place. -> (tokens ``[R]``, log-probs ``[R]``)."""
+        hidden state computed); ``rows`` advances in place. -> (tokens ``[R]``, log-probs ``[R]``,
+        the tokens' routing ``[R, layers, top_k]`` or None)."""
         tokens, logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
-        rows.hidden.copy_(self._decode(cache, tokens, rows.positions, reach))
+        hidden, routing = self._decode(cache, tokens, rows.positions, reach)
+        rows.hidden.copy_(hidden)
         rows.positions.add_((rows.positions >= 0).long())  # parked rows stay at -1
         rows.drawn.add_(1)
-        return tokens, logprobs
+        return tokens, logprobs, routing
 
     def _generate(
         self, prompts: list[list[int]], params: SamplingParams, seed: int, first_id: int = 0
@@ -341,11 +373,17 @@ class NativeEngine:
         first = [waiting.popleft() for _ in range(min(self.max_batch_rows or len(prompts), len(prompts)))]
         cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
         head = DecodeHead(model.lm_head.weight, len(first))
+        # record_routing: each prompt's routing pieces on the host, in position order, and the
+        # prefills' pieces still on the device (moved with the next read: a prefill does not wait)
+        routes: list[list[torch.Tensor]] = [[] for _ in prompts]
+        prefilled: list[tuple[int, torch.Tensor]] = []
 
         def fresh_rows(ids: list[int], cache: KVCache) -> _Rows:
             """Prompts ``ids`` prefilled into ``cache``: their rows' state before the first token."""
+            hidden, routing = self._prefill([prompts[i] for i in ids], cache)
+            prefilled.extend(zip(ids, routing or []))
             return _Rows(
-                hidden=self._prefill([prompts[i] for i in ids], cache),
+                hidden=hidden,
                 positions=torch.tensor([[len(prompts[i])] for i in ids], device=device),
                 keys=row_keys(seed, torch.tensor([first_id + i for i in ids], device=device)),
                 drawn=torch.zeros(len(ids), dtype=torch.long, device=device),
@@ -356,7 +394,7 @@ class NativeEngine:
         prompt_of: list[int | None] = list(first)
         position = [len(prompts[i]) for i in first]
 
-        def step(reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(reach: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._step(head, cache, rows, params, reach)
 
         graphs: dict[int, _CudaGraphStep] = {}  # cuda_graph: one per attention extent, one pool
@@ -368,7 +406,7 @@ class NativeEngine:
             # every row reaches max_new_tokens with this read and nobody waits: the last step need not
             # decode its tokens (the only decode whose result nothing would read)
             ending = not waiting and all(n == steps for n in remaining)
-            drawn, logprobs = [], []
+            drawn, logprobs, routed = [], [], []
             for s in range(steps):  # no host reads in here: the device runs ahead
                 # attention reads only the slots that can hold keys by now: exactly that many in
                 # eager mode, rounded up to a few fixed extents in the static ones
@@ -376,33 +414,47 @@ class NativeEngine:
                 reach = self._extent(reach, max_len) if static else reach
                 if ending and s == steps - 1:
                     tokens, token_logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
+                    routing = self._unrouted(len(tokens)) if self.record_routing else None
                 elif self.decode == "cuda_graph":
                     if reach not in graphs:
                         started = time.perf_counter()
                         graphs[reach] = _CudaGraphStep(functools.partial(step, reach), rows, pool)
                         self.captures += 1
                         self.capture_seconds += time.perf_counter() - started
-                    tokens, token_logprobs = graphs[reach]()
+                    tokens, token_logprobs, routing = graphs[reach]()
                 else:
-                    tokens, token_logprobs = step(reach)
+                    tokens, token_logprobs, routing = step(reach)
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
+                routed.append(routing)
             finished = []
-            for row, (i, ids, lps) in enumerate(zip(prompt_of, *self._read(drawn, logprobs))):
+            read_ids, read_logprobs = self._read(drawn, logprobs)
+            if self.record_routing:  # the same read: [rows, steps, layers, top_k] to the host
+                for i, piece in prefilled:
+                    routes[i].append(piece.cpu())
+                prefilled.clear()
+                read_routing = torch.stack(routed, dim=1).cpu()
+            for row, (i, ids, lps) in enumerate(zip(prompt_of, read_ids, read_logprobs)):
                 if i is None:
                     continue
+                taken = len(outputs[i].tokens)
                 for token, logprob in zip(ids, lps):
                     outputs[i].tokens.append(token)
                     outputs[i].logprobs.append(logprob)
                     if token in stop:  # later tokens of this row were decoded in vain
                         outputs[i].finish_reason = "stop"
                         break
+                if self.record_routing:
+                    routes[i].append(read_routing[row, : len(outputs[i].tokens) - taken])
                 if outputs[i].finish_reason == "stop" or len(outputs[i].tokens) == params.max_new_tokens:
                     finished.append(row)
                 position[row] += steps
             refill = finished[: len(waiting)]  # rows that take the next waiting prompts
             leaving = finished[len(refill) :]
             if len(finished) == len(live) and not refill:
+                if self.record_routing:
+                    for output, pieces in zip(outputs, routes):
+                        output.routing = torch.cat(pieces)
                 return outputs
             if leaving and static:  # parked: they stay in the batch, their writes go nowhere
                 parked = torch.tensor(leaving, device=device)
@@ -424,6 +476,12 @@ class NativeEngine:
                 cache.replace_rows(at, fresh)
                 for row, i in zip(refill, new):
                     prompt_of[row], position[row] = i, len(prompts[i])
+
+    def _unrouted(self, rows: int) -> torch.Tensor:
+        """The routing of tokens drawn but never fed through the model: -1 (``moe.UNROUTED``)."""
+        args, device = self.model.args, self.model.lm_head.weight.device
+        shape = (rows, args.num_hidden_layers, args.num_experts_per_tok)
+        return torch.full(shape, UNROUTED, dtype=torch.int16, device=device)
 
     @staticmethod
     def _read(

@@ -174,8 +174,9 @@ def test_the_host_reads_the_sampled_tokens_once_per_check_every_steps(monkeypatc
     assert len(reads) == 2 and all(len(c.tokens) == 16 for c in completions)
 
 
+@pytest.mark.parametrize("record_routing", [False, True], ids=["plain", "routing"])
 @pytest.mark.parametrize("decode", ["eager", "static"])
-def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch, decode):
+def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch, decode, record_routing):
     """No tensor read by Python (``item``, ``tolist``, ``int``, ``bool``, ...) inside
     a decode step or a sampling step, where on a GPU it would wait for the device. Only the
     engine's reads between steps (``_read``) may look at tensors."""
@@ -208,9 +209,12 @@ def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch, decode):
     for name in ("_step", "_decode", "_sample"):
         monkeypatch.setattr(NativeEngine, name, marking(name))
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=(5, 9))
-    engine = NativeEngine(model, seed=1, max_batch_rows=2, check_every=4, decode=decode)
+    engine = NativeEngine(
+        model, seed=1, max_batch_rows=2, check_every=4, decode=decode, record_routing=record_routing
+    )
     completions = engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
     assert all(0 < len(c.tokens) <= 12 for c in completions)
+    assert all((c.routing is not None) == record_routing for c in completions)
 
 
 def test_sampled_completions_do_not_depend_on_the_batching():
@@ -268,7 +272,8 @@ def test_static_decode_parks_finished_rows_and_keeps_its_shapes(monkeypatch):
     SamplingParams(top_k=1, max_new_tokens=9, stop_token_ids=(3, 40)),
     SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=9, stop_token_ids=(3, 40)),
 ])  # fmt: skip
-def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, params):
+@pytest.mark.parametrize("record_routing", [False, True], ids=["plain", "routing"])
+def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, params, record_routing):
     """What ``cuda_graph`` captures is the static step: on CPU, the same code must make no op that
     waits for the device (a value read, a data-dependent shape) and no tensor from Python data
     (``torch.tensor([...])``: on CUDA a pageable copy), two things a capture refuses. A CPU run
@@ -286,9 +291,12 @@ def test_the_static_decode_step_is_code_a_cuda_graph_can_capture(monkeypatch, pa
         return out
 
     monkeypatch.setattr(NativeEngine, "_step", watched)
-    engine = NativeEngine(model, seed=3, max_batch_rows=2, check_every=3, decode="static")
-    engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
+    engine = NativeEngine(
+        model, seed=3, max_batch_rows=2, check_every=3, decode="static", record_routing=record_routing
+    )
+    completions = engine.generate([[1, 2, 3], [4], [5, 6, 7, 8], [60, 61]], params)
     assert len(steps) >= 9 and seen == []
+    assert all((c.routing is not None) == record_routing for c in completions)
 
 
 def test_under_one_rank_fsdp_mixed_precision_the_engine_runs_the_plain_bf16_model(
