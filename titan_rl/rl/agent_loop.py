@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from titan_rl.rl.envs.agentic import (
     AgentEnvironment,
     EpisodeStart,
@@ -40,6 +42,7 @@ from titan_rl.rl.harmony import (
 from titan_rl.rl.rollout.engine import RolloutEngine
 from titan_rl.rl.rollout.native import Completion
 from titan_rl.rl.rollout.sampling import SamplingParams
+from titan_rl.rl.routing_replay import extend_routing, routing_to_length
 from titan_rl.rl.tokenizer import Tokenizer
 from titan_rl.rl.types import Trajectory
 
@@ -70,6 +73,7 @@ class EpisodeRollout:
     tokens: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
+    routing: torch.Tensor | None = None  # the engine's experts per position (routing_replay.py)
     turns: int = 0
     tool_errors: int = 0
     timeouts: int = 0
@@ -93,6 +97,7 @@ class EpisodeRollout:
             turns=self.turns,
             tool_calls=len(self.transcript.tool_calls),
             tool_errors=self.tool_errors,
+            routing=routing_to_length(self.routing, len(self.tokens)),
         )
 
 
@@ -193,6 +198,7 @@ def step_episodes(
     calls: list[tuple[int, str, dict[str, Any]]] = []  # (episode position, tool name, arguments)
     prompt = generation_prompt(tokenizer)
     for i, (episode, completion) in enumerate(zip(episodes, completions)):
+        episode.routing = extend_routing(episode.routing, completion.routing)
         episode.append(completion.tokens, True, completion.logprobs)
         episode.turns += 1
         if completion.finish_reason != "stop":
@@ -286,8 +292,8 @@ def run_episodes(
         ]
         params = dataclasses.replace(sampling, max_new_tokens=max(room), stop_token_ids=stop_ids)
         completions = [  # an episode whose budget is below the batch's keeps only its share
-            c if len(c.tokens) <= limit else Completion(c.tokens[:limit], c.logprobs[:limit], "length")
-            for c, limit in zip(engine.generate([e.tokens for e in active], params), room)
+            c if len(c.tokens) <= limit else cut(c, limit, len(e.tokens))
+            for c, e, limit in zip(engine.generate([e.tokens for e in active], params), active, room)
         ]
         step_episodes(env, tokenizer, active, completions, config)
     rewards = [safe_reward(env.reward, e.transcript) for e in episodes]
@@ -296,6 +302,17 @@ def run_episodes(
     stats["reward_errors"] = float(sum(failed for _, failed in rewards))
     stats["errors"] = stats["tool_errors"] + stats["parse_errors"] + stats["reward_errors"]
     return trajectories, stats
+
+
+def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
+    """The first ``limit`` tokens of ``completion`` (to a prompt of ``prompt_len`` tokens), cut off."""
+    routing = completion.routing
+    return Completion(
+        completion.tokens[:limit],
+        completion.logprobs[:limit],
+        "length",
+        None if routing is None else routing[: prompt_len + limit],
+    )
 
 
 def safe_reward(reward: Callable[..., float], *args: Any) -> tuple[float, bool]:

@@ -121,6 +121,7 @@ def collect_rollouts(
             rollout_logprobs=[0.0] * len(prompt) + c.logprobs,
             reward=reward,
             group=i // group,
+            routing=c.routing,
         )
         for i, (prompt, c, (reward, _)) in enumerate(zip(repeated, completions, rewards))
     ]

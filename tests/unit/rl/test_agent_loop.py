@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import tiny_model
 from titan_rl.model import token_logprobs_and_entropy
+from titan_rl.model.moe import UNROUTED
 from titan_rl.rl.agent_loop import (
     AgentLoopConfig,
     demonstration_trajectory,
@@ -23,6 +24,7 @@ from titan_rl.rl.envs.agentic import EpisodeStart, Message, ToolSpec, final_answ
 from titan_rl.rl.envs.tool_task import ToolLookupEnv
 from titan_rl.rl.harmony import generation_prompt, render_conversation, render_message
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
+from titan_rl.rl.routing_replay import extend_routing, routing_to_length
 from titan_rl.rl.tokenizer import build_tiny_tokenizer
 
 TOKENIZER = build_tiny_tokenizer()
@@ -266,6 +268,43 @@ def test_real_engine_episodes_train_exactly_the_sampled_tokens():
         trained = torch.tensor(mask[1:], dtype=torch.bool)
         assert (trainer[0][trained] - torch.tensor(logprobs[1:])[trained]).abs().max() < 1e-4
     assert stats["episodes"] == 6 and stats["turns_mean"] == sum(t.turns for t in trajectories) / 6
+
+
+def test_real_engine_episodes_carry_the_routing_the_engine_ran():
+    """``record_routing``: every trajectory's routing covers all its tokens (a last turn clipped to
+    the budget included), holds at each position the experts the trainer's own forward of the
+    stored sequence chooses (fp32), and leaves only a last, never-fed token unrouted."""
+    model = tiny_model(seed=0, vocab_size=TOKENIZER.vocab_size).eval()
+    with torch.no_grad():  # as in the test above: several turns, a clipped last turn
+        for name in ("<|call|>", "<|end|>", "<|return|>"):
+            model.lm_head.weight[TOKENIZER.special[name]] *= 3
+    engine = NativeEngine(model, seed=7, record_routing=True)
+    config = AgentLoopConfig(max_turns=3, max_new_tokens_per_turn=24, max_episode_tokens=180)
+    sampling = SamplingParams(temperature=0.9)
+    trajectories, _ = run_episodes(engine, TOKENIZER, ToolLookupEnv(), [5, 7, 9], 2, sampling, config)
+    assert sum(t.turns >= 2 for t in trajectories) >= 2 and any(len(t.tokens) == 180 for t in trajectories)
+    shape = (model.args.num_hidden_layers, model.args.num_experts_per_tok)
+    for trajectory in trajectories:
+        routing = trajectory.routing
+        assert routing.shape == (len(trajectory.tokens), *shape)
+        routed = routing[:, 0, 0] != UNROUTED
+        assert routed[:-1].all()
+        with torch.no_grad():
+            _, own = model(torch.tensor([trajectory.tokens]), return_expert_indices=True)
+        own = own[:, 0].transpose(0, 1)
+        assert torch.equal(routing[routed].long().sort(-1).values, own[routed].sort(-1).values)
+
+
+def test_extend_routing_keeps_the_first_recorded_experts():
+    """Each turn's call re-routes the earlier positions (its prefill); a position keeps the routing
+    under which the engine sampled after it, and only unrouted positions take the new call's."""
+    first = torch.tensor([[[1, 2]], [[3, 4]], [[UNROUTED, UNROUTED]]], dtype=torch.int16)  # 3 positions
+    second = torch.tensor([[[5, 6]], [[3, 4]], [[7, 0]], [[2, 1]]], dtype=torch.int16)  # 4 positions
+    merged = extend_routing(first, second)
+    assert merged.tolist() == [[[1, 2]], [[3, 4]], [[7, 0]], [[2, 1]]]
+    assert extend_routing(None, second).tolist() == second.tolist()
+    assert extend_routing(first, None) is first
+    assert routing_to_length(first, 5)[3:].eq(UNROUTED).all() and routing_to_length(first, 2).shape[0] == 2
 
 
 def test_a_raising_reward_function_is_contained_and_counted():
