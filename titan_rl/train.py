@@ -99,6 +99,7 @@ def build_engine(cfg: JobConfig, model: GptOss) -> RolloutEngine:
         max_batch_rows=r.max_batch_rows or None,
         check_every=r.check_every or None,
         decode=r.decode,
+        record_routing=cfg.rl.rollout_routing_replay,
     )
 
 

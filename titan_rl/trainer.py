@@ -4,6 +4,9 @@ On-policy (one optimizer step per rollout batch) the grad forward's own log-prob
 the old log-probs: the importance ratio is exactly 1 and MoE routing cannot drift between passes.
 With several minibatches, one no-grad pass over the whole batch records old log-probs and each
 token's experts first, and the grad passes replay those experts (``rl.routing_replay``).
+
+A batch that carries the rollout engine's routing (``rl.rollout_routing_replay``) is run through
+those experts by every policy forward, the no-grad pass included (``titan_rl.rl.routing_replay``).
 """
 
 from __future__ import annotations
@@ -259,9 +262,13 @@ class Trainer:
                 for i, mb in enumerate(micro[m]):
                     if not unified:  # the two-forward failure: an inference-style pass per trajectory
                         docs = [DeviceBatch.of(doc, self.device) for doc in host_micro[m][i].documents()]
-                        old[m, i] = torch.cat([self._logprobs(self.model, doc)[0] for doc in docs])
+                        old[m, i] = torch.cat(
+                            [self._logprobs(self.model, doc, doc.expert_indices)[0] for doc in docs]
+                        )
                     elif needs_old_pass:
-                        old[m, i], _, routing[m, i] = self._logprobs(self.model, mb, record=replay)
+                        old[m, i], _, routing[m, i] = self._logprobs(
+                            self.model, mb, mb.expert_indices, record=replay
+                        )
                     if self.reference is not None:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
         for m, minibatch in enumerate(minibatches):
@@ -271,7 +278,7 @@ class Trainer:
                 if mb.num_tokens == 0 and not self.dims.distributed:
                     continue  # (with FSDP every rank must run the same forwards, even empty ones)
                 logprobs, entropy, _ = self._logprobs(
-                    self.model, mb, expert_indices=routing[m, i] if replay else None
+                    self.model, mb, expert_indices=routing[m, i] if replay else mb.expert_indices
                 )
                 old_logprobs = old[m, i] if needs_old_pass else logprobs.detach()
                 loss, metrics = rl_loss(

@@ -14,7 +14,14 @@ import pytest
 from tests.distributed.launcher import run_torchrun
 
 WORKER = Path(__file__).with_name("trainer_parallel_worker.py")
-LAYOUTS = ["dp_shard=2", "dp_replicate=2,aggregation=seq-mean-token-mean", "dp_shard=2,ep=2", "cp=2"]
+LAYOUTS = [
+    "dp_shard=2",
+    "dp_replicate=2,aggregation=seq-mean-token-mean",
+    "dp_shard=2,ep=2",
+    "cp=2",
+    "cp=2,routing=1",  # the engine's routing replayed: sharded along the sequence like the tokens
+    "dp_shard=2,ep=2,routing=1",
+]
 
 
 @pytest.mark.timeout(200)

@@ -1,7 +1,9 @@
 """torchrun worker: ``Trainer`` on data / expert / context-parallel ranks vs ``Trainer`` in one process.
 
 Usage: ``trainer_parallel_worker.py LAYOUT [LAYOUT ...]``, LAYOUT like ``dp_shard=2,ep=2`` or
-``cp=2,aggregation=seq-mean-token-mean`` (missing degrees are 1).
+``cp=2,aggregation=seq-mean-token-mean`` (missing degrees are 1); ``routing=1`` gives the
+trajectories a recorded routing (random experts, some positions unrouted) that every forward replays
+(``rl.rollout_routing_replay``): it must reach each rank's rows and sequence shard like the tokens.
 
 Every rank builds the single-process trainer and the parallel one from the same weights and feeds
 both the same packed batches (what every rank's rollouts give): one supervised step, then two RL
@@ -52,7 +54,16 @@ def make_model():
     return randomize_biases(tiny_model(seed=0), seed=3)
 
 
-def make_batch(seed: int, vocab: int):
+def random_routing(length: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct random experts per position and layer, the last position unrouted (-1)."""
+    args = tiny_model(seed=0).args
+    scores = torch.rand(length, args.num_hidden_layers, args.num_local_experts, generator=gen)
+    routing = scores.argsort(-1)[..., : args.num_experts_per_tok].to(torch.int16)
+    routing[-1] = -1
+    return routing
+
+
+def make_batch(seed: int, vocab: int, routing: bool = False):
     """GROUPS x GROUP_SIZE trajectories: 2-5 prompt and 1-20 response tokens; advantages reward - 0.3
     (a fixed baseline: zero-mean GRPO advantages make a sequence-mean loss ~0 on-policy)."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,6 +78,10 @@ def make_batch(seed: int, vocab: int):
                 tokens, [0] * prompt + [1] * response, [0.0] * prompt + logprobs, reward, i // GROUP_SIZE
             )
         )
+    if routing:
+        route_gen = torch.Generator().manual_seed(seed + 100)
+        for t in trajectories:
+            t.routing = random_routing(len(t.tokens), route_gen)
     advantages = [t.reward - 0.3 for t in trajectories]
     return pack_trajectories(trajectories, advantages, SEQ_LEN), len(trajectories)
 
@@ -89,9 +104,12 @@ def run(trainer: Trainer, batches) -> list[tuple[dict[str, float], dict[str, tor
     return history
 
 
-def run_layout(layout: str, batches) -> None:
+def run_layout(layout: str, batches: dict[bool, list]) -> None:
     spec = dict(item.split("=") for item in layout.split(","))
     extra = [f"--rl.aggregation={spec.pop('aggregation')}"] if "aggregation" in spec else []
+    routing = spec.pop("routing", "0") == "1"
+    batches = batches[routing]
+    extra += ["--rl.rollout_routing_replay=true"] if routing else []
     parallel = [f"--parallelism.{key}={value}" for key, value in spec.items()]
     if tuple(extra) not in references:  # the one-process run, once per loss configuration
         references[tuple(extra)] = run(Trainer(make_model(), load_config(None, COMMON + extra)), batches)
@@ -120,7 +138,7 @@ def main(layouts: list[str]) -> None:
     rank = dist.get_rank()
     torch.set_default_dtype(torch.float32)
     vocab = tiny_model(seed=0).args.vocab_size
-    batches = [make_batch(seed, vocab) for seed in (11, 12, 13)]
+    batches = {r: [make_batch(seed, vocab, r) for seed in (11, 12, 13)] for r in (False, True)}
     for layout in layouts:
         run_layout(layout, batches)
     dist.barrier()

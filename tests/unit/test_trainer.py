@@ -27,7 +27,8 @@ def setup(*overrides: str, dtype: torch.dtype = torch.float32):
     model = GptOss(args).to(dtype)
     trainer = Trainer(model, cfg)
     env = build_env(cfg, args.vocab_size)
-    trajectories, _ = collect_rollouts(NativeEngine(model, seed=1), env, None, 1, cfg)
+    engine = NativeEngine(model, seed=1, record_routing=cfg.rl.rollout_routing_replay)
+    trajectories, _ = collect_rollouts(engine, env, None, 1, cfg)
     rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
     advantages = group_advantages(rewards, cfg.rl.advantage).flatten().tolist()
     batch = pack_trajectories(trajectories, advantages, cfg.training.seq_len)
@@ -84,6 +85,48 @@ def test_minibatches_replay_recorded_experts(replay):
         assert not torch.equal(recorded, used)  # routing drifted between the two passes
     assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0  # off-policy after the first update
     assert_engine_agrees(metrics)  # old log-probs (no-grad pass before any update) vs the engine's
+
+
+def expected_routing(trainer: Trainer, batch, minibatches: int) -> list[torch.Tensor]:
+    """The batch's routing as the policy forwards see it, in their order: per minibatch, per
+    micro-batch, per layer ``[rows, seq, top_k]``."""
+    parts = torch.arange(batch.num_rows).tensor_split(min(minibatches, batch.num_rows))
+    return [
+        mb.routing[:, :, layer].long()
+        for rows in parts
+        for mb in trainer._host_micro_batches(batch.rows(rows))
+        for layer in range(trainer.model.args.num_hidden_layers)
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("--training.minibatches=2",), ("--training.minibatches=2", "--rl.routing_replay=false"),
+     ("--rl.old_logprob_mode=recompute",)],
+    ids=["unified", "minibatches", "minibatches-no-replay", "recompute"],
+)  # fmt: skip
+def test_every_policy_forward_runs_the_rollout_routing(overrides):
+    """``rl.rollout_routing_replay``: the engine's experts reach every policy forward, the no-grad
+    pass included. The engine's own routing gives its log-probs (fp32); the same batch with every
+    recorded token moved to other experts is scored through those (large mismatch), and the
+    forwards ran exactly them where the engine recorded some. Planted: the grad pass without the
+    batch's routing fails it."""
+    trainer, batch, n = setup("--rl.rollout_routing_replay=true", *overrides)
+    minibatches = trainer.cfg.training.minibatches
+    assert batch.routing is not None and (batch.routing >= 0).float().mean() > 0.5
+    assert_engine_agrees(trainer.train_step(batch, n))
+    experts = trainer.model.args.num_local_experts
+    batch.routing = torch.where(batch.routing >= 0, (batch.routing + 1) % experts, batch.routing)
+    recorder = ExpertRecorder(trainer.model)
+    metrics = trainer.train_step(batch, n)
+    assert metrics["mismatch/logp_abs_max"] > 100 * ROUND_OFF
+    expected = expected_routing(trainer, batch, minibatches)
+    passes = [recorder.grad] + ([recorder.no_grad] if minibatches > 1 else [])
+    for seen in passes:
+        assert len(seen) == len(expected)
+        for used, want in zip(seen, expected):
+            recorded = want >= 0
+            assert torch.equal(used[recorded], want[recorded])
 
 
 def test_recompute_mode_runs_a_second_forward():

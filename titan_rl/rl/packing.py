@@ -1,7 +1,8 @@
 """Pack trajectories into fixed-length rows of documents for one trainer forward.
 
 Row position p predicts token p + 1 of the same document; per-position tensors below are aligned
-to the *predicting* position, so ``hidden[p]`` scores ``targets[p]``.
+to the *predicting* position, so ``hidden[p]`` scores ``targets[p]``. ``routing`` is the exception:
+it belongs to the input ``tokens[p]`` (the experts the engine ran that token through).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_rl.model import positions_from_document_ids
+from titan_rl.model.moe import UNROUTED
 from titan_rl.model.sink_kernels import DocumentLayout
 from titan_rl.rl.types import Trajectory
 
@@ -25,14 +27,18 @@ class PackedBatch:
     seq_ids: torch.Tensor  # [R, S] int64, trajectory index of targets[p] (0 where unmasked)
     advantages: torch.Tensor  # [R, S] fp32, the trajectory's advantage at trained positions
     positions: torch.Tensor  # [R, S] int64, position within the document (RoPE), restarting at 0
+    # [R, S, layers, top_k] int16: the engine's experts for tokens[p] (-1: route yourself), or None
+    # when the trajectories carry no routing (titan_rl.rl.routing_replay)
+    routing: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
     def map(self, fn) -> PackedBatch:
-        """The batch with ``fn`` applied to every field."""
-        return PackedBatch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
+        """The batch with ``fn`` applied to every field (a None field stays None)."""
+        fields = (getattr(self, f) for f in self.__dataclass_fields__)
+        return PackedBatch(*(None if t is None else fn(t) for t in fields))
 
     def rows(self, index: slice | torch.Tensor) -> PackedBatch:
         return self.map(lambda t: t[index])
@@ -42,7 +48,10 @@ class PackedBatch:
         extra = num_rows - self.num_rows
         if extra <= 0:
             return self
-        return self.map(lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+        padded = self.map(lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+        if padded.routing is not None:  # nothing recorded there: expert 0 k times is no routing
+            padded.routing[self.num_rows :] = UNROUTED
+        return padded
 
     def documents(self) -> list[PackedBatch]:
         """Each trained document on its own as a one-row batch, in row-major order."""
@@ -53,9 +62,7 @@ class PackedBatch:
                 cols = torch.nonzero(ids == doc).flatten()
                 span = slice(int(cols[0]), int(cols[-1]) + 1)
                 if self.target_mask[r, span].any():
-                    out.append(
-                        PackedBatch(*(getattr(self, f)[r : r + 1, span] for f in self.__dataclass_fields__))
-                    )
+                    out.append(self.map(lambda t, r=r, span=span: t[r : r + 1, span]))
         return out
 
 
@@ -106,9 +113,29 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
     seq_ids = seq_ids * target_mask
     advantage = advantage * target_mask
     positions = positions_from_document_ids(document_ids)
+    routing = _pack_routing(trajectories, rows, shape)
     return PackedBatch(
-        tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage, positions
+        tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage, positions, routing
     )
+
+
+def _pack_routing(
+    trajectories: list[Trajectory], rows: list[list[int]], shape: tuple[int, int]
+) -> torch.Tensor | None:
+    """The trajectories' routing laid out like their tokens; -1 where a trajectory has none, and in
+    the padding. None when no trajectory carries one."""
+    recorded = next((t.routing for t in trajectories if t.routing is not None), None)
+    if recorded is None:
+        return None
+    routing = torch.full((*shape, *recorded.shape[1:]), UNROUTED, dtype=torch.int16)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            traj = trajectories[i]
+            if traj.routing is not None:
+                routing[r, start : start + len(traj.tokens)] = traj.routing
+            start += len(traj.tokens)
+    return routing
 
 
 @dataclass
@@ -127,6 +154,7 @@ class DeviceBatch:
     advantages: torch.Tensor  # [N] fp32
     seq_ids: torch.Tensor  # [N] trajectory index
     num_tokens: int  # N
+    expert_indices: torch.Tensor | None = None  # [layers, R, S, top_k] the routing to replay, or None
 
     @classmethod
     def of(cls, batch: PackedBatch, device: torch.device | str) -> DeviceBatch:
@@ -148,4 +176,7 @@ class DeviceBatch:
             advantages=trained(batch.advantages),
             seq_ids=trained(batch.seq_ids),
             num_tokens=index.numel(),
+            expert_indices=None
+            if batch.routing is None
+            else batch.routing.permute(2, 0, 1, 3).contiguous().to(device),
         )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan_rl.rl.packing import pack_trajectories
+from titan_rl.model.moe import UNROUTED
+from titan_rl.rl.packing import DeviceBatch, pack_trajectories
 from titan_rl.rl.types import Trajectory
 
 SEQ_LEN = 12
@@ -112,3 +113,42 @@ def test_a_trajectory_longer_than_a_row_is_an_error_that_says_what_to_raise():
     trajs, advantages = trajectories()
     with pytest.raises(ValueError, match=r"trajectory 3 has 12 tokens > training\.seq_len = 11"):
         pack_trajectories(trajs, advantages, 11)
+
+
+def test_routing_is_packed_with_its_tokens_and_unrouted_elsewhere():
+    """Each trajectory's routing lands at its tokens' positions (it belongs to the input token, not
+    to the predicting position); trajectories without one, the padding, padded rows are -1; a
+    document keeps its slice; the device batch holds it per layer. None when nobody recorded."""
+    trajs, advantages = trajectories()
+    assert pack_trajectories(trajs, advantages, SEQ_LEN).routing is None
+    layers, top_k, g = 3, 2, torch.Generator().manual_seed(5)
+    for i, traj in enumerate(trajs):
+        if i != 2:  # trajectory 2 recorded nothing
+            traj.routing = torch.randint(
+                0, 8, (len(traj.tokens), layers, top_k), generator=g, dtype=torch.int16
+            )
+    batch = pack_trajectories(trajs, advantages, SEQ_LEN)
+    assert batch.routing.shape == (len(ROWS), SEQ_LEN, layers, top_k) and batch.routing.dtype == torch.int16
+    for r, members in enumerate(ROWS):
+        start = 0
+        for i in members:
+            span = slice(start, start + LENGTHS[i])
+            expected = trajs[i].routing if i != 2 else torch.full((LENGTHS[i], layers, top_k), UNROUTED)
+            assert torch.equal(batch.routing[r, span], expected.to(torch.int16)), i
+            start += LENGTHS[i]
+        assert (batch.routing[r, start:] == UNROUTED).all()
+    padded = batch.padded_rows(len(ROWS) + 2)
+    assert (
+        torch.equal(padded.routing[: len(ROWS)], batch.routing) and (padded.routing[len(ROWS) :] == -1).all()
+    )
+    expected_docs = [i for row in ROWS for i in row if i != UNTRAINED]
+    for doc, i in zip(batch.documents(), expected_docs):
+        if i != 2:
+            assert torch.equal(doc.routing[0], trajs[i].routing)
+    device_batch = DeviceBatch.of(batch, "cpu")
+    assert torch.equal(device_batch.expert_indices[1], batch.routing[:, :, 1])  # [layers, R, S, k]
+
+
+def test_routing_must_cover_every_token():
+    with pytest.raises(ValueError, match="routing covers 2 positions, tokens 3"):
+        Trajectory([1, 2, 3], [0, 1, 1], [0.0, -1.0, -1.0], 0.0, 0, routing=torch.zeros(2, 1, 1))
