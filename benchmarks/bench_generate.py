@@ -10,7 +10,7 @@ engine sampled; on-policy RL needs their difference to be small. The two engines
 slows both alike; the table gives the median and the best run of each.
 
 With ``--dtype bfloat16`` (or float16) a second table says where the engine / trainer difference
-comes from: the trainer replaying the experts the engine chose (``engine_routing``: a routing flip
+comes from: the trainer replaying the experts the engine chose (``record_routing``: a routing flip
 between the two, a near-tie of router logits rounded apart, moves a token to other experts and its
 log-prob by ~1e-1), the share of positions routed differently, and the trainer against an fp32
 copy of its weights, routing on its own and replaying the trainer's routing (how far the dtype
@@ -43,6 +43,7 @@ from bench_model import (
 )  # same model and flags as the training benchmark
 
 from titan_rl.model import GptOss
+from titan_rl.model.moe import UNROUTED
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
 from titan_rl.rl.rollout.native import DECODE_MODES
 
@@ -146,26 +147,17 @@ def trainer_logprobs(
 def engine_routing(
     model: GptOss, prompts: list[list[int]], params: SamplingParams
 ) -> tuple[list[Completion], torch.Tensor]:
-    """One more (untimed) ``eager`` generate of equal-length prompts, recording the experts every MoE
-    layer chose for every position it ran: -> (completions, routing ``[layers, rows, prompt + new -
-    1, top_k]``), in the layout ``trainer_logprobs`` replays. Recorded by forward hooks on the MoE
-    modules, so the engine runs unchanged; its rows stay in order since none ends early (no stop
-    tokens) and none waits (no ``max_batch_rows``)."""
-    calls: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    hooks = [  # MoE.forward -> (out, expert_indices [rows, new tokens, top_k])
-        block.mlp.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out[1]))
-        for block, seen in zip(model.layers, calls)
-    ]
-    try:
-        completions = NativeEngine(model, seed=0).generate(prompts, params)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    routing = torch.stack([torch.cat(seen, dim=1) for seen in calls])
-    expected = (len(model.layers), len(prompts), len(prompts[0]) + params.max_new_tokens - 1)
-    if tuple(routing.shape[:3]) != expected:
-        raise RuntimeError(f"recorded routing {tuple(routing.shape)}, expected {expected} + (top_k,)")
-    return completions, routing
+    """One more (untimed) ``eager`` generate recording the experts the engine ran at every position
+    (``NativeEngine(record_routing=True)``): -> (completions, routing ``[layers, rows, width,
+    top_k]``) in the layout ``trainer_logprobs`` replays (rows prompt + completion[:-1], right-padded
+    with -1: positions the trainer routes itself)."""
+    completions = NativeEngine(model, seed=0, record_routing=True).generate(prompts, params)
+    fed = [c.routing[: len(p) + len(c.tokens) - 1] for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in fed)
+    routing = torch.full((len(fed), width, *fed[0].shape[1:]), UNROUTED, dtype=torch.long)
+    for row, recorded in enumerate(fed):
+        routing[row, : len(recorded)] = recorded
+    return completions, routing.permute(2, 0, 1, 3).to(model.lm_head.weight.device)
 
 
 def mismatch_sources(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> list[str]:
