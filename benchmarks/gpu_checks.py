@@ -14,7 +14,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
 - ``cuda_tests`` (90): the CUDA-only tests (flash sink kernels with and without a host layout, GQA)
   and the bf16 numerics tests, through pytest when the interpreter has it, else by calling them.
 - ``train`` (80): 3 steps of ``train_configs/smoke_cpu.toml`` on the device (one-rank FSDP mixed
-  precision, flash attention, device sampling, the out_dtype log-prob GEMMs).
+  precision, flash attention, device sampling, the out_dtype log-prob GEMMs, rollout routing
+  replay).
 - ``bench_model`` (180): the training-step table of benchmarks/README.md (gpt-oss-20b shapes, 4
   layers, bf16, T = 4,096 and 65,536 against HF eager and flex_attention).
 - ``bench_generate`` (170): native engine (eager and CUDA-graph decode) vs HF ``generate``,
@@ -123,7 +124,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         else [python, "-c", CUDA_TEST_CALLS]
     )
     smoke = [python, "-m", "titan_rl.train", "--config", "train_configs/smoke_cpu.toml", "--training.steps=3"]
-    train = [*smoke, f"--job.dump_folder={out / 'train_run'}"]
+    train = [*smoke, f"--job.dump_folder={out / 'train_run'}", "--rl.rollout_routing_replay=true"]
     train_graph = [*smoke, f"--job.dump_folder={out / 'train_graph_run'}", "--rollout.decode=cuda_graph"]
     generate = [python, "benchmarks/bench_generate.py", *model, *dtype]
     generate += ["--decode", "eager", "static"] if tiny else ["--decode", "eager", "cuda_graph"]
