@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One completion per prompt (token ids in, token ids and their log-probs out), in prompt
-        order; every rank returns the same list. Wakes the engine first if it is asleep."""
+        order; every rank returns the same list. Wakes the engine first if it is asleep. An engine
+        that records routing (``rl.rollout_routing_replay``) fills ``Completion.routing``: the
+        experts it ran at every position of prompt + completion (``titan_rl.rl.routing_replay``)."""
         ...
 
     def update_weights(self, model: torch.nn.Module) -> None:
