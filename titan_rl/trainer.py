@@ -6,7 +6,8 @@ With several minibatches, one no-grad pass over the whole batch records old log-
 token's experts first, and the grad passes replay those experts (``rl.routing_replay``).
 
 A batch that carries the rollout engine's routing (``rl.rollout_routing_replay``) is run through
-those experts by every policy forward, the no-grad pass included (``titan_rl.rl.routing_replay``).
+those experts by every policy forward, the no-grad pass included (``titan_rl.rl.routing_replay``);
+the frozen reference of the KL term routes on its own (it is another policy than the one sampled).
 """
 
 from __future__ import annotations

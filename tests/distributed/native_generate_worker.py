@@ -33,6 +33,12 @@ def same(completions, reference, what: str) -> None:
         check(c.tokens == r.tokens and c.finish_reason == r.finish_reason, f"{what}: prompt {n} differs")
         err = max((abs(a - b) for a, b in zip(c.logprobs, r.logprobs)), default=0.0)
         check(err < LOGPROB_TOL, f"{what}: prompt {n} log-probs differ by {err:.2e}")
+        check((c.routing is None) == (r.routing is None), f"{what}: prompt {n} routing recorded once")
+        if r.routing is not None:  # the experts, gathered from the rank that generated the prompt
+            check(
+                torch.equal(c.routing.sort(-1).values, r.routing.sort(-1).values),
+                f"{what}: prompt {n} routing differs",
+            )
 
 
 def main() -> None:
@@ -45,7 +51,7 @@ def main() -> None:
     # one process's answer, before torch.distributed exists
     reference = {new: NativeEngine(plain).generate(prompts, p) for new, p in params.items()}
     sampling = SamplingParams(temperature=0.9, top_k=30, max_new_tokens=12, stop_token_ids=(5, 17))
-    sampled = NativeEngine(plain, seed=4).generate(prompts, sampling)
+    sampled = NativeEngine(plain, seed=4, record_routing=True).generate(prompts, sampling)
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -79,7 +85,8 @@ def main() -> None:
     check(gathers[0] == blocks, f"{gathers[0]} all-gathers with refilled rows, not {blocks}")
 
     # sampling noise is keyed by prompt: the ranks' shares sample what one process samples
-    same(NativeEngine(model, seed=4).generate(prompts, sampling), sampled, "sampled")
+    # (with the routing recorded: every rank returns each prompt's experts too)
+    same(NativeEngine(model, seed=4, record_routing=True).generate(prompts, sampling), sampled, "sampled")
 
     # a rank without prompts still joins the gathers, and gets the other rank's completion
     shares.clear()

@@ -87,14 +87,19 @@ def test_minibatches_replay_recorded_experts(replay):
     assert_engine_agrees(metrics)  # old log-probs (no-grad pass before any update) vs the engine's
 
 
-def expected_routing(trainer: Trainer, batch, minibatches: int) -> list[torch.Tensor]:
+def expected_routing(
+    trainer: Trainer, batch, minibatches: int, documents: bool = False
+) -> list[torch.Tensor]:
     """The batch's routing as the policy forwards see it, in their order: per minibatch, per
-    micro-batch, per layer ``[rows, seq, top_k]``."""
+    micro-batch (or per document of it: recompute mode's no-grad passes), per layer ``[rows, seq,
+    top_k]``."""
     parts = torch.arange(batch.num_rows).tensor_split(min(minibatches, batch.num_rows))
+    micro = [mb for rows in parts for mb in trainer._host_micro_batches(batch.rows(rows))]
+    if documents:
+        micro = [doc for mb in micro for doc in mb.documents()]
     return [
         mb.routing[:, :, layer].long()
-        for rows in parts
-        for mb in trainer._host_micro_batches(batch.rows(rows))
+        for mb in micro
         for layer in range(trainer.model.args.num_hidden_layers)
     ]
 
@@ -109,8 +114,8 @@ def test_every_policy_forward_runs_the_rollout_routing(overrides):
     """``rl.rollout_routing_replay``: the engine's experts reach every policy forward, the no-grad
     pass included. The engine's own routing gives its log-probs (fp32); the same batch with every
     recorded token moved to other experts is scored through those (large mismatch), and the
-    forwards ran exactly them where the engine recorded some. Planted: the grad pass without the
-    batch's routing fails it."""
+    forwards ran exactly them where the engine recorded some. Planted, each fails: the grad pass
+    without the batch's routing; recompute mode's per-document pass without it."""
     trainer, batch, n = setup("--rl.rollout_routing_replay=true", *overrides)
     minibatches = trainer.cfg.training.minibatches
     assert batch.routing is not None and (batch.routing >= 0).float().mean() > 0.5
@@ -120,9 +125,14 @@ def test_every_policy_forward_runs_the_rollout_routing(overrides):
     recorder = ExpertRecorder(trainer.model)
     metrics = trainer.train_step(batch, n)
     assert metrics["mismatch/logp_abs_max"] > 100 * ROUND_OFF
+    recompute = trainer.cfg.rl.old_logprob_mode == "recompute"
     expected = expected_routing(trainer, batch, minibatches)
-    passes = [recorder.grad] + ([recorder.no_grad] if minibatches > 1 else [])
-    for seen in passes:
+    passes = [(recorder.grad, expected)]
+    if minibatches > 1:
+        passes.append((recorder.no_grad, expected))
+    if recompute:  # the second, per-document forward of the old log-probs
+        passes.append((recorder.no_grad, expected_routing(trainer, batch, minibatches, documents=True)))
+    for seen, expected in passes:
         assert len(seen) == len(expected)
         for used, want in zip(seen, expected):
             recorded = want >= 0

@@ -115,8 +115,9 @@ class RL:
     routing_replay: bool = True
     """With several minibatches, replay the experts recorded by the no-grad pass in the grad passes."""
     rollout_routing_replay: bool = False
-    """The trainer's forwards use the experts the rollout engine chose at every position (native engine
-    only): no bf16 near-tie routes a token to other experts in the trainer than in the engine."""
+    """The trainer's forwards use the experts the rollout engine chose at every position: no bf16
+    near-tie routes a token to other experts in the trainer than in the engine (vLLM: needs a release
+    with enable_return_routed_experts)."""
     advantage: str = "grpo"
     """Advantage estimator: grpo, dr_grpo or rloo."""
     drop_uninformative_groups: bool = False

@@ -157,12 +157,6 @@ def validate(config: JobConfig) -> None:
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
             f"{config.env.max_episode_tokens}: an episode must fit in one packed row; raise training.seq_len"
         )
-    if config.rl.rollout_routing_replay and config.rollout.engine != "native":
-        raise ConfigError(
-            f"rl.rollout_routing_replay needs the experts the engine chose, which only the native engine "
-            f"records (rollout.engine = {config.rollout.engine!r}); set rollout.engine = 'native' or "
-            f"rl.rollout_routing_replay = false"
-        )
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
 

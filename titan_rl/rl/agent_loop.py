@@ -42,7 +42,7 @@ from titan_rl.rl.harmony import (
 from titan_rl.rl.rollout.engine import RolloutEngine
 from titan_rl.rl.rollout.native import Completion
 from titan_rl.rl.rollout.sampling import SamplingParams
-from titan_rl.rl.routing_replay import extend_routing, routing_to_length
+from titan_rl.rl.routing_replay import extend_routing, pad_routing
 from titan_rl.rl.tokenizer import Tokenizer
 from titan_rl.rl.types import Trajectory
 
@@ -97,7 +97,7 @@ class EpisodeRollout:
             turns=self.turns,
             tool_calls=len(self.transcript.tool_calls),
             tool_errors=self.tool_errors,
-            routing=routing_to_length(self.routing, len(self.tokens)),
+            routing=pad_routing(self.routing, len(self.tokens)),
         )
 
 
@@ -311,7 +311,7 @@ def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
         completion.tokens[:limit],
         completion.logprobs[:limit],
         "length",
-        None if routing is None else routing[: prompt_len + limit],
+        None if routing is None else routing[: prompt_len + limit - 1],
     )
 
 

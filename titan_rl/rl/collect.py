@@ -16,6 +16,7 @@ from titan_rl.rl.envs import (
     ToolLookupEnv,
 )
 from titan_rl.rl.rollout import RolloutEngine, SamplingParams
+from titan_rl.rl.routing_replay import pad_routing
 from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
 from titan_rl.rl.types import Trajectory
 
@@ -121,7 +122,7 @@ def collect_rollouts(
             rollout_logprobs=[0.0] * len(prompt) + c.logprobs,
             reward=reward,
             group=i // group,
-            routing=c.routing,
+            routing=pad_routing(c.routing, len(prompt) + len(c.tokens)),
         )
         for i, (prompt, c, (reward, _)) in enumerate(zip(repeated, completions, rewards))
     ]

@@ -11,13 +11,17 @@ weights are still recomputed from the trainer's own logits at those experts, so 
 (the routing-replay idea of "Stabilizing MoE Reinforcement Learning by Aligning Training and
 Inference Routers", Ma et al. 2025, arXiv:2510.11370).
 
-A routing is an int16 tensor ``[positions, layers, top_k]``; -1 (``moe.UNROUTED``) marks a position
-with nothing recorded, where the trainer routes on its own: a token the engine drew but never fed
-(the last one of a turn cut at ``max_new_tokens``), environment text appended after the last turn.
+A routing is an int16 tensor ``[positions, layers, top_k]``. An engine call reports the routing of
+prompt + completion[:-1]: the tokens it ran to sample the ones after them (``Completion.routing``;
+vLLM's ``routed_experts`` has the same layout). -1 (``moe.UNROUTED``) marks a position with nothing
+recorded, where the trainer routes on its own: an episode's last token.
 
 Multi-turn episodes prompt the engine with the whole episode each turn, so earlier positions are
-routed again by the next turn's prefill. A position keeps the routing of the first call that ran it:
-the one under which the engine computed the log-probs of the tokens sampled there.
+routed again by the next turn's prefill. A position keeps the routing of the first call that ran
+it: for a turn's tokens, the call that sampled them (its log-probs came from that routing); a turn's
+last token and the environment's reply first run in the next call, the one they condition.
+The next call's log-probs saw the prefix through its own prefill, which may have routed an earlier
+position differently; that rare case keeps the earlier call's experts.
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ def extend_routing(known: torch.Tensor | None, recorded: torch.Tensor | None) ->
     return torch.cat([head, known[n:], recorded[n:]])
 
 
-def routing_to_length(routing: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``routing`` cut or padded (-1: route yourself) to ``length`` positions."""
+def pad_routing(routing: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``routing`` padded with -1 (route yourself) to ``length`` positions."""
     if routing is None or len(routing) == length:
         return routing
-    if len(routing) > length:
-        return routing[:length]
+    if len(routing) > length:  # a misaligned routing: it would replay experts at the wrong tokens
+        raise ValueError(f"a routing of {len(routing)} positions for {length} tokens")
     pad = routing.new_full((length - len(routing), *routing.shape[1:]), UNROUTED)
     return torch.cat([routing, pad])

@@ -66,11 +66,6 @@ def test_every_shipped_config_loads():
         ("", ["--training.steps=0"], "training.steps must be >= 1"),
         ("", ["--rollout.max_batch_rows=-1"], "rollout.max_batch_rows must be >= 0"),
         ("", ["--rollout.decode=graph"], "rollout.decode = 'graph' is not one of eager, static, cuda_graph"),
-        (
-            "",
-            ["--rl.rollout_routing_replay=true", "--rollout.engine=vllm"],
-            "rl.rollout_routing_replay needs the experts the engine chose, which only the native engine",
-        ),
         ("[training\n", [], "invalid TOML"),
     ],
 )

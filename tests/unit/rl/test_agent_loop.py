@@ -24,7 +24,7 @@ from titan_rl.rl.envs.agentic import EpisodeStart, Message, ToolSpec, final_answ
 from titan_rl.rl.envs.tool_task import ToolLookupEnv
 from titan_rl.rl.harmony import generation_prompt, render_conversation, render_message
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
-from titan_rl.rl.routing_replay import extend_routing, routing_to_length
+from titan_rl.rl.routing_replay import extend_routing, pad_routing
 from titan_rl.rl.tokenizer import build_tiny_tokenizer
 
 TOKENIZER = build_tiny_tokenizer()
@@ -273,7 +273,8 @@ def test_real_engine_episodes_train_exactly_the_sampled_tokens():
 def test_real_engine_episodes_carry_the_routing_the_engine_ran():
     """``record_routing``: every trajectory's routing covers all its tokens (a last turn clipped to
     the budget included), holds at each position the experts the trainer's own forward of the
-    stored sequence chooses (fp32), and leaves only a last, never-fed token unrouted."""
+    stored sequence chooses (fp32), and leaves only the last token unrouted: each turn's last token
+    and the environment's reply take the experts of the next turn's prefill."""
     model = tiny_model(seed=0, vocab_size=TOKENIZER.vocab_size).eval()
     with torch.no_grad():  # as in the test above: several turns, a clipped last turn
         for name in ("<|call|>", "<|end|>", "<|return|>"):
@@ -288,7 +289,7 @@ def test_real_engine_episodes_carry_the_routing_the_engine_ran():
         routing = trajectory.routing
         assert routing.shape == (len(trajectory.tokens), *shape)
         routed = routing[:, 0, 0] != UNROUTED
-        assert routed[:-1].all()
+        assert routed[:-1].all() and not routed[-1]  # the last token conditioned nothing
         with torch.no_grad():
             _, own = model(torch.tensor([trajectory.tokens]), return_expert_indices=True)
         own = own[:, 0].transpose(0, 1)
@@ -304,7 +305,9 @@ def test_extend_routing_keeps_the_first_recorded_experts():
     assert merged.tolist() == [[[1, 2]], [[3, 4]], [[7, 0]], [[2, 1]]]
     assert extend_routing(None, second).tolist() == second.tolist()
     assert extend_routing(first, None) is first
-    assert routing_to_length(first, 5)[3:].eq(UNROUTED).all() and routing_to_length(first, 2).shape[0] == 2
+    assert pad_routing(first, 5)[3:].eq(UNROUTED).all() and torch.equal(pad_routing(first, 5)[:3], first)
+    with pytest.raises(ValueError, match="a routing of 3 positions for 2 tokens"):
+        pad_routing(first, 2)
 
 
 def test_a_raising_reward_function_is_contained_and_counted():

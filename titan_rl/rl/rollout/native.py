@@ -52,9 +52,9 @@ class Completion:
     tokens: list[int]  # sampled tokens, the stop token included when one ended the episode
     logprobs: list[float]  # log-prob of each sampled token under the tempered distribution
     finish_reason: str  # "stop" or "length"
-    # with NativeEngine(record_routing=True): the experts every MoE layer chose for each position of
-    # prompt + tokens, int16 [len(prompt) + len(tokens), layers, top_k]; -1 (moe.UNROUTED) where the
-    # engine never fed the token through the model (a last token drawn at max_new_tokens)
+    # with NativeEngine(record_routing=True): the experts every MoE layer chose for each token the
+    # engine ran to sample the tokens after it, i.e. prompt + tokens[:-1] (vLLM's routed_experts
+    # layout): int16 [len(prompt) + len(tokens) - 1, layers, top_k]. None without tokens.
     routing: torch.Tensor | None = None
 
 
@@ -452,9 +452,9 @@ class NativeEngine:
             refill = finished[: len(waiting)]  # rows that take the next waiting prompts
             leaving = finished[len(refill) :]
             if len(finished) == len(live) and not refill:
-                if self.record_routing:
-                    for output, pieces in zip(outputs, routes):
-                        output.routing = torch.cat(pieces)
+                if self.record_routing:  # the last token's experts decided nothing that was kept
+                    for prompt, output, pieces in zip(prompts, outputs, routes):
+                        output.routing = torch.cat(pieces)[: len(prompt) + len(output.tokens) - 1]
                 return outputs
             if leaving and static:  # parked: they stay in the batch, their writes go nowhere
                 parked = torch.tensor(leaving, device=device)
@@ -478,7 +478,8 @@ class NativeEngine:
                     prompt_of[row], position[row] = i, len(prompts[i])
 
     def _unrouted(self, rows: int) -> torch.Tensor:
-        """The routing of tokens drawn but never fed through the model: -1 (``moe.UNROUTED``)."""
+        """A placeholder for the routing of tokens drawn but never fed through the model (they are
+        the last of their completions, whose routing ``Completion.routing`` leaves out)."""
         args, device = self.model.args, self.model.lm_head.weight.device
         shape = (rows, args.num_hidden_layers, args.num_experts_per_tok)
         return torch.full(shape, UNROUTED, dtype=torch.int16, device=device)

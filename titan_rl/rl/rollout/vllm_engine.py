@@ -39,6 +39,13 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   defaults) that is exactly the trainer's tempered log-prob; with masking it is the log-prob of the
   truncated distribution actually sampled from (the native engine reports the unmasked one). Greedy
   (top_k = 1) runs as vLLM temperature 0, whose log-probs are untempered.
+- **Routing.** With ``record_routing`` (``rl.rollout_routing_replay``), ``LLM(
+  enable_return_routed_experts=True)``: vLLM records the experts every MoE layer chose for each token
+  it ran and returns them as ``CompletionOutput.routed_experts`` (int16 ``[prompt + completion - 1,
+  layers, top_k]``; vllm/outputs.py, vLLM pull request 28284 "Support recording expert indices for
+  rollout router replay"), the layout of ``Completion.routing``. Releases without the option refuse
+  it at construction; a model whose MoE kernels do not record returns None, which ``generate``
+  reports. Checked here against a stand-in of vLLM only, not a real vLLM.
 - **Batch invariance.** ``vllm_batch_invariant`` sets ``VLLM_BATCH_INVARIANT=1`` before vLLM starts
   (read by ``vllm_is_batch_invariant`` in vllm/model_executor/layers/batch_invariant.py; applied by
   ``init_batch_invariance`` at worker start). In this colocated process that is process-wide: vLLM
@@ -154,10 +161,11 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def completion_from_output(output: Any) -> Completion:
+def completion_from_output(output: Any, routed_prompt_len: int | None = None) -> Completion:
     """A vLLM ``CompletionOutput`` (``token_ids``, ``logprobs``, ``finish_reason``) as a ``Completion``.
 
-    A stop token is part of ``token_ids`` (vLLM keeps ``stop_token_ids`` in the output).
+    A stop token is part of ``token_ids`` (vLLM keeps ``stop_token_ids`` in the output). With
+    ``routed_prompt_len`` (the prompt's length) its ``routed_experts`` become ``Completion.routing``.
     """
     tokens = [int(t) for t in output.token_ids]
     steps = output.logprobs
@@ -170,7 +178,29 @@ def completion_from_output(output: Any) -> Completion:
         logprobs = [float(step[token].logprob) for token, step in zip(tokens, steps)]
     except KeyError as e:
         raise RuntimeError(f"vLLM returned no log-prob for sampled token {e}") from e
-    return Completion(tokens, logprobs, "stop" if output.finish_reason == "stop" else "length")
+    routing = None
+    if routed_prompt_len is not None and tokens:
+        routing = routing_from_output(output, routed_prompt_len + len(tokens) - 1)
+    return Completion(tokens, logprobs, "stop" if output.finish_reason == "stop" else "length", routing)
+
+
+def routing_from_output(output: Any, positions: int) -> torch.Tensor:
+    """``output.routed_experts`` for the first ``positions`` tokens (prompt + completion[:-1]), int16
+    ``[positions, layers, top_k]``. Releases differ on whether a row for the last token follows; it
+    decided nothing that was kept, so it is dropped."""
+    recorded = getattr(output, "routed_experts", None)
+    if recorded is None:
+        raise RuntimeError(
+            "vLLM returned no routed_experts although enable_return_routed_experts is on: this "
+            "model's MoE kernels in this vLLM do not record routing; set rl.rollout_routing_replay = false"
+        )
+    routing = torch.as_tensor(recorded)
+    if routing.dim() != 3 or routing.shape[0] < positions:
+        raise RuntimeError(
+            f"vLLM's routed_experts has shape {tuple(routing.shape)}; expected [{positions} (prompt + "
+            f"completion - 1), layers, top_k]"
+        )
+    return routing[:positions].to(torch.int16)
 
 
 def _world() -> tuple[int, int]:
@@ -215,6 +245,7 @@ class VllmEngine:
         sleep: bool = True,
         batch_invariant: bool = False,
         load_format: str = "dummy",
+        record_routing: bool = False,
     ) -> None:
         if batch_invariant:
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -226,7 +257,8 @@ class VllmEngine:
         self.model = model
         self.max_model_len = max_model_len
         self.sleep_enabled = sleep
-        self.llm = vllm.LLM(
+        self.record_routing = record_routing
+        kwargs: dict[str, Any] = dict(
             model=str(folder),
             skip_tokenizer_init=True,  # token ids in and out: no tokenizer files needed
             load_format=load_format,
@@ -241,6 +273,18 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             disable_custom_all_reduce=True,
         )
+        if record_routing:
+            kwargs["enable_return_routed_experts"] = True
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except TypeError as e:  # EngineArgs(**kwargs) of a release without the option
+            if record_routing and "enable_return_routed_experts" in str(e):
+                raise VllmUnavailable(
+                    f"vLLM {getattr(vllm, '__version__', '')} cannot record routing for "
+                    "rl.rollout_routing_replay (no enable_return_routed_experts: it came in a later "
+                    f"release); upgrade with: {INSTALL_HINT}, or set rl.rollout_routing_replay = false"
+                ) from e
+            raise
         self._sampling_params = vllm.SamplingParams
         self._asleep: set[str] = set()
         self._stale = model is not None
@@ -265,6 +309,7 @@ class VllmEngine:
             seed=cfg.job.seed,
             sleep=rollout.vllm_sleep,
             batch_invariant=rollout.vllm_batch_invariant,
+            record_routing=cfg.rl.rollout_routing_replay,
         )
 
     @torch.no_grad()
@@ -335,7 +380,8 @@ class VllmEngine:
             outputs = self.llm.generate(
                 requests, self._sampling_params(**vllm_sampling_kwargs(params)), use_tqdm=False
             )
-            mine = [completion_from_output(out.outputs[0]) for out in outputs]
+            recorded = [len(p) if self.record_routing else None for p in share]
+            mine = [completion_from_output(out.outputs[0], n) for out, n in zip(outputs, recorded)]
         if self.world_size == 1:
             return mine
         parts: list[list[Completion] | None] = [None] * self.world_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -30,6 +31,7 @@ from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
 from titan_rl.rl.rollout.vllm_engine import (
     INSTALL_HINT,
     VllmEngine,
+    VllmUnavailable,
     completion_from_output,
     replica_count,
     replica_slice,
@@ -240,6 +242,50 @@ def check_synced(llm, model: GptOss) -> None:
         name, shard = vllm_standin.vllm_name(hf_name)
         if shard is None and "experts.w" not in name:
             assert torch.equal(p[name], tensor), hf_name
+
+
+@pytest.mark.parametrize("extra_rows", [0, 1], ids=["routed_prompt_and_completion_but_last", "and_last"])
+def test_recorded_routing_comes_back_for_prompt_and_completion_but_the_last_token(
+    standin, tmp_path, monkeypatch, extra_rows
+):
+    """``record_routing``: vLLM is asked to record (``enable_return_routed_experts``) and each
+    completion's routing is its ``routed_experts`` for prompt + completion[:-1], whatever a release
+    appends after them; without it nothing is asked or returned. Planted, each fails: the flag not
+    passed; the routing cut one row short; the prompt's rows dropped."""
+    monkeypatch.setattr(vllm_standin.StandinLLM, "ROUTING_EXTRA_ROWS", extra_rows)
+    model = random_model(seed=6)
+    prompts = [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7], [42]]
+    plain = engine_for(model, tmp_path / "plain")
+    assert "enable_return_routed_experts" not in plain.llm.kwargs
+    assert all(c.routing is None for c in plain.generate(prompts, SamplingParams(max_new_tokens=4)))
+    engine = engine_for(model, tmp_path / "routing", record_routing=True)
+    assert engine.llm.kwargs["enable_return_routed_experts"] is True
+    args = model.args
+    for prompt, c in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=4))):
+        sequence = (prompt + c.tokens)[:-1]
+        expected = vllm_standin.standin_routing(
+            sequence, args.num_hidden_layers, args.num_experts_per_tok, args.num_local_experts
+        )
+        assert c.routing.dtype == torch.int16 and torch.equal(c.routing, torch.as_tensor(expected))
+
+
+def test_routing_from_vllm_that_cannot_record_it_is_a_clear_error(standin, tmp_path, monkeypatch):
+    model = random_model(seed=7)
+    monkeypatch.setattr(vllm_standin.StandinLLM, "ROUTING_RELEASE", False)
+    with pytest.raises(
+        VllmUnavailable, match=re.escape("cannot record routing for rl.rollout_routing_replay")
+    ):
+        engine_for(model, tmp_path / "old", record_routing=True)
+    output = SimpleNamespace(
+        token_ids=(4, 7),
+        logprobs=[{4: SimpleNamespace(logprob=-0.5)}, {7: SimpleNamespace(logprob=-1.0)}],
+        finish_reason="stop",
+    )
+    with pytest.raises(RuntimeError, match="returned no routed_experts"):  # a model it does not record
+        completion_from_output(output, routed_prompt_len=3)
+    output.routed_experts = torch.zeros(3, 2, 2, dtype=torch.int16).numpy()  # 3 + 2 - 1 = 4 rows needed
+    with pytest.raises(RuntimeError, match=r"shape \(3, 2, 2\); expected \[4 \(prompt"):
+        completion_from_output(output, routed_prompt_len=3)
 
 
 def test_update_weights_hands_vllm_every_tensor_in_its_layout(standin, tmp_path):

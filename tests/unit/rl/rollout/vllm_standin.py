@@ -18,6 +18,10 @@ would silently sample from the wrong weights. Facts it encodes (vllm-project/vll
   ``collective_rpc(fn, args)`` runs ``fn(worker, *args)`` on each worker.
 - ``examples/offline_inference/rlhf_utils.py``: after ``load_weights``, the model is finished with
   ``process_weights_after_loading``; cached prefixes hold keys / values of the old weights.
+- ``vllm/outputs.py`` (pull request 28284): with ``LLM(enable_return_routed_experts=True)`` each
+  ``CompletionOutput.routed_experts`` is a numpy int16 ``[prompt + completion - 1, layers, top_k]``
+  (some releases add a row for the last token: ``ROUTING_EXTRA_ROWS``); ``LLM(**kwargs)`` passes its
+  keywords to ``EngineArgs``, so a release without the option raises ``TypeError`` naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 SUFFIXES = {  # hf_to_vllm_mapper.orig_to_new_suffix (matched with endswith)
@@ -124,10 +129,24 @@ class StandinModel:
         return full
 
 
+def standin_routing(sequence: list[int], layers: int, top_k: int, experts: int) -> np.ndarray:
+    """The experts the stand-in "routes" each token of ``sequence`` to: they name the token, so a
+    routing read at the wrong positions is seen."""
+    ids = np.asarray(sequence)[:, None, None] + np.arange(layers)[None, :, None] + np.arange(top_k)
+    return (ids % experts).astype(np.int16)
+
+
 class StandinLLM:
     """``vllm.LLM``: records calls; generation echoes which prompt it got and under which weights."""
 
+    ROUTING_RELEASE = True  # False: a release without enable_return_routed_experts
+    ROUTING_EXTRA_ROWS = 0  # rows after prompt + completion - 1 that a release returns
+
     def __init__(self, model: str, **kwargs) -> None:
+        if "enable_return_routed_experts" in kwargs and not self.ROUTING_RELEASE:
+            raise TypeError(
+                "EngineArgs.__init__() got an unexpected keyword argument 'enable_return_routed_experts'"
+            )
         self.kwargs = {"model": model, **kwargs}
         self.calls: list[tuple] = []
         self.asleep: set[str] = set()
@@ -184,11 +203,14 @@ class StandinLLM:
             self.prompts.append(prompt)
             tokens = echo_tokens(prompt, self.weights_version)
             steps = [{t: SimpleNamespace(logprob=-0.25 * k)} for k, t in enumerate(tokens)]
-            outputs.append(
-                SimpleNamespace(
-                    outputs=[SimpleNamespace(token_ids=tokens, logprobs=steps, finish_reason="length")]
-                )
-            )
+            output = SimpleNamespace(token_ids=tokens, logprobs=steps, finish_reason="length")
+            if self.kwargs.get("enable_return_routed_experts"):
+                c = self.model.config
+                rows = len(prompt) + len(tokens) - 1 + self.ROUTING_EXTRA_ROWS
+                sequence = (prompt + tokens + [0])[:rows]
+                args = (c["num_hidden_layers"], c["num_experts_per_tok"], c["num_local_experts"])
+                output.routed_experts = standin_routing(sequence, *args)
+            outputs.append(SimpleNamespace(outputs=[output]))
         return outputs
 
 
