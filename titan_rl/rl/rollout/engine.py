@@ -23,7 +23,7 @@ class RolloutEngine(Protocol):
         """One completion per prompt (token ids in, token ids and their log-probs out), in prompt
         order; every rank returns the same list. Wakes the engine first if it is asleep. An engine
         that records routing (``rl.rollout_routing_replay``) fills ``Completion.routing``: the
-        experts it ran at every position of prompt + completion (``titan_rl.rl.routing_replay``)."""
+        experts it ran at every position of prompt + completion[:-1] (``titan_rl.rl.routing_replay``)."""
         ...
 
     def update_weights(self, model: torch.nn.Module) -> None:
