@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 
 
@@ -62,3 +63,50 @@ def test_recording_changes_no_completion_and_every_mode_records_the_same():
         assert [c.tokens for c in run] == [c.tokens for c in plain]
         for c, first in zip(run, recorded[0]):
             assert same_experts(c.routing, first.routing).all()
+
+
+def test_in_bf16_replaying_the_recorded_routing_removes_the_routing_flips():
+    """bf16, where engine and trainer round router logits differently: the trainer's own routing
+    differs from the engine's at some positions, and there its log-probs are far off the engine's;
+    replaying the recorded routing (int16, as trajectories carry it) gives the engine's experts at
+    every position and leaves only rounding. Planted: the replay ignored fails it."""
+    torch.manual_seed(0)
+    model = (
+        GptOss(
+            GptOssModelArgs.from_preset(
+                "debug", num_local_experts=16, num_experts_per_tok=4, initializer_range=0.1
+            )
+        )
+        .to(torch.bfloat16)
+        .eval()
+    )
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (8,), generator=g).tolist() for _ in range(16)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=24)
+    completions = NativeEngine(model, seed=2, record_routing=True).generate(prompts, params)
+    engine = torch.tensor([lp for c in completions for lp in c.logprobs])
+    rows = torch.tensor([p + c.tokens[:-1] for p, c in zip(prompts, completions)])  # equal lengths
+    recorded = torch.stack([c.routing for c in completions]).permute(2, 0, 1, 3)  # [layers, B, T, k]
+    targets = torch.tensor([t for c in completions for t in c.tokens])
+    width = rows.shape[1]
+    index = torch.tensor([b * width + 7 + j for b in range(len(prompts)) for j in range(24)])
+
+    def trainer(expert_indices):
+        with torch.no_grad():
+            logprobs, _, used = model(
+                rows,
+                targets=targets,
+                target_index=index,
+                expert_indices=expert_indices,
+                return_expert_indices=True,
+            )
+        return logprobs.float(), used
+
+    own, own_routing = trainer(None)
+    replayed, replayed_routing = trainer(recorded)
+    flipped = (own_routing.sort(-1).values != recorded.long().sort(-1).values).any(-1).any(0)  # [B, T]
+    assert flipped.any(), "the test needs routing flips between engine and trainer"
+    assert torch.equal(replayed_routing.sort(-1).values, recorded.long().sort(-1).values)
+    own_diff, replayed_diff = (own - engine).abs(), (replayed - engine).abs()
+    assert replayed_diff.max() * 3 < own_diff.max()
+    assert replayed_diff.mean() < own_diff.mean()
