@@ -25,6 +25,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
 - ``bench_model_compile`` (200): the T = 4,096 row again with ``--compile``; only with ``--only``.
 - ``train_cuda_graph`` (90): the ``train`` part with ``--rollout.decode=cuda_graph`` (rollouts
   replayed as CUDA graphs under one-rank FSDP); only with ``--only``.
+- ``bench_routing_replay`` (150): the bf16 training run with and without rollout routing replay,
+  6 steps each, on the device's kernels (benchmarks/README.md); only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -42,7 +44,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LENT_PYTHON = "/opt/torch/.venv/bin/python3"
-OPT_IN = ("bench_model_compile", "train_cuda_graph")  # parts that run only when --only names them
+OPT_IN = (
+    "bench_model_compile",
+    "train_cuda_graph",
+    "bench_routing_replay",
+)  # run only when --only names them
 
 CUDA_TESTS = [
     "tests/unit/model/test_attention.py",
@@ -151,6 +157,8 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     compiled += (
         ["--seq", "32", "--hf-attn", "eager"] if tiny else ["--seq", "4096", "--hf-attn", "flex_attention"]
     )
+    replay = [python, "benchmarks/bench_routing_replay.py", "--steps", "1" if tiny else "6", "--"]
+    replay += ["--sft.steps=1", "--rollout.prompts_per_step=2"] if tiny else []
     env = [python, "-c", ENV]
     return [
         ("env", 20, env),
@@ -160,6 +168,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_generate", 170, generate),
         ("bench_model_compile", 200, compiled),  # only when named in --only
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
+        ("bench_routing_replay", 150, replay),  # only when named in --only
     ]
 
 
