@@ -118,6 +118,15 @@ class StepStats:
         return out
 
 
+def replayed_fraction(batch: PackedBatch) -> float | None:
+    """With the engine's routing in the batch: the share of trained tokens whose predicting position
+    replays recorded experts (1.0 unless the engine left positions unrecorded); else None."""
+    if batch.routing is None:
+        return None
+    recorded = batch.routing[..., 0, 0] >= 0  # [R, S]: a position's experts are all -1 or none
+    return float(recorded[batch.target_mask].float().mean()) if batch.target_mask.any() else 1.0
+
+
 class Trainer:
     """Owns the policy, the optional frozen reference and the optimizer; runs one RL step."""
 
@@ -242,6 +251,7 @@ class Trainer:
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:
         """All optimizer steps for one rollout batch; returns the merged metrics."""
         cfg = self.cfg
+        replayed = replayed_fraction(batch)  # of the whole batch, the same on every rank
         batch = self._local_rows(batch)
         rows = torch.arange(batch.num_rows)
         minibatches = [
@@ -305,6 +315,8 @@ class Trainer:
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
         result["train/skipped_steps"] = self.skipped_steps
+        if replayed is not None:
+            result["routing/replayed_frac"] = replayed
         return result
 
     def sft_step(self, batch: PackedBatch, optimizer: torch.optim.Optimizer) -> float:

@@ -25,9 +25,11 @@ def one_process(tmp_path_factory) -> list[dict]:
     "layout",
     [
         ["--parallelism.dp_shard=4", "--parallelism.ep=4"],
-        ["--parallelism.dp_shard=2", "--parallelism.cp=2"],
+        # and the engine's routing replayed: in fp32 the engine routes as the trainer, so replaying
+        # it through the ranks' rows and sequence shards must change nothing
+        ["--parallelism.dp_shard=2", "--parallelism.cp=2", "--rl.rollout_routing_replay=true"],
     ],
-    ids=["fsdp4-ep4", "fsdp2-cp2"],
+    ids=["fsdp4-ep4", "fsdp2-cp2-routing-replay"],
 )
 def test_four_processes_track_one(tmp_path, one_process, layout):
     """NPROC=4, same seed: warm-up and the first RL steps give the same losses (rel 1e-4)."""
@@ -42,6 +44,8 @@ def test_four_processes_track_one(tmp_path, one_process, layout):
         assert b["reward/mean"] == a["reward/mean"]
         for key in ("loss", "grad_norm", "entropy/mean"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        replay = "--rl.rollout_routing_replay=true" in layout
+        assert b.get("routing/replayed_frac") == (1.0 if replay else None)  # every trained token
 
 
 def test_a_hf_folder_start_is_loaded_sharded_and_exact(tmp_path):

@@ -15,7 +15,7 @@ from titan_rl.rl.collect import build_env, collect_rollouts
 from titan_rl.rl.losses import rl_loss
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.trainer import StepStats, Trainer
+from titan_rl.trainer import StepStats, Trainer, replayed_fraction
 
 
 def setup(*overrides: str, dtype: torch.dtype = torch.float32):
@@ -119,7 +119,9 @@ def test_every_policy_forward_runs_the_rollout_routing(overrides):
     trainer, batch, n = setup("--rl.rollout_routing_replay=true", *overrides)
     minibatches = trainer.cfg.training.minibatches
     assert batch.routing is not None and (batch.routing >= 0).float().mean() > 0.5
-    assert_engine_agrees(trainer.train_step(batch, n))
+    first = trainer.train_step(batch, n)
+    assert_engine_agrees(first)
+    assert first["routing/replayed_frac"] == 1.0  # every sampled token's predecessor was recorded
     experts = trainer.model.args.num_local_experts
     batch.routing = torch.where(batch.routing >= 0, (batch.routing + 1) % experts, batch.routing)
     recorder = ExpertRecorder(trainer.model)
@@ -137,6 +139,18 @@ def test_every_policy_forward_runs_the_rollout_routing(overrides):
         for used, want in zip(seen, expected):
             recorded = want >= 0
             assert torch.equal(used[recorded], want[recorded])
+
+
+def test_replayed_fraction_counts_trained_tokens_whose_predictor_has_recorded_experts():
+    _, batch, _ = setup("--rl.rollout_routing_replay=true")
+    assert replayed_fraction(batch) == 1.0
+    r, p = batch.target_mask.nonzero()[0].tolist()  # a trained position: its experts unrecorded
+    batch.routing[r, p] = -1
+    assert replayed_fraction(batch) == pytest.approx(1 - 1 / int(batch.target_mask.sum()))
+    batch.routing[batch.target_mask.logical_not()] = -1  # untrained positions do not count
+    assert replayed_fraction(batch) == pytest.approx(1 - 1 / int(batch.target_mask.sum()))
+    batch.routing = None
+    assert replayed_fraction(batch) is None
 
 
 def test_recompute_mode_runs_a_second_forward():
