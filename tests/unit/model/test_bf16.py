@@ -58,8 +58,10 @@ def setup(tmp_path_factory):
 
 @torch.no_grad()
 def logprobs_of(model: GptOss, tokens: torch.Tensor) -> torch.Tensor:
+    """On the model's device (a one-process trainer puts it on the GPU where there is one), on the CPU."""
+    tokens = tokens.to(model.lm_head.weight.device)
     hidden = model(tokens[:, :-1], return_hidden=True)
-    return token_logprobs_and_entropy(hidden, model.lm_head.weight, tokens[:, 1:])[0]
+    return token_logprobs_and_entropy(hidden, model.lm_head.weight, tokens[:, 1:])[0].cpu()
 
 
 def preset_bf16(model: GptOss, folder) -> GptOss:

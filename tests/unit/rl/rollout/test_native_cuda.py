@@ -63,8 +63,10 @@ def test_cuda_graph_decode_returns_what_static_decode_returns(sampled):
             assert completion.routing.shape == reference.routing.shape
             same = (completion.routing.sort(-1).values == reference.routing.sort(-1).values).all(-1).all(-1)
             assert same.float().mean() >= 0.95
-    # a second call captures again (new cache, new prompts) and gives the same answer
-    assert [c.tokens for c in graph.generate(prompts, params)] == [c.tokens for c in got]
+    # a second call captures again (new cache, new prompts) and gives static's answer (each call draws
+    # a new sampling seed from the engine's generator, so sampled tokens differ from the first call's)
+    again = [c.tokens for c in static.generate(prompts, params)]
+    assert [c.tokens for c in graph.generate(prompts, params)] == again
     assert graph.captures == 2
 
 
