@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from titan_rl.model import GptOss
 from titan_rl.model.kv_cache import KVCache
-from titan_rl.model.moe import UNROUTED, fused_grouped_mm_on, grouped_mm_aligned
+from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.parallel.fsdp import gathered_weights
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
@@ -414,7 +414,7 @@ class NativeEngine:
                 reach = self._extent(reach, max_len) if static else reach
                 if ending and s == steps - 1:
                     tokens, token_logprobs = self._sample(head, rows.hidden, params, rows.keys, rows.drawn)
-                    routing = self._unrouted(len(tokens)) if self.record_routing else None
+                    routing = None  # never fed: the last token of every row, which routing leaves out
                 elif self.decode == "cuda_graph":
                     if reach not in graphs:
                         started = time.perf_counter()
@@ -426,14 +426,14 @@ class NativeEngine:
                     tokens, token_logprobs, routing = step(reach)
                 drawn.append(tokens)
                 logprobs.append(token_logprobs)
-                routed.append(routing)
+                if routing is not None:
+                    routed.append(routing)
             finished = []
             read_ids, read_logprobs = self._read(drawn, logprobs)
-            if self.record_routing:  # the same read: [rows, steps, layers, top_k] to the host
-                for i, piece in prefilled:
-                    routes[i].append(piece.cpu())
-                prefilled.clear()
-                read_routing = torch.stack(routed, dim=1).cpu()
+            for i, piece in prefilled:  # the same read: the decoded steps' [rows, steps, layers, top_k]
+                routes[i].append(piece.cpu())
+            prefilled.clear()
+            read_routing = torch.stack(routed, dim=1).cpu() if routed else None
             for row, (i, ids, lps) in enumerate(zip(prompt_of, read_ids, read_logprobs)):
                 if i is None:
                     continue
@@ -444,7 +444,7 @@ class NativeEngine:
                     if token in stop:  # later tokens of this row were decoded in vain
                         outputs[i].finish_reason = "stop"
                         break
-                if self.record_routing:
+                if read_routing is not None:  # (a row's last token never has a decoded step)
                     routes[i].append(read_routing[row, : len(outputs[i].tokens) - taken])
                 if outputs[i].finish_reason == "stop" or len(outputs[i].tokens) == params.max_new_tokens:
                     finished.append(row)
@@ -476,13 +476,6 @@ class NativeEngine:
                 cache.replace_rows(at, fresh)
                 for row, i in zip(refill, new):
                     prompt_of[row], position[row] = i, len(prompts[i])
-
-    def _unrouted(self, rows: int) -> torch.Tensor:
-        """A placeholder for the routing of tokens drawn but never fed through the model (they are
-        the last of their completions, whose routing ``Completion.routing`` leaves out)."""
-        args, device = self.model.args, self.model.lm_head.weight.device
-        shape = (rows, args.num_hidden_layers, args.num_experts_per_tok)
-        return torch.full(shape, UNROUTED, dtype=torch.int16, device=device)
 
     @staticmethod
     def _read(

@@ -110,3 +110,14 @@ def test_in_bf16_replaying_the_recorded_routing_removes_the_routing_flips():
     own_diff, replayed_diff = (own - engine).abs(), (replayed - engine).abs()
     assert replayed_diff.max() * 3 < own_diff.max()
     assert replayed_diff.mean() < own_diff.mean()
+
+
+def test_one_new_token_records_the_prompts_routing_only():
+    """One token per prompt: no step is decoded (the token is never fed), so the routing is the
+    prompt's own, as the trainer routes it."""
+    model = tiny_model(seed=33).eval()
+    prompts = [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7]]
+    completions = NativeEngine(model, record_routing=True).generate(prompts, SamplingParams(max_new_tokens=1))
+    for prompt, c in zip(prompts, completions):
+        assert len(c.tokens) == 1 and c.routing.shape[0] == len(prompt)
+        assert same_experts(c.routing, trainer_routing(model, prompt, [])).all()
