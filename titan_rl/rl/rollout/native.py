@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ from titan_rl.model.kv_cache import KVCache
 from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.parallel.fsdp import gathered_weights
+from titan_rl.rl.rollout.decode_rows import CudaGraphStep, DecodeRows
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, SamplingParams, sample_next
 
@@ -80,72 +80,6 @@ def share_of(count: int, world: int, rank: int) -> range:
 
 
 DECODE_MODES = ("eager", "static", "cuda_graph")
-
-
-@dataclass
-class _Rows:
-    """The device-side state of the batch rows between decode steps, updated in place (in the
-    static modes these are the buffers a captured step reads and writes).
-
-    ``hidden [R, hidden]``: the final hidden state each row's next token is sampled from.
-    ``positions [R, 1]``: the position that token takes; -1 parks a row (static modes: a finished row
-    that stays in the batch; its writes land in the cache's never-read padding slot).
-    ``keys [R]``: the noise keys of the rows' prompts. ``drawn [R]``: tokens drawn so far per row.
-    """
-
-    hidden: torch.Tensor
-    positions: torch.Tensor
-    keys: torch.Tensor
-    drawn: torch.Tensor
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.hidden, self.positions, self.keys, self.drawn)
-
-    def select(self, rows: torch.Tensor) -> _Rows:
-        return _Rows(*(t.index_select(0, rows) for t in self.tensors()))
-
-    def clone(self) -> _Rows:
-        return _Rows(*(t.clone() for t in self.tensors()))
-
-    def copy_(self, other: _Rows) -> None:
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine.copy_(theirs)
-
-    def index_copy_(self, rows: torch.Tensor, other: _Rows) -> None:
-        """Rows ``rows`` (int64) take ``other``'s rows, in order, in place."""
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine.index_copy_(0, rows, theirs)
-
-
-class _CudaGraphStep:
-    """One decode step captured as a CUDA graph on the static ``rows``; calling it replays it.
-
-    The step runs once for warm-up on a side stream (lazy initialization, library handles, allocator
-    blocks), then is captured. Both run with every row parked at position -1, so their key/value
-    writes land in the cache's padding slot, which attention never reads; ``rows`` is restored after.
-    The outputs live in the graph's memory pool and are overwritten by the next replay: the caller
-    gets copies. The graphs of one call share ``pool`` (one step's activations, logits and sampling
-    temporaries, not one set per extent): they never run at once, each writes its temporaries before
-    reading them, and nothing of theirs outlives a replay but the copied outputs (vLLM shares one
-    pool across its batch-size graphs alike).
-    """
-
-    def __init__(self, step: Callable[[], tuple[torch.Tensor | None, ...]], rows: _Rows, pool: tuple) -> None:
-        saved = rows.clone()
-        rows.positions.fill_(-1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = step()
-        rows.copy_(saved)
-
-    def __call__(self) -> tuple[torch.Tensor | None, ...]:
-        self.graph.replay()
-        return tuple(None if t is None else t.clone() for t in self.out)
 
 
 class NativeEngine:
@@ -346,7 +280,7 @@ class NativeEngine:
         return hidden[:, -1], routing[:, :, -1].transpose(0, 1).to(torch.int16)
 
     def _step(
-        self, head: DecodeHead, cache: KVCache, rows: _Rows, params: SamplingParams, reach: int
+        self, head: DecodeHead, cache: KVCache, rows: DecodeRows, params: SamplingParams, reach: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample every row's next token from ``rows.hidden``, then decode it (KV written, the next
         hidden state computed); ``rows`` advances in place. -> (tokens ``[R]``, log-probs ``[R]``,
@@ -378,11 +312,11 @@ class NativeEngine:
         routes: list[list[torch.Tensor]] = [[] for _ in prompts]
         prefilled: list[tuple[int, torch.Tensor]] = []
 
-        def fresh_rows(ids: list[int], cache: KVCache) -> _Rows:
+        def fresh_rows(ids: list[int], cache: KVCache) -> DecodeRows:
             """Prompts ``ids`` prefilled into ``cache``: their rows' state before the first token."""
             hidden, routing = self._prefill([prompts[i] for i in ids], cache)
             prefilled.extend(zip(ids, routing or []))
-            return _Rows(
+            return DecodeRows(
                 hidden=hidden,
                 positions=torch.tensor([[len(prompts[i])] for i in ids], device=device),
                 keys=row_keys(seed, torch.tensor([first_id + i for i in ids], device=device)),
@@ -397,7 +331,7 @@ class NativeEngine:
         def step(reach: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._step(head, cache, rows, params, reach)
 
-        graphs: dict[int, _CudaGraphStep] = {}  # cuda_graph: one per attention extent, one pool
+        graphs: dict[int, CudaGraphStep] = {}  # cuda_graph: one per attention extent, one pool
         pool = torch.cuda.graph_pool_handle() if self.decode == "cuda_graph" else None
         while True:
             live = [r for r, i in enumerate(prompt_of) if i is not None]
@@ -418,7 +352,7 @@ class NativeEngine:
                 elif self.decode == "cuda_graph":
                     if reach not in graphs:
                         started = time.perf_counter()
-                        graphs[reach] = _CudaGraphStep(functools.partial(step, reach), rows, pool)
+                        graphs[reach] = CudaGraphStep(functools.partial(step, reach), rows, pool)
                         self.captures += 1
                         self.capture_seconds += time.perf_counter() - started
                     tokens, token_logprobs, routing = graphs[reach]()
