@@ -133,5 +133,5 @@ def test_the_native_engine_takes_its_batching_keys_from_the_config():
     engine = train.build_engine(train.load_config(SMOKE, keys), object())
     assert (engine.max_batch_rows, engine.check_every, engine.decode) == (3, 4, "static")
     engine = train.build_engine(train.load_config(SMOKE), object())
-    # all at once; by device; rows leave as they finish
-    assert (engine.max_batch_rows, engine.check_every, engine.decode) == (None, None, "eager")
+    # all at once; by device; CUDA graphs where they can run, else rows leave as they finish
+    assert (engine.max_batch_rows, engine.check_every, engine.decode) == (None, None, "auto")

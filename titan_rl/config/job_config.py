@@ -172,10 +172,11 @@ class Rollout:
     check_every: int = 0
     """native: decode steps between two host reads of the sampled tokens (stop-token checks); 0: 8 on
     a GPU, 1 on the CPU."""
-    decode: str = "eager"
+    decode: str = "auto"
     """native: eager (finished rows leave the batch), static (fixed shapes: finished rows stay parked,
-    attention over a few fixed cache extents), or cuda_graph (static, each step replayed as a CUDA graph;
-    bf16 compute on sm90 / sm100, no expert parallelism)."""
+    attention over a few fixed cache extents), cuda_graph (static, each step replayed as a CUDA graph;
+    bf16 compute on sm90 / sm100, no expert parallelism), or auto (cuda_graph where it can run, else
+    eager)."""
     vllm_gpu_memory_utilization: float = 0.4
     """vllm: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training."""
     vllm_tensor_parallel_size: int = 1

@@ -122,7 +122,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.correction": ("none", "tis", "mis"),
     "rl.correction_level": ("token", "sequence"),
     "rollout.engine": ("native", "vllm"),
-    "rollout.decode": ("eager", "static", "cuda_graph"),
+    "rollout.decode": ("auto", "eager", "static", "cuda_graph"),
     "env.name": ("token_preference", "tool_lookup", "math"),
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }

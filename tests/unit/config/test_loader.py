@@ -65,7 +65,11 @@ def test_every_shipped_config_loads():
         ("", ["training.steps=1"], "overrides look like --section.key=value"),
         ("", ["--training.steps=0"], "training.steps must be >= 1"),
         ("", ["--rollout.max_batch_rows=-1"], "rollout.max_batch_rows must be >= 0"),
-        ("", ["--rollout.decode=graph"], "rollout.decode = 'graph' is not one of eager, static, cuda_graph"),
+        (
+            "",
+            ["--rollout.decode=graph"],
+            "rollout.decode = 'graph' is not one of auto, eager, static, cuda_graph",
+        ),
         ("[training\n", [], "invalid TOML"),
     ],
 )

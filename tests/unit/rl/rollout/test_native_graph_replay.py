@@ -127,3 +127,24 @@ def test_replayed_decode_returns_what_static_decode_returns(replayed_graphs, mon
         assert completion.tokens == reference.tokens
         assert completion.finish_reason == reference.finish_reason
         assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-6)
+
+
+def test_auto_decode_replays_graphs_where_it_can_and_decodes_eagerly_elsewhere(replayed_graphs):
+    """``decode="auto"`` (the config's default): CUDA graphs where the graphability check passes
+    (here the stand-in's), the same completions as ``eager``; where it fails (this CPU, without the
+    stand-in's check), ``eager`` with no graph. Planted: auto never resolving to cuda_graph fails it."""
+    model = tiny_model(seed=41).eval()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8]]
+    params = PARAMS["greedy"]
+    auto = NativeEngine(model, decode="auto")
+    got = auto.generate(prompts, params)
+    assert auto.mode == "cuda_graph" and auto.captures >= 1 and replayed_graphs
+    expected = NativeEngine(model, decode="eager").generate(prompts, params)
+    assert [c.tokens for c in got] == [c.tokens for c in expected]
+
+
+def test_auto_decode_is_eager_where_no_graph_can_run():
+    model = tiny_model(seed=41).eval()
+    auto = NativeEngine(model, decode="auto")
+    auto.generate([[1, 2, 3]], SamplingParams(top_k=1, max_new_tokens=4))
+    assert auto.mode == "eager" and auto.captures == 0
