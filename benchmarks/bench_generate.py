@@ -160,12 +160,16 @@ def engine_routing(
     return completions, routing.permute(2, 0, 1, 3).to(model.lm_head.weight.device)
 
 
-def mismatch_sources(model: GptOss, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-    """Cells of one row of the low-precision table: engine vs trainer (mean, max); the same with the
-    engine's routing replayed in the trainer (what is left is rounding, not a different expert);
-    the share of input positions where some layer chose another set of experts; and the trainer
-    against an fp32 copy of its weights, once routing on its own (how far the dtype moves the model,
-    its routing flips included) and once replaying the trainer's routing (rounding alone)."""
+def mismatch_measures(
+    model: GptOss, prompts: list[list[int]], params: SamplingParams
+) -> dict[str, torch.Tensor]:
+    """Where a low-precision engine / trainer difference comes from, on one more (untimed) ``eager``
+    generate: flat log-probs of its tokens from the ``engine``, the ``trainer`` (routing on its own),
+    the trainer ``replayed`` on the engine's routing (what is left is rounding, not a different
+    expert), an fp32 copy of the weights routing on its own (``fp32_own``: how far the dtype moves
+    the model, its routing flips included) and replaying the trainer's routing (``fp32_same``:
+    rounding alone); and ``moved [rows, width]``, the input positions where some layer chose
+    another set of experts in the engine than in the trainer."""
     completions, routing = engine_routing(model, prompts, params)
     engine = torch.tensor([lp for c in completions for lp in c.logprobs])
     trainer, trainer_routing = trainer_logprobs(model, prompts, completions)
@@ -175,16 +179,31 @@ def mismatch_sources(model: GptOss, prompts: list[list[int]], params: SamplingPa
     fp32_own, _ = trainer_logprobs(fp32, prompts, completions)
     fp32_same, _ = trainer_logprobs(fp32, prompts, completions, expert_indices=trainer_routing)
     del fp32
+    return {
+        "engine": engine,
+        "trainer": trainer,
+        "replayed": replayed,
+        "moved": moved,
+        "fp32_own": fp32_own,
+        "fp32_same": fp32_same,
+    }
 
-    def mean_max(diff: torch.Tensor) -> list[str]:
-        return [f"{diff.abs().mean().item():.2e}", f"{diff.abs().max().item():.2e}"]
 
+def mean_max(diff: torch.Tensor) -> list[str]:
+    """Two table cells: the mean and the largest |diff|."""
+    return [f"{diff.abs().mean().item():.2e}", f"{diff.abs().max().item():.2e}"]
+
+
+def mismatch_cells(m: dict[str, torch.Tensor]) -> list[str]:
+    """The cells of one row of the where-the-difference-comes-from table (``mismatch_measures``):
+    engine vs trainer, engine vs the replaying trainer (mean, max each), the share of positions
+    routed differently, the trainer against fp32 routing on its own, and replaying its routing."""
     return [
-        *mean_max(engine - trainer),
-        *mean_max(engine - replayed),
-        f"{moved.float().mean().item():.2%}",
-        *mean_max(trainer - fp32_own),
-        *mean_max(trainer - fp32_same),
+        *mean_max(m["engine"] - m["trainer"]),
+        *mean_max(m["engine"] - m["replayed"]),
+        f"{m['moved'].float().mean().item():.2%}",
+        *mean_max(m["trainer"] - m["fp32_own"]),
+        *mean_max(m["trainer"] - m["fp32_same"]),
     ]
 
 
@@ -308,7 +327,8 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch, _, _, prompts in sources:
-        print(f"| {batch} | " + " | ".join(mismatch_sources(ours, prompts, params)) + " |", flush=True)
+        cells = mismatch_cells(mismatch_measures(ours, prompts, params))
+        print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   replayed as CUDA graphs under one-rank FSDP); only with ``--only``.
 - ``bench_routing_replay`` (150): the bf16 training run with and without rollout routing replay,
   6 steps each, on the device's kernels (benchmarks/README.md); only with ``--only``.
+- ``bench_agreement`` (240): the bf16 engine / trainer agreement at gpt-oss-20b shapes (2 layers)
+  on random weights and after 200 steps of training on a Markov language; only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -48,6 +50,7 @@ OPT_IN = (
     "bench_model_compile",
     "train_cuda_graph",
     "bench_routing_replay",
+    "bench_agreement",
 )  # run only when --only names them
 
 CUDA_TESTS = [
@@ -159,6 +162,12 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     )
     replay = [python, "benchmarks/bench_routing_replay.py", "--steps", "1" if tiny else "6", "--"]
     replay += ["--sft.steps=1", "--rollout.prompts_per_step=2"] if tiny else []
+    agreement = [python, "benchmarks/bench_agreement.py", *model[:2], "--layers", "2", *dtype]
+    agreement += (
+        ["--steps", "0", "5", "--states", "64", "--batch", "2", "--prompt", "8", "--new", "4", "--seq", "32"]
+        if tiny
+        else ["--steps", "0", "200", "--lr", "3e-4", "--batch", "32", "--prompt", "128", "--new", "128"]
+    )
     env = [python, "-c", ENV]
     return [
         ("env", 20, env),
@@ -169,6 +178,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_model_compile", 200, compiled),  # only when named in --only
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
         ("bench_routing_replay", 150, replay),  # only when named in --only
+        ("bench_agreement", 240, agreement),  # only when named in --only
     ]
 
 

@@ -1,0 +1,161 @@
+"""Engine / trainer agreement in bf16 on random weights, then on the same model after it learned
+something: does training shrink the difference?
+
+The bf16 agreement of benchmarks/README.md is measured on random weights. A random router's logits
+nearly tie, so bf16 rounding sends a token to other experts in the engine than in the trainer; a
+trained router's seldom tie. This script trains the benchmark model (fp32 weights, AdamW, the
+trainer's own chunked log-prob loss) on a random sparse Markov language, whose entropy is known:
+each of ``--states`` tokens is followed by one of ``--successors`` tokens, with probabilities drawn
+from Dirichlet(``--concentration``). At each of ``--steps`` (0: the random weights) a copy of the
+weights in ``--dtype`` generates from prompts of that language, greedily and at temperature 1,
+and one table row per decoding gives the columns of bench_generate.py's where-the-difference-
+comes-from table (``mismatch_measures``), with the held-out loss and the generated tokens' mean
+log-prob for scale. Runs on CUDA when available, else on the CPU. From the repo root:
+
+    python benchmarks/bench_agreement.py                           # hidden 512, 16 experts, CPU minutes
+    python benchmarks/bench_agreement.py --preset 20b --layers 2 --lr 3e-4 --steps 0 200   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+
+import torch
+from bench_generate import mismatch_cells, mismatch_measures
+from bench_model import DTYPES, add_model_flags, model_args
+
+from titan_rl.model import GptOss
+from titan_rl.rl.rollout import SamplingParams
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p, vocab=32000)
+    p.set_defaults(dtype="bfloat16")
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300], help="measure after these")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--states", type=int, default=4096, help="the language's tokens (<= vocab)")
+    p.add_argument("--successors", type=int, default=8, help="possible next tokens of each token")
+    p.add_argument("--concentration", type=float, default=0.5, help="of the Dirichlet (lower: peakier)")
+    p.add_argument("--batch", type=int, default=8, help="prompts per measured generate")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    a = p.parse_args(argv)
+    a.steps = sorted(set(a.steps))
+    return a
+
+
+class MarkovLanguage:
+    """Token t is followed by ``successors[t, j]`` with probability ``probs[t, j]``."""
+
+    def __init__(self, states: int, successors: int, concentration: float, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.states = states
+        self.successors = torch.randint(0, states, (states, successors), generator=self.generator)
+        with torch.random.fork_rng(devices=[]):  # Dirichlet draws from the global generator
+            torch.manual_seed(seed)
+            alpha = torch.full((successors,), concentration)
+            self.probs = torch.distributions.Dirichlet(alpha).sample((states,))
+
+    def entropy(self) -> float:
+        """Next-token entropy in nats, averaged over the tokens (repeated successors merged)."""
+        merged = torch.zeros(self.states, self.states).scatter_add_(1, self.successors, self.probs)
+        return float(-(merged * merged.clamp_min(1e-30).log()).sum(1).mean())
+
+    def sample(self, rows: int, length: int) -> torch.Tensor:
+        """``[rows, length]`` token sequences, each from a uniformly drawn first token."""
+        out = torch.empty(rows, length, dtype=torch.long)
+        out[:, 0] = torch.randint(0, self.states, (rows,), generator=self.generator)
+        for t in range(1, length):
+            choice = torch.multinomial(self.probs[out[:, t - 1]], 1, generator=self.generator)[:, 0]
+            out[:, t] = self.successors[out[:, t - 1], choice]
+        return out
+
+
+def next_token_loss(model: GptOss, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean -log p of every next token of ``tokens [rows, T]`` (the trainer's chunked log-prob path)."""
+    rows, width = tokens.shape
+    index = (torch.arange(rows)[:, None] * width + torch.arange(width - 1)).flatten()
+    device = model.lm_head.weight.device
+    logprobs, _ = model(
+        tokens.to(device),
+        targets=tokens[:, 1:].flatten().to(device),
+        target_index=index.to(device),
+    )
+    return -logprobs.mean()
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = model_args(a)
+    if a.states > args.vocab_size:
+        raise SystemExit(f"--states {a.states} > vocab {args.vocab_size}")
+    language = MarkovLanguage(a.states, a.successors, a.concentration)
+    held_out = language.sample(a.train_batch, a.seq)
+    prompts = language.sample(a.batch, a.prompt).tolist()
+    decodings = {
+        "greedy": SamplingParams(temperature=1.0, top_k=1, max_new_tokens=a.new),
+        "T = 1": SamplingParams(temperature=1.0, max_new_tokens=a.new),
+    }
+    torch.manual_seed(0)
+    with device:
+        model = GptOss(args).train()  # fp32: the weights being trained
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rows, done, started = [], 0, time.perf_counter()
+    for target in a.steps:
+        while done < target:
+            loss = next_token_loss(model, language.sample(a.train_batch, a.seq))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            done += 1
+            if done % 25 == 0 or done == target:
+                log(f"step {done}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+        with torch.no_grad():
+            model.eval()
+            held = next_token_loss(model, held_out).item()
+            low = copy.deepcopy(model).to(DTYPES[a.dtype])
+            model.train()
+            for name, params in decodings.items():
+                m = mismatch_measures(low, prompts, params)
+                mean_logp = m["engine"].mean().item()
+                rows.append([str(done), f"{held:.3f}", name, f"{mean_logp:.3f}", *mismatch_cells(m)])
+                log(f"measured after {done} steps, {name}")
+            del low
+
+    print(
+        f"config: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.num_local_experts} "
+        f"experts top-{args.num_experts_per_tok}, vocab {args.vocab_size}; measured in {a.dtype} on "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+        f"{torch.__version__}; language: {a.states} tokens x {a.successors} successors, "
+        f"Dirichlet({a.concentration:g}), entropy {language.entropy():.3f} nats (uniform tokens: "
+        f"{math.log(a.states):.3f}); training: fp32 AdamW lr {a.lr:g}, {a.train_batch} x {a.seq} tokens "
+        f"a step; {a.batch} prompts of {a.prompt} tokens, {a.new} new; log-prob |differences| of "
+        "the generated tokens\n"
+    )
+    columns = [
+        "trained steps", "held-out loss", "decoding", "mean logp, generated",
+        "engine vs trainer, mean", "max", "trainer replaying the engine's routing, mean", "max",
+        "positions routed differently", "trainer vs itself in fp32, mean", "max",
+        "same, fp32 replaying the trainer's routing, mean", "max",
+    ]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---:|" * 2 + "---|" + "---:|" * (len(columns) - 3))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""benchmarks/bench_agreement.py on CPU with tiny shapes: its Markov language, its training (which
+must learn the language's next tokens, not something easier), and its table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.benchmarks import import_benchmark, run_benchmark, table_rows
+
+TINY = [
+    "--preset", "debug", "--layers", "2", "--states", "64", "--batch", "3", "--prompt", "8",
+    "--new", "6", "--train-batch", "8", "--seq", "32", "--lr", "3e-3",
+]  # fmt: skip
+
+
+def test_markov_language_follows_its_successors_and_knows_its_entropy():
+    language = import_benchmark("bench_agreement").MarkovLanguage(50, 3, 0.5, seed=1)
+    tokens = language.sample(20, 40)
+    assert tokens.shape == (20, 40) and int(tokens.max()) < 50
+    for before, after in zip(tokens[:, :-1].flatten().tolist(), tokens[:, 1:].flatten().tolist()):
+        assert after in language.successors[before].tolist()
+    # entropy by hand: merge repeated successors, then -sum p log p, averaged over the tokens
+    total = 0.0
+    for token in range(50):
+        merged: dict[int, float] = {}
+        for nxt, p in zip(language.successors[token].tolist(), language.probs[token].tolist()):
+            merged[nxt] = merged.get(nxt, 0.0) + p
+        total -= sum(p * math.log(p) for p in merged.values() if p > 0)
+    assert language.entropy() == pytest.approx(total / 50, rel=1e-5)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_agreement_trains_and_measures_each_checkpoint(dtype):
+    proc = run_benchmark("bench_agreement.py", *TINY, "--steps", "0", "40", "--dtype", dtype)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entropy = float(proc.stdout.split("entropy ")[1].split(" nats")[0])
+    header, *rows = table_rows(proc.stdout)
+    assert header[:4] == ["trained steps", "held-out loss", "decoding", "mean logp, generated"], header
+    assert [(r[0], r[2]) for r in rows] == [
+        ("0", "greedy"),
+        ("0", "T = 1"),
+        ("40", "greedy"),
+        ("40", "T = 1"),
+    ]
+    before, after = float(rows[0][1]), float(rows[2][1])
+    # it learned, and only what the language allows: a loss below its entropy would mean the
+    # targets leak (e.g. a token scored against itself)
+    assert after < before - 1.0 and after > 0.8 * entropy, (before, after, entropy)
+    for row in rows:
+        cells = [float(c.rstrip("%")) for c in row[4:]]
+        assert all(math.isfinite(c) and c >= 0 for c in cells), row
+        assert float(row[3]) < 0, row  # the generated tokens' mean log-prob
+    if dtype == "float32":  # engine and trainer agree to round-off; nothing routes differently
+        for row in rows:
+            assert float(row[4]) <= 1e-4 and float(row[5]) <= 1e-3 and row[8] == "0.00%", row
+    else:  # bf16: a difference, but far below a token scored wrongly (~1)
+        assert all(0 < float(row[4]) < 0.1 for row in rows), rows
+
+
+def test_next_token_loss_scores_the_next_token():
+    """The training loss against the model's logits, by hand: a shift bug (a token scored against
+    itself, or two ahead) changes it."""
+    bench = import_benchmark("bench_agreement")
+    from titan_rl.model import GptOss, GptOssModelArgs
+
+    torch.manual_seed(0)
+    model = GptOss(GptOssModelArgs.from_preset("debug", num_hidden_layers=1)).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 7))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens).float(), dim=-1)  # [2, 7, vocab]
+        expected = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).mean()
+        got = bench.next_token_loss(model, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
