@@ -1,0 +1,132 @@
+"""Which roundings make a bf16 engine and trainer disagree: the same weights under precision variants.
+
+bench_generate.py's where-the-difference-comes-from table, once per variant of one set of weights
+(the benchmark model, rounded to bf16 once, so every variant computes with the same weights):
+
+- ``bf16``: the model in bf16, as training and rollouts run it.
+- ``fp32 residual``: bf16, but the residual stream between blocks kept in fp32 (each block's
+  input is rounded to bf16 only where its norm's output enters the block).
+- ``fp32 router``: bf16, but the router logits computed from the bf16 inputs with fp32 sums and
+  results (no rounding of the logits before top-k).
+- ``fp32 activations``: fp32 compute on the bf16 weights, rounding only the inputs of every
+  GEMM to bf16 (the linears, the grouped expert GEMMs and the LM head): what bf16 tensor-core
+  GEMMs with fp32 outputs and fp32 everything else would compute (attention included; a flash
+  kernel would round its inputs and output too).
+- ``fp32``: fp32 compute on the bf16 weights, nothing rounded (the engine and trainer's floor).
+
+The variants are emulated here by patching the model's functions for the duration of a row
+(``variant``); the model code has no such modes. Greedy decoding; the engine vs trainer columns
+show how far each variant's rounding moves the two apart, with the engine's routing replayed in
+the trainer and without, and the share of positions that route differently. Runs on CUDA when
+available, else on the CPU. From the repo root:
+
+    python benchmarks/bench_precision.py                     # 4 layers, hidden 512, 16 experts
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+from collections.abc import Iterator
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from bench_generate import mismatch_cells, mismatch_measures
+from bench_model import add_model_flags, model_args
+
+import titan_rl.model.moe as moe
+from titan_rl.model import GptOss
+from titan_rl.model.logprobs import LogitsGemm
+from titan_rl.model.model import Block
+from titan_rl.rl.rollout import SamplingParams
+
+VARIANTS = ("bf16", "fp32 residual", "fp32 router", "fp32 activations", "fp32")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p, vocab=32000)
+    p.add_argument("--batch", type=int, default=8, help="prompts per generate")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    return p.parse_args(argv)
+
+
+def to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bf16, in fp32."""
+    return x.to(torch.bfloat16).float()
+
+
+def _block_with_fp32_residual(
+    self: Block, x, cos, sin, document_ids=None, expert_indices=None, kv_cache=None, documents=None
+):
+    """``Block.forward`` with ``x`` in fp32: the norms' outputs enter the block in its weights' dtype."""
+    compute = self.self_attn.q_proj.weight.dtype
+    x = x.float()
+    attn = self.self_attn(self.input_layernorm(x).to(compute), cos, sin, document_ids, kv_cache, documents)
+    x = x + attn.float()
+    out, expert_indices = self.mlp(self.post_attention_layernorm(x).to(compute), expert_indices)
+    return x + out.float(), expert_indices
+
+
+def _fp32_router_logits(self: moe.Router, x, expert_indices=None):
+    """``Router.forward`` with fp32 sums and logits from the same bf16 inputs and weights."""
+    logits = F.linear(x.float(), self.weight.float(), self.bias.float())
+    chosen, own = torch.topk(logits, self.top_k, dim=-1)
+    if expert_indices is None:
+        return torch.softmax(chosen, dim=-1).to(x.dtype), own
+    expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
+    return torch.softmax(logits.gather(-1, expert_indices), dim=-1).to(x.dtype), expert_indices
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Patch the model's functions as ``name`` computes (see the module docstring)."""
+    with contextlib.ExitStack() as stack:
+        if name == "fp32 residual":
+            # the final norm's output stays fp32 too; the LM head rounds its input as always
+            stack.enter_context(mock.patch.object(Block, "forward", _block_with_fp32_residual))
+        elif name == "fp32 router":
+            stack.enter_context(mock.patch.object(moe.Router, "forward", _fp32_router_logits))
+        elif name == "fp32 activations":
+            linear, grouped, operand = F.linear, moe.grouped_mm, LogitsGemm.operand
+            stack.enter_context(mock.patch.object(F, "linear", lambda x, w, b=None: linear(to_bf16(x), w, b)))
+            stack.enter_context(
+                mock.patch.object(moe, "grouped_mm", lambda x, w, c: grouped(to_bf16(x), w, c))
+            )
+            stack.enter_context(
+                mock.patch.object(LogitsGemm, "operand", lambda self, x: operand(self, to_bf16(x)))
+            )
+        yield
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with device:
+        fp32 = GptOss(model_args(a)).eval()
+    with torch.no_grad():  # bf16 weights for every variant; the fp32 ones hold the same values
+        for p in fp32.parameters():
+            p.copy_(to_bf16(p))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, fp32.args.vocab_size, (a.batch, a.prompt), generator=g).tolist()
+    params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=a.new)
+    print(
+        "| variant | engine vs trainer, mean | max | trainer replaying the engine's routing, mean | max "
+        "| positions routed differently |"
+    )
+    print("|---|" + "---:|" * 5)
+    for name in a.variants:
+        model = bf16 if name in ("bf16", "fp32 residual", "fp32 router") else fp32
+        with torch.no_grad(), variant(name):
+            cells = mismatch_cells(mismatch_measures(model, prompts, params))[:5]  # not vs fp32
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
