@@ -29,6 +29,8 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   6 steps each, on the device's kernels (benchmarks/README.md); only with ``--only``.
 - ``bench_agreement`` (240): the bf16 engine / trainer agreement at gpt-oss-20b shapes (2 layers)
   on random weights and after 200 steps of training on a Markov language; only with ``--only``.
+- ``bench_precision`` (150): which roundings separate the bf16 engine and trainer, at gpt-oss-20b
+  shapes (4 layers); only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -51,6 +53,7 @@ OPT_IN = (
     "train_cuda_graph",
     "bench_routing_replay",
     "bench_agreement",
+    "bench_precision",
 )  # run only when --only names them
 
 CUDA_TESTS = [
@@ -168,6 +171,12 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         if tiny
         else ["--steps", "0", "200", "--lr", "3e-4", "--batch", "32", "--prompt", "128", "--new", "128"]
     )
+    precision = [python, "benchmarks/bench_precision.py", *model]
+    precision += (
+        ["--batch", "2", "--prompt", "8", "--new", "4"]
+        if tiny
+        else ["--batch", "32", "--prompt", "128", "--new", "128"]
+    )
     env = [python, "-c", ENV]
     return [
         ("env", 20, env),
@@ -179,6 +188,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
         ("bench_routing_replay", 150, replay),  # only when named in --only
         ("bench_agreement", 240, agreement),  # only when named in --only
+        ("bench_precision", 150, precision),  # only when named in --only
     ]
 
 
