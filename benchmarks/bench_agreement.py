@@ -4,13 +4,14 @@ something: does training shrink the difference?
 The bf16 agreement of benchmarks/README.md is measured on random weights. A random router's logits
 nearly tie, so bf16 rounding sends a token to other experts in the engine than in the trainer; a
 trained router's seldom tie. This script trains the benchmark model (fp32 weights, AdamW, the
-trainer's own chunked log-prob loss) on a random sparse Markov language, whose entropy is known:
-each of ``--states`` tokens is followed by one of ``--successors`` tokens, with probabilities drawn
-from Dirichlet(``--concentration``). At each of ``--steps`` (0: the random weights) a copy of the
-weights in ``--dtype`` generates from prompts of that language, greedily and at temperature 1,
-and one table row per decoding gives the columns of bench_generate.py's where-the-difference-
-comes-from table (``mismatch_measures``), with the held-out loss and the generated tokens' mean
-log-prob for scale. Runs on CUDA when available, else on the CPU. From the repo root:
+trainer's own chunked log-prob loss) on a random sparse Markov language, whose lowest reachable loss
+is known (``MarkovLanguage.loss_floor``): each of ``--states`` tokens is followed by one of
+``--successors`` tokens, with probabilities drawn from Dirichlet(``--concentration``). At each of
+``--steps`` (0: the random weights) a copy of the weights in ``--dtype`` generates from prompts of
+that language, greedily and at temperature 1, and one table row per decoding gives the columns of
+bench_generate.py's where-the-difference-comes-from table (``mismatch_measures``), with the
+held-out loss and the generated tokens' mean log-prob for scale. Runs on CUDA when available, else on the
+CPU. From the repo root:
 
     python benchmarks/bench_agreement.py                           # hidden 512, 16 experts, CPU minutes
     python benchmarks/bench_agreement.py --preset 20b --layers 2 --lr 3e-4 --steps 0 200   # a GPU
@@ -67,10 +68,20 @@ class MarkovLanguage:
             alpha = torch.full((successors,), concentration)
             self.probs = torch.distributions.Dirichlet(alpha).sample((states,))
 
-    def entropy(self) -> float:
-        """Next-token entropy in nats, averaged over the tokens (repeated successors merged)."""
-        merged = torch.zeros(self.states, self.states).scatter_add_(1, self.successors, self.probs)
-        return float(-(merged * merged.clamp_min(1e-30).log()).sum(1).mean())
+    def loss_floor(self, length: int) -> float:
+        """The lowest expected mean next-token loss (nats) on ``sample(rows, length)`` sequences: the
+        language's entropy at each position, weighted by how likely each token is there (the first
+        token uniform, then pushed through the transitions), averaged over the ``length - 1``
+        predicted positions. No model can beat it; one that learned the language reaches it."""
+        transitions = torch.zeros(self.states, self.states, dtype=torch.float64)
+        transitions.scatter_add_(1, self.successors, self.probs.double())  # repeated successors merged
+        entropy = -(transitions * transitions.clamp_min(1e-300).log()).sum(1)  # [states]
+        where = torch.full((self.states,), 1.0 / self.states, dtype=torch.float64)
+        total = 0.0
+        for _ in range(length - 1):
+            total += float(where @ entropy)
+            where = where @ transitions
+        return total / (length - 1)
 
     def sample(self, rows: int, length: int) -> torch.Tensor:
         """``[rows, length]`` token sequences, each from a uniformly drawn first token."""
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             done += 1
             if done % 25 == 0 or done == target:
                 log(f"step {done}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+        optimizer.zero_grad(set_to_none=True)  # the gradients' memory, while two more copies exist
         with torch.no_grad():
             model.eval()
             held = next_token_loss(model, held_out).item()
@@ -140,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         f"experts top-{args.num_experts_per_tok}, vocab {args.vocab_size}; measured in {a.dtype} on "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
         f"{torch.__version__}; language: {a.states} tokens x {a.successors} successors, "
-        f"Dirichlet({a.concentration:g}), entropy {language.entropy():.3f} nats (uniform tokens: "
-        f"{math.log(a.states):.3f}); training: fp32 AdamW lr {a.lr:g}, {a.train_batch} x {a.seq} tokens "
-        f"a step; {a.batch} prompts of {a.prompt} tokens, {a.new} new; log-prob |differences| of "
-        "the generated tokens\n"
+        f"Dirichlet({a.concentration:g}), held-out loss floor {language.loss_floor(a.seq):.3f} nats "
+        f"(uniform tokens: {math.log(a.states):.3f}); training: fp32 AdamW lr {a.lr:g}, "
+        f"{a.train_batch} x {a.seq} tokens a step; {a.batch} prompts of {a.prompt} tokens, {a.new} "
+        "new; log-prob |differences| of the generated tokens\n"
     )
     columns = [
         "trained steps", "held-out loss", "decoding", "mean logp, generated",

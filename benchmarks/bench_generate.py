@@ -161,7 +161,7 @@ def engine_routing(
 
 
 def mismatch_measures(
-    model: GptOss, prompts: list[list[int]], params: SamplingParams
+    model: GptOss, prompts: list[list[int]], params: SamplingParams, fp32: bool = True
 ) -> dict[str, torch.Tensor]:
     """Where a low-precision engine / trainer difference comes from, on one more (untimed) ``eager``
     generate: flat log-probs of its tokens from the ``engine``, the ``trainer`` (routing on its own),
@@ -169,24 +169,19 @@ def mismatch_measures(
     expert), an fp32 copy of the weights routing on its own (``fp32_own``: how far the dtype moves
     the model, its routing flips included) and replaying the trainer's routing (``fp32_same``:
     rounding alone); and ``moved [rows, width]``, the input positions where some layer chose
-    another set of experts in the engine than in the trainer."""
+    another set of experts in the engine than in the trainer. ``fp32=False``: not the two fp32 ones
+    (no fp32 copy of the weights is made)."""
     completions, routing = engine_routing(model, prompts, params)
     engine = torch.tensor([lp for c in completions for lp in c.logprobs])
     trainer, trainer_routing = trainer_logprobs(model, prompts, completions)
     replayed, _ = trainer_logprobs(model, prompts, completions, expert_indices=routing)
     moved = (routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1).any(0)  # [rows, width]
-    fp32 = copy.deepcopy(model).float()
-    fp32_own, _ = trainer_logprobs(fp32, prompts, completions)
-    fp32_same, _ = trainer_logprobs(fp32, prompts, completions, expert_indices=trainer_routing)
-    del fp32
-    return {
-        "engine": engine,
-        "trainer": trainer,
-        "replayed": replayed,
-        "moved": moved,
-        "fp32_own": fp32_own,
-        "fp32_same": fp32_same,
-    }
+    out = {"engine": engine, "trainer": trainer, "replayed": replayed, "moved": moved}
+    if fp32:
+        copy32 = copy.deepcopy(model).float()
+        out["fp32_own"], _ = trainer_logprobs(copy32, prompts, completions)
+        out["fp32_same"], _ = trainer_logprobs(copy32, prompts, completions, expert_indices=trainer_routing)
+    return out
 
 
 def mean_max(diff: torch.Tensor) -> list[str]:
@@ -197,14 +192,16 @@ def mean_max(diff: torch.Tensor) -> list[str]:
 def mismatch_cells(m: dict[str, torch.Tensor]) -> list[str]:
     """The cells of one row of the where-the-difference-comes-from table (``mismatch_measures``):
     engine vs trainer, engine vs the replaying trainer (mean, max each), the share of positions
-    routed differently, the trainer against fp32 routing on its own, and replaying its routing."""
-    return [
+    routed differently, and where measured the trainer against fp32 routing on its own, and
+    replaying its routing."""
+    cells = [
         *mean_max(m["engine"] - m["trainer"]),
         *mean_max(m["engine"] - m["replayed"]),
         f"{m['moved'].float().mean().item():.2%}",
-        *mean_max(m["trainer"] - m["fp32_own"]),
-        *mean_max(m["trainer"] - m["fp32_same"]),
     ]
+    if "fp32_own" in m:
+        cells += [*mean_max(m["trainer"] - m["fp32_own"]), *mean_max(m["trainer"] - m["fp32_same"])]
+    return cells
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks import run_benchmark, table_rows
+from tests.benchmarks import import_benchmark, run_benchmark, table_rows
 
 
 @pytest.mark.timeout(240)
@@ -27,3 +27,48 @@ def test_bench_precision_rows_and_their_variants_apply():
     assert by_name["fp32 activations"][:4] != fp32[:4], by_name
     assert by_name["fp32 residual"][:4] != by_name["bf16"][:4], by_name
     assert by_name["fp32 router"][:4] != by_name["bf16"][:4], by_name
+
+
+def test_fp32_activations_rounds_the_inputs_of_every_gemm_the_model_runs():
+    """The variant's three patched names compute the plain function of bf16-rounded inputs, and the
+    model's training forward and the engine's generate both go through each of them (a refactor
+    that calls around one would leave that GEMM's inputs unrounded, and the row would lie)."""
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+
+    import titan_rl.model.moe as moe
+    from titan_rl.model import GptOss, GptOssModelArgs
+    from titan_rl.model.logprobs import LogitsGemm
+    from titan_rl.rl.rollout import NativeEngine, SamplingParams
+
+    bench = import_benchmark("bench_precision")
+    plain_linear, plain_grouped, plain_operand = F.linear, moe.grouped_mm, LogitsGemm.operand
+    torch.manual_seed(0)
+    model = GptOss(GptOssModelArgs.from_preset("debug", num_hidden_layers=1)).eval()
+    x, w = torch.randn(6, 64), torch.randn(8, 64)
+    experts, counts = torch.randn(2, 64, 8), torch.tensor([4, 2])
+    gemm = LogitsGemm(w)
+    with torch.no_grad(), bench.variant("fp32 activations"):
+        rounded = bench.to_bf16(x)
+        assert not torch.equal(rounded, x)
+        assert torch.equal(F.linear(x, w), plain_linear(rounded, w))
+        assert torch.equal(moe.grouped_mm(x, experts, counts), plain_grouped(rounded, experts, counts))
+        assert torch.equal(gemm.operand(x), plain_operand(gemm, rounded))
+        with (
+            mock.patch.object(F, "linear", wraps=F.linear) as linear,
+            mock.patch.object(moe, "grouped_mm", wraps=moe.grouped_mm) as grouped,
+            mock.patch.object(
+                LogitsGemm, "operand", autospec=True, side_effect=LogitsGemm.operand
+            ) as operand,
+        ):
+            tokens = torch.randint(0, model.args.vocab_size, (2, 5))
+            model(
+                tokens, targets=tokens[:, 1:].flatten(), target_index=torch.tensor([0, 1, 2, 3, 5, 6, 7, 8])
+            )
+            trained = (linear.call_count, grouped.call_count, operand.call_count)
+            NativeEngine(model).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, top_k=1))
+            generated = (linear.call_count, grouped.call_count, operand.call_count)
+    assert all(n > 0 for n in trained), trained  # q/k/v/o and the router; the experts; the LM head
+    assert all(after > before for before, after in zip(trained, generated)), (trained, generated)
