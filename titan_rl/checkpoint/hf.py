@@ -2,9 +2,10 @@
 
 A folder holds ``config.json``, ``model.safetensors.index.json`` + shards (or one ``model.safetensors``)
 and tokenizer files. Tensors are read one at a time with ``safe_open``; MXFP4 experts are dequantized
-on load into the model's ``[E, in, out]`` layout. FSDP2 models (DTensor parameters) work too: every
-rank reads the full tensor and keeps its shard on load; on save every rank gathers each tensor in
-turn and rank 0 writes. Expert-parallel layouts are not handled yet (TODO when EP lands).
+on load into the model's ``[E, in, out]`` layout. Sharded models (DTensor parameters: FSDP2, and
+expert parallelism's experts over the ep and expert-FSDP dims) work too: every rank reads the full
+tensor and keeps its part on load; on save every rank gathers each tensor in turn and rank 0
+writes (tests/distributed/test_checkpoint_fsdp.py, FSDP and dp_shard=2 x ep=2).
 """
 
 from __future__ import annotations
