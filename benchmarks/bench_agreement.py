@@ -30,6 +30,7 @@ from bench_generate import mismatch_cells, mismatch_measures
 from bench_model import DTYPES, add_model_flags, model_args
 
 from titan_rl.model import GptOss
+from titan_rl.parallel.parallelize import set_gemm_reductions
 from titan_rl.rl.rollout import SamplingParams
 
 
@@ -108,6 +109,7 @@ def next_token_loss(model: GptOss, tokens: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
+    set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = model_args(a)
     if a.states > args.vocab_size:

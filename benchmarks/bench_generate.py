@@ -44,6 +44,7 @@ from bench_model import (
 
 from titan_rl.model import GptOss
 from titan_rl.model.moe import UNROUTED
+from titan_rl.parallel.parallelize import set_gemm_reductions
 from titan_rl.rl.rollout import Completion, NativeEngine, SamplingParams
 from titan_rl.rl.rollout.native import DECODE_MODES
 
@@ -206,6 +207,7 @@ def mismatch_cells(m: dict[str, torch.Tensor]) -> list[str]:
 
 def main() -> None:
     a = parse()
+    set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ours = build("ours", a, device).eval()

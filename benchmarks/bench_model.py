@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from titan_rl.checkpoint.names import to_hf_state_dict
 from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.parallel.parallelize import GEMM_REDUCTIONS, set_gemm_reductions
 
 MIB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -217,6 +218,10 @@ def add_model_flags(p: argparse.ArgumentParser, vocab: int) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and compute, both sides")
     experts = ["default", "eager", "grouped_mm", "batched_mm"]
     p.add_argument("--hf-experts", default="default", choices=experts, help="default: HF's own choice")
+    p.add_argument(
+        "--gemm-reductions", choices=GEMM_REDUCTIONS, default="full",
+        help="CUDA split-K sums, both sides (parallelism.gemm_reductions; reduced: PyTorch's default)",
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -245,6 +250,7 @@ def main() -> None:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker), a, device)), flush=True)

@@ -3,7 +3,10 @@
 bench_generate.py's where-the-difference-comes-from table, once per variant of one set of weights
 (the benchmark model, rounded to bf16 once, so every variant computes with the same weights):
 
-- ``bf16``: the model in bf16, as training and rollouts run it.
+- ``bf16``: the model in bf16, as training and rollouts run it (``--gemm-reductions``, default
+  full: CUDA GEMMs split along K sum their parts in fp32, ``parallelism.gemm_reductions``).
+- ``bf16, reduced split-K sums``: the same with PyTorch's default, parts summed in bf16 where
+  cuBLAS finds it faster (decode steps' few-row GEMMs). The same as ``bf16`` on CPU.
 - ``fp32 residual``: bf16, but the residual stream between blocks kept in fp32 (each block's
   input is rounded to bf16 only where its norm's output enters the block).
 - ``fp32 router``: bf16, but the router logits computed from the bf16 inputs with fp32 sums and
@@ -41,9 +44,11 @@ import titan_rl.model.moe as moe
 from titan_rl.model import GptOss
 from titan_rl.model.logprobs import LogitsGemm
 from titan_rl.model.model import Block
+from titan_rl.parallel.parallelize import set_gemm_reductions
 from titan_rl.rl.rollout import SamplingParams
 
-VARIANTS = ("bf16", "fp32 residual", "fp32 router", "fp32 activations", "fp32")
+REDUCED = "bf16, reduced split-K sums"
+VARIANTS = ("bf16", REDUCED, "fp32 residual", "fp32 router", "fp32 activations", "fp32")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +92,12 @@ def _fp32_router_logits(self: moe.Router, x, expert_indices=None):
 def variant(name: str) -> Iterator[None]:
     """Patch the model's functions as ``name`` computes (see the module docstring)."""
     with contextlib.ExitStack() as stack:
-        if name == "fp32 residual":
+        if name == REDUCED:
+            matmul = torch.backends.cuda.matmul
+            before = "reduced" if matmul.allow_bf16_reduced_precision_reduction else "full"
+            set_gemm_reductions("reduced")
+            stack.callback(set_gemm_reductions, before)
+        elif name == "fp32 residual":
             # the final norm's output stays fp32 too; the LM head rounds its input as always
             stack.enter_context(mock.patch.object(Block, "forward", _block_with_fp32_residual))
         elif name == "fp32 router":
@@ -106,6 +116,7 @@ def variant(name: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
+    set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     with device:
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|" + "---:|" * 5)
     for name in a.variants:
-        model = bf16 if name in ("bf16", "fp32 residual", "fp32 router") else fp32
+        model = bf16 if name in ("bf16", REDUCED, "fp32 residual", "fp32 router") else fp32
         with torch.no_grad(), variant(name):
             cells = mismatch_cells(mismatch_measures(model, prompts, params, fp32=False))
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

@@ -22,7 +22,7 @@ import torch
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
-from titan_rl.parallel.parallelize import precision_summary
+from titan_rl.parallel.parallelize import precision_summary, set_gemm_reductions
 from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
@@ -153,6 +153,9 @@ class Trainer:
             mixed_precision=par.mixed_precision,
         )
         self.precision = precision_summary(model, config, self.dims.device_type)
+        set_gemm_reductions(par.gemm_reductions)  # process-wide: the engine's decode GEMMs too
+        if self.dims.device_type == "cuda" and "bf16" in self.precision:
+            self.precision += f", {'fp32' if par.gemm_reductions == 'full' else 'reduced'} split-K sums"
         # every rank runs the same rollouts and trains on its share of the rows (see train_step)
         parallelize_gpt_oss(model, self.dims, config)
         if self.reference is not None:  # no grad: nothing to recompute, same precision as the policy

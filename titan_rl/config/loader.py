@@ -112,6 +112,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "parallelism.cp_mode": ("ulysses", "ring"),
     "parallelism.mixed_precision": ("auto", "bf16", "fp32"),
+    "parallelism.gemm_reductions": ("full", "reduced"),
     "parallelism.activation_checkpoint": ("none", "full", "selective"),
     "lr_scheduler.decay": ("cosine", "constant"),
     "rl.old_logprob_mode": ("unified", "recompute"),

@@ -99,6 +99,25 @@ def parallelize_gpt_oss(
     return model
 
 
+GEMM_REDUCTIONS = ("full", "reduced")
+
+
+def set_gemm_reductions(mode: str) -> None:
+    """How CUDA sums the partial results of a bf16 / fp16 GEMM split along K (cuBLAS split-K), for
+    the whole process: ``full`` in fp32, ``reduced`` in bf16 / fp16 where cuBLAS finds that faster
+    (PyTorch's default: ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``).
+
+    cuBLAS splits K for GEMMs with few rows and a long K, a decode step's, and seldom for a training
+    forward's thousands of rows; reduced sums would round the rollout engine's activations where the
+    trainer's are not, one more engine / trainer difference. No effect on CPU, or on vLLM's own
+    processes."""
+    if mode not in GEMM_REDUCTIONS:
+        raise ValueError(f"gemm_reductions = {mode!r}: use one of {', '.join(GEMM_REDUCTIONS)}")
+    reduced = mode == "reduced"
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+
+
 def precision_summary(model: GptOss, config: ParallelConfig, device_type: str) -> str:
     """One line for the startup message: what the weights are stored in and what computes in."""
     weights = next(model.parameters()).dtype
