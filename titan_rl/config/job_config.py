@@ -64,7 +64,8 @@ class Parallelism:
     gemm_reductions: str = "full"
     """CUDA bf16/fp16 GEMMs split along K sum their parts in fp32 (full) or, where faster, in bf16/fp16
     (reduced: PyTorch's default). Decode steps' few-row GEMMs are the ones split: full keeps that
-    rounding out of the rollout engine's log-probs. No effect on CPU or inside vLLM."""
+    rounding out of the rollout engine's log-probs. Process-wide (vLLM runs in-process: its torch
+    GEMMs follow it); no effect on CPU."""
     compile: bool = False
     """torch.compile each transformer block (meant for CUDA bf16)."""
     compile_backend: str = "inductor"

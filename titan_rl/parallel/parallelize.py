@@ -109,8 +109,8 @@ def set_gemm_reductions(mode: str) -> None:
 
     cuBLAS splits K for GEMMs with few rows and a long K, a decode step's, and seldom for a training
     forward's thousands of rows; reduced sums would round the rollout engine's activations where the
-    trainer's are not, one more engine / trainer difference. No effect on CPU, or on vLLM's own
-    processes."""
+    trainer's are not, one more engine / trainer difference. vLLM runs in the trainer's process, so
+    its torch GEMMs follow the setting too (its own kernels need not). No effect on CPU."""
     if mode not in GEMM_REDUCTIONS:
         raise ValueError(f"gemm_reductions = {mode!r}: use one of {', '.join(GEMM_REDUCTIONS)}")
     reduced = mode == "reduced"
