@@ -15,6 +15,13 @@ CPU. From the repo root:
 
     python benchmarks/bench_agreement.py                           # hidden 512, 16 experts, CPU minutes
     python benchmarks/bench_agreement.py --preset 20b --layers 2 --lr 3e-4 --steps 0 200   # a GPU
+
+``--hf-path`` measures a real checkpoint instead, as it is (a trained router is the measurement
+random weights cannot make): ``--steps 0``, prompts from ``--prompts-file`` (one per line, through
+the folder's tokenizer.json) or random tokens, and ``--skip-fp32`` where an fp32 copy does not fit:
+
+    python benchmarks/bench_agreement.py --hf-path /models/gpt-oss-20b --steps 0 --skip-fp32 \\
+        --prompts-file prompts.txt --new 256
 """
 
 from __future__ import annotations
@@ -52,8 +59,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="prompts per measured generate")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument(
+        "--hf-path", help="measure this HF checkpoint folder as it is (no training; --steps 0; model "
+        "flags ignored) instead of the benchmark model",
+    )  # fmt: skip
+    p.add_argument(
+        "--prompts-file", help="with --hf-path: one prompt per line, tokenized with the folder's "
+        "tokenizer.json (default: --batch prompts of --prompt random tokens)",
+    )  # fmt: skip
+    p.add_argument(
+        "--skip-fp32", action="store_true", help="no fp32-copy columns (an fp32 copy of the weights "
+        "must fit next to them: gpt-oss-20b needs 84 GB)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     a.steps = sorted(set(a.steps))
+    if a.hf_path and a.steps != [0]:
+        p.error("--hf-path measures the checkpoint as it is, nothing is trained here: use --steps 0")
+    if a.prompts_file and not a.hf_path:
+        p.error("--prompts-file needs --hf-path (the benchmark model's prompts come from its language)")
     return a
 
 
@@ -107,20 +130,66 @@ def next_token_loss(model: GptOss, tokens: torch.Tensor) -> torch.Tensor:
     return -logprobs.mean()
 
 
+DECODINGS = {"greedy": dict(top_k=1), "T = 1": dict()}  # both at temperature 1
+
+
+def measure(model: GptOss, prompts: list[list[int]], new: int, fp32: bool) -> list[list[str]]:
+    """Per decoding: its name, the generated tokens' mean log-prob, then ``mismatch_cells``."""
+    rows = []
+    for name, extra in DECODINGS.items():
+        m = mismatch_measures(
+            model, prompts, SamplingParams(temperature=1.0, max_new_tokens=new, **extra), fp32
+        )
+        rows.append([name, f"{m['engine'].mean().item():.3f}", *mismatch_cells(m)])
+        log(f"measured {name}")
+    return rows
+
+
+def checkpoint_rows(a: argparse.Namespace, device: torch.device) -> tuple[list[list[str]], str]:
+    """``--hf-path``: the table rows of the checkpoint as it is, and the config line."""
+    from titan_rl.checkpoint.hf import load_hf_model
+
+    model = load_hf_model(a.hf_path, dtype=DTYPES[a.dtype], device=device, progress=True).eval()
+    if a.prompts_file:
+        from titan_rl.rl.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(a.hf_path)
+        with open(a.prompts_file) as f:
+            prompts = [tokenizer.encode(line.rstrip("\n")) for line in f if line.strip()]
+        what = f"{len(prompts)} prompts of {a.prompts_file} ({sum(map(len, prompts))} tokens)"
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), generator=g).tolist()
+        what = f"{a.batch} prompts of {a.prompt} random tokens"
+    with torch.no_grad():
+        rows = [["checkpoint", "n/a", *row] for row in measure(model, prompts, a.new, not a.skip_fp32)]
+    args = model.args
+    config = (
+        f"config: {a.hf_path}: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+        f"{args.num_local_experts} experts top-{args.num_experts_per_tok}, vocab {args.vocab_size}; "
+        f"measured in {a.dtype}; {what}, {a.new} new"
+    )
+    return rows, config
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.hf_path:
+        rows, config = checkpoint_rows(a, device)
+        print(
+            f"{config} on {device_name(device)}, torch {torch.__version__}; log-prob |differences| of "
+            "the generated tokens\n"
+        )
+        print_table(rows, not a.skip_fp32)
+        return
     args = model_args(a)
     if a.states > args.vocab_size:
         raise SystemExit(f"--states {a.states} > vocab {args.vocab_size}")
     language = MarkovLanguage(a.states, a.successors, a.concentration)
     held_out = language.sample(a.train_batch, a.seq)
     prompts = language.sample(a.batch, a.prompt).tolist()
-    decodings = {
-        "greedy": SamplingParams(temperature=1.0, top_k=1, max_new_tokens=a.new),
-        "T = 1": SamplingParams(temperature=1.0, max_new_tokens=a.new),
-    }
     torch.manual_seed(0)
     with device:
         model = GptOss(args).train()  # fp32: the weights being trained
@@ -142,29 +211,42 @@ def main(argv: list[str] | None = None) -> None:
             held = next_token_loss(model, held_out).item()
             low = copy.deepcopy(model).to(DTYPES[a.dtype])
             model.train()
-            for name, params in decodings.items():
-                m = mismatch_measures(low, prompts, params)
-                mean_logp = m["engine"].mean().item()
-                rows.append([str(done), f"{held:.3f}", name, f"{mean_logp:.3f}", *mismatch_cells(m)])
-                log(f"measured after {done} steps, {name}")
+            log(f"measuring after {done} steps")
+            rows += [
+                [str(done), f"{held:.3f}", *row] for row in measure(low, prompts, a.new, not a.skip_fp32)
+            ]
             del low
 
     print(
         f"config: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.num_local_experts} "
         f"experts top-{args.num_experts_per_tok}, vocab {args.vocab_size}; measured in {a.dtype} on "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+        f"{device_name(device)}, torch "
         f"{torch.__version__}; language: {a.states} tokens x {a.successors} successors, "
         f"Dirichlet({a.concentration:g}), held-out loss floor {language.loss_floor(a.seq):.3f} nats "
         f"(uniform tokens: {math.log(a.states):.3f}); training: fp32 AdamW lr {a.lr:g}, "
         f"{a.train_batch} x {a.seq} tokens a step; {a.batch} prompts of {a.prompt} tokens, {a.new} "
         "new; log-prob |differences| of the generated tokens\n"
     )
+    print_table(rows, not a.skip_fp32)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def print_table(rows: list[list[str]], fp32: bool) -> None:
     columns = [
         "trained steps", "held-out loss", "decoding", "mean logp, generated",
         "engine vs trainer, mean", "max", "trainer replaying the engine's routing, mean", "max",
-        "positions routed differently", "trainer vs itself in fp32, mean", "max",
-        "same, fp32 replaying the trainer's routing, mean", "max",
+        "positions routed differently",
     ]  # fmt: skip
+    if fp32:
+        columns += [
+            "trainer vs itself in fp32, mean",
+            "max",
+            "same, fp32 replaying the trainer's routing, mean",
+            "max",
+        ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---:|" * 2 + "---|" + "---:|" * (len(columns) - 3))
     for row in rows:

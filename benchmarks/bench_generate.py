@@ -169,14 +169,15 @@ def mismatch_measures(
     the trainer ``replayed`` on the engine's routing (what is left is rounding, not a different
     expert), an fp32 copy of the weights routing on its own (``fp32_own``: how far the dtype moves
     the model, its routing flips included) and replaying the trainer's routing (``fp32_same``:
-    rounding alone); and ``moved [rows, width]``, the input positions where some layer chose
-    another set of experts in the engine than in the trainer. ``fp32=False``: not the two fp32 ones
-    (no fp32 copy of the weights is made)."""
+    rounding alone); and ``moved [positions]``, for each input position the engine ran (not the
+    padding of shorter rows), whether some layer chose another set of experts in the engine than in
+    the trainer. ``fp32=False``: not the two fp32 ones (no fp32 copy of the weights is made)."""
     completions, routing = engine_routing(model, prompts, params)
     engine = torch.tensor([lp for c in completions for lp in c.logprobs])
     trainer, trainer_routing = trainer_logprobs(model, prompts, completions)
     replayed, _ = trainer_logprobs(model, prompts, completions, expert_indices=routing)
     moved = (routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1).any(0)  # [rows, width]
+    moved = moved[(routing >= 0).all(-1).all(0)]  # positions the engine ran: not padding (-1)
     out = {"engine": engine, "trainer": trainer, "replayed": replayed, "moved": moved}
     if fp32:
         copy32 = copy.deepcopy(model).float()

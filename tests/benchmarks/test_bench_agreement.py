@@ -74,3 +74,55 @@ def test_next_token_loss_scores_the_next_token():
         expected = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).mean()
         got = bench.next_token_loss(model, tokens)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _checkpoint(folder):
+    """A tiny HF folder with a tokenizer, and two text prompts."""
+    from titan_rl.checkpoint.hf import save_hf_model
+    from titan_rl.model import GptOss, GptOssModelArgs
+    from titan_rl.rl.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(5)
+    model = GptOss(GptOssModelArgs.from_preset("debug", num_hidden_layers=1))
+    save_hf_model(model, folder, dtype=torch.float32)
+    build_tiny_tokenizer(model.args.vocab_size).save(folder)
+    prompts = folder / "prompts.txt"
+    prompts.write_text("the cat sat on the mat\n\nlook up the weather in Paris\n")
+    return prompts
+
+
+@pytest.mark.timeout(240)
+def test_bench_agreement_measures_a_checkpoint_as_it_is(tmp_path):
+    """--hf-path: the folder's weights and the file's prompts, nothing trained. The prompts are the
+    file's lines through the folder's tokenizer, and the greedy row's mean log-prob is the one a plain
+    engine over that folder and those prompts gives."""
+    from titan_rl.checkpoint.hf import load_hf_model
+    from titan_rl.rl.rollout import NativeEngine, SamplingParams
+    from titan_rl.rl.tokenizer import Tokenizer
+
+    folder = tmp_path / "hf"
+    prompts_file = _checkpoint(folder)
+    args = ["--hf-path", str(folder), "--steps", "0", "--prompts-file", str(prompts_file), "--new", "5"]
+    proc = run_benchmark("bench_agreement.py", *args, "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 layers" in proc.stdout, proc.stdout
+    header, *rows = table_rows(proc.stdout)
+    assert len(header) == 13 and [(r[0], r[1], r[2]) for r in rows] == [
+        ("checkpoint", "n/a", "greedy"), ("checkpoint", "n/a", "T = 1")
+    ]  # fmt: skip
+    for row in rows:  # fp32: round-off
+        assert float(row[4]) <= 1e-4 and row[8] == "0.00%", row
+    tokenizer = Tokenizer.from_folder(folder)
+    prompts = [tokenizer.encode(line) for line in prompts_file.read_text().splitlines() if line.strip()]
+    assert f"2 prompts of {prompts_file} ({sum(map(len, prompts))} tokens)" in proc.stdout, proc.stdout
+    model = load_hf_model(folder).eval()
+    completions = NativeEngine(model, seed=0).generate(prompts, SamplingParams(max_new_tokens=5, top_k=1))
+    expected = sum(sum(c.logprobs) for c in completions) / sum(len(c.logprobs) for c in completions)
+    assert float(rows[0][3]) == pytest.approx(expected, abs=1e-3)
+
+    proc = run_benchmark("bench_agreement.py", *args, "--skip-fp32")  # bf16, no fp32 copy
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, *rows = table_rows(proc.stdout)
+    assert header[-1] == "positions routed differently" and len(rows) == 2, header
+    proc = run_benchmark("bench_agreement.py", "--hf-path", str(folder), "--steps", "0", "10")
+    assert proc.returncode != 0 and "nothing is trained here" in proc.stderr
