@@ -29,7 +29,7 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   6 steps each, on the device's kernels (benchmarks/README.md); only with ``--only``.
 - ``bench_agreement`` (240): the bf16 engine / trainer agreement at gpt-oss-20b shapes (2 layers)
   on random weights and after 200 steps of training on a Markov language; only with ``--only``.
-- ``bench_precision`` (150): which roundings separate the bf16 engine and trainer, at gpt-oss-20b
+- ``bench_precision`` (200): which roundings separate the bf16 engine and trainer, at gpt-oss-20b
   shapes (4 layers); only with ``--only``.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
@@ -188,7 +188,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
         ("bench_routing_replay", 150, replay),  # only when named in --only
         ("bench_agreement", 240, agreement),  # only when named in --only
-        ("bench_precision", 150, precision),  # only when named in --only
+        ("bench_precision", 200, precision),  # only when named in --only
     ]
 
 
