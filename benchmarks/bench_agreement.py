@@ -17,10 +17,11 @@ CPU. From the repo root:
     python benchmarks/bench_agreement.py --preset 20b --layers 2 --lr 3e-4 --steps 0 200   # a GPU
 
 ``--hf-path`` measures a real checkpoint instead, as it is (a trained router is the measurement
-random weights cannot make): ``--steps 0``, prompts from ``--prompts-file`` (one per line, through
-the folder's tokenizer.json) or random tokens, and ``--skip-fp32`` where an fp32 copy does not fit:
+random weights cannot make): prompts from ``--prompts-file`` (one per line, through the folder's
+tokenizer.json) or random tokens, no stop tokens (every completion runs ``--new`` tokens), and
+``--skip-fp32`` where an fp32 copy does not fit:
 
-    python benchmarks/bench_agreement.py --hf-path /models/gpt-oss-20b --steps 0 --skip-fp32 \\
+    python benchmarks/bench_agreement.py --hf-path /models/gpt-oss-20b --skip-fp32 \\
         --prompts-file prompts.txt --new 256
 """
 
@@ -49,7 +50,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p, vocab=32000)
     p.set_defaults(dtype="bfloat16")
-    p.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300], help="measure after these")
+    p.add_argument(
+        "--steps", type=int, nargs="+", help="measure after these (default 0 100 300; 0 with --hf-path)"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
     p.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
@@ -60,8 +63,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
     p.add_argument(
-        "--hf-path", help="measure this HF checkpoint folder as it is (no training; --steps 0; model "
-        "flags ignored) instead of the benchmark model",
+        "--hf-path", help="measure this HF checkpoint folder as it is (no training; the model shape "
+        "flags are ignored, --dtype applies) instead of the benchmark model",
     )  # fmt: skip
     p.add_argument(
         "--prompts-file", help="with --hf-path: one prompt per line, tokenized with the folder's "
@@ -72,7 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "must fit next to them: gpt-oss-20b needs 84 GB)",
     )  # fmt: skip
     a = p.parse_args(argv)
-    a.steps = sorted(set(a.steps))
+    a.steps = sorted(set(a.steps or ([0] if a.hf_path else [0, 100, 300])))
     if a.hf_path and a.steps != [0]:
         p.error("--hf-path measures the checkpoint as it is, nothing is trained here: use --steps 0")
     if a.prompts_file and not a.hf_path:
@@ -156,6 +159,8 @@ def checkpoint_rows(a: argparse.Namespace, device: torch.device) -> tuple[list[l
         tokenizer = Tokenizer.from_folder(a.hf_path)
         with open(a.prompts_file) as f:
             prompts = [tokenizer.encode(line.rstrip("\n")) for line in f if line.strip()]
+        if not prompts or not all(prompts):
+            raise SystemExit(f"{a.prompts_file}: no prompts, or a line with no tokens")
         what = f"{len(prompts)} prompts of {a.prompts_file} ({sum(map(len, prompts))} tokens)"
     else:
         g = torch.Generator().manual_seed(0)

@@ -94,9 +94,10 @@ def variant(name: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if name == REDUCED:
             matmul = torch.backends.cuda.matmul
-            before = "reduced" if matmul.allow_bf16_reduced_precision_reduction else "full"
+            flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+            for flag, value in [(flag, getattr(matmul, flag)) for flag in flags]:
+                stack.callback(setattr, matmul, flag, value)
             set_gemm_reductions("reduced")
-            stack.callback(set_gemm_reductions, before)
         elif name == "fp32 residual":
             # the final norm's output stays fp32 too; the LM head rounds its input as always
             stack.enter_context(mock.patch.object(Block, "forward", _block_with_fp32_residual))

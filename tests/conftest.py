@@ -63,6 +63,18 @@ def _fp32_default():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _split_k_sums_restored():
+    """Every ``Trainer`` sets the process-wide split-K flags (``parallelism.gemm_reductions``): each
+    test starts from and leaves PyTorch's own setting, so no GPU test depends on the order."""
+    matmul = torch.backends.cuda.matmul
+    flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+    saved = [getattr(matmul, flag) for flag in flags]
+    yield
+    for flag, value in zip(flags, saved):
+        setattr(matmul, flag, value)
+
+
 def read_hf_folder(folder) -> dict[str, torch.Tensor]:
     """Every tensor a HF folder stores, by its stored name."""
     from safetensors import safe_open

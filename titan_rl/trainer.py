@@ -154,7 +154,7 @@ class Trainer:
         )
         self.precision = precision_summary(model, config, self.dims.device_type)
         set_gemm_reductions(par.gemm_reductions)  # process-wide: the engine's decode GEMMs too
-        if self.dims.device_type == "cuda" and "bf16" in self.precision:
+        if self.dims.device_type == "cuda":  # (vLLM computes in bf16 whatever the trainer does)
             self.precision += f", {'fp32' if par.gemm_reductions == 'full' else 'reduced'} split-K sums"
         # every rank runs the same rollouts and trains on its share of the rows (see train_step)
         parallelize_gpt_oss(model, self.dims, config)

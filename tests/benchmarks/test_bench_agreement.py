@@ -102,7 +102,7 @@ def test_bench_agreement_measures_a_checkpoint_as_it_is(tmp_path):
 
     folder = tmp_path / "hf"
     prompts_file = _checkpoint(folder)
-    args = ["--hf-path", str(folder), "--steps", "0", "--prompts-file", str(prompts_file), "--new", "5"]
+    args = ["--hf-path", str(folder), "--prompts-file", str(prompts_file), "--new", "5"]  # --steps: 0
     proc = run_benchmark("bench_agreement.py", *args, "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 layers" in proc.stdout, proc.stdout
@@ -126,3 +126,8 @@ def test_bench_agreement_measures_a_checkpoint_as_it_is(tmp_path):
     assert header[-1] == "positions routed differently" and len(rows) == 2, header
     proc = run_benchmark("bench_agreement.py", "--hf-path", str(folder), "--steps", "0", "10")
     assert proc.returncode != 0 and "nothing is trained here" in proc.stderr
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    proc = run_benchmark(
+        "bench_agreement.py", "--hf-path", str(folder), "--prompts-file", str(tmp_path / "blank.txt")
+    )
+    assert proc.returncode != 0 and "no prompts" in proc.stderr, proc.stderr[-2000:]

@@ -293,21 +293,16 @@ def test_compile_in_fp32_is_a_clear_error():
 
 def test_gemm_reductions_set_the_split_k_sums_of_the_whole_process():
     """parallelism.gemm_reductions sets PyTorch's process-wide split-K flags, which the native
-    engine's decode GEMMs (few rows: the ones cuBLAS splits) read too: full, the default, sums the
-    parts in fp32; reduced leaves PyTorch's default (bf16 / fp16 sums where faster)."""
+    engine's decode GEMMs read too: full, the default, sums the parts in fp32; reduced leaves
+    PyTorch's default (bf16 / fp16 sums where faster). (conftest restores the flags.)"""
     from titan_rl.parallel.parallelize import set_gemm_reductions
 
     matmul = torch.backends.cuda.matmul
     flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
-    saved = [getattr(matmul, flag) for flag in flags]
     model = GptOss(GptOssModelArgs.from_preset("debug", num_hidden_layers=1))
-    try:
-        for value, reduced in (("reduced", True), ("full", False), (None, False)):
-            overrides = [] if value is None else [f"--parallelism.gemm_reductions={value}"]
-            Trainer(model, load_config(None, overrides))
-            assert [getattr(matmul, flag) for flag in flags] == [reduced, reduced], value
-        with pytest.raises(ValueError, match="gemm_reductions"):
-            set_gemm_reductions("bf16")
-    finally:
-        for flag, value in zip(flags, saved):
-            setattr(matmul, flag, value)
+    for value, reduced in (("reduced", True), ("full", False), ("reduced", True), (None, False)):
+        overrides = [] if value is None else [f"--parallelism.gemm_reductions={value}"]
+        Trainer(model, load_config(None, overrides))
+        assert [getattr(matmul, flag) for flag in flags] == [reduced, reduced], value
+    with pytest.raises(ValueError, match="gemm_reductions"):
+        set_gemm_reductions("bf16")

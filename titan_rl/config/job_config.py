@@ -62,10 +62,10 @@ class Parallelism:
     mixed_precision: str = "auto"
     """auto (bf16 compute with fp32 master weights on CUDA, also on one GPU; fp32 on CPU), bf16 or fp32."""
     gemm_reductions: str = "full"
-    """CUDA bf16/fp16 GEMMs split along K sum their parts in fp32 (full) or, where faster, in bf16/fp16
-    (reduced: PyTorch's default). Decode steps' few-row GEMMs are the ones split: full keeps that
-    rounding out of the rollout engine's log-probs. Process-wide (vLLM runs in-process: its torch
-    GEMMs follow it); no effect on CPU."""
+    """cuBLAS bf16/fp16 GEMMs it splits along K sum their parts in fp32 (full) or, where faster, in
+    bf16/fp16 (reduced: PyTorch's default). Few-row GEMMs, like decode steps', are likely split: full
+    keeps that rounding out of the rollout engine's activations. Process-wide (vLLM runs in-process);
+    not the grouped expert GEMMs; no effect on CPU."""
     compile: bool = False
     """torch.compile each transformer block (meant for CUDA bf16)."""
     compile_backend: str = "inductor"

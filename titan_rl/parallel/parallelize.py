@@ -103,14 +103,16 @@ GEMM_REDUCTIONS = ("full", "reduced")
 
 
 def set_gemm_reductions(mode: str) -> None:
-    """How CUDA sums the partial results of a bf16 / fp16 GEMM split along K (cuBLAS split-K), for
+    """How cuBLAS sums the partial results of a bf16 / fp16 GEMM it splits along K (split-K), for
     the whole process: ``full`` in fp32, ``reduced`` in bf16 / fp16 where cuBLAS finds that faster
     (PyTorch's default: ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``).
 
-    cuBLAS splits K for GEMMs with few rows and a long K, a decode step's, and seldom for a training
-    forward's thousands of rows; reduced sums would round the rollout engine's activations where the
-    trainer's are not, one more engine / trainer difference. vLLM runs in the trainer's process, so
-    its torch GEMMs follow the setting too (its own kernels need not). No effect on CPU."""
+    It reaches cuBLAS matmuls (the linears, the router, the LM head), not ``torch._grouped_mm``'s
+    expert kernels. Which GEMMs cuBLAS splits is its heuristic; few output tiles and a long K make
+    it likely: a decode step's few-row GEMMs, the router's, weight gradients. Reduced sums could
+    round the rollout engine's activations where the trainer's, from other GEMM shapes, are not.
+    vLLM runs in the trainer's process, so its torch GEMMs follow the setting too. No effect on CPU.
+    """
     if mode not in GEMM_REDUCTIONS:
         raise ValueError(f"gemm_reductions = {mode!r}: use one of {', '.join(GEMM_REDUCTIONS)}")
     reduced = mode == "reduced"
