@@ -71,6 +71,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "tokenizer.json (default: --batch prompts of --prompt random tokens)",
     )  # fmt: skip
     p.add_argument(
+        "--save-hf", metavar="DIR", help="save the weights after the last step as a HF folder (fp32), "
+        "e.g. for bench_precision.py --hf-path",
+    )  # fmt: skip
+    p.add_argument(
         "--skip-fp32", action="store_true", help="no fp32-copy columns (an fp32 copy of the weights "
         "must fit next to them: gpt-oss-20b needs 84 GB)",
     )  # fmt: skip
@@ -78,6 +82,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.steps = sorted(set(a.steps or ([0] if a.hf_path else [0, 100, 300])))
     if a.hf_path and a.steps != [0]:
         p.error("--hf-path measures the checkpoint as it is, nothing is trained here: use --steps 0")
+    if a.save_hf and a.hf_path:
+        p.error("--save-hf saves the trained benchmark model; with --hf-path nothing is trained")
     if a.prompts_file and not a.hf_path:
         p.error("--prompts-file needs --hf-path (the benchmark model's prompts come from its language)")
     return a
@@ -233,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         "new; log-prob |differences| of the generated tokens\n"
     )
     print_table(rows, not a.skip_fp32)
+    if a.save_hf:
+        from titan_rl.checkpoint.hf import save_hf_model
+
+        save_hf_model(model, a.save_hf, dtype=torch.float32)
+        log(f"saved the weights after {done} steps to {a.save_hf}")
 
 
 def device_name(device: torch.device) -> str:

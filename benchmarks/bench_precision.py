@@ -58,6 +58,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument(
+        "--hf-path", help="the weights of this HF folder (e.g. bench_agreement.py --save-hf) instead of "
+        "random ones; the model shape flags are ignored",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -119,9 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     set_gemm_reductions(a.gemm_reductions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    with device:
-        fp32 = GptOss(model_args(a)).eval()
+    if a.hf_path:
+        from titan_rl.checkpoint.hf import load_hf_model
+
+        fp32 = load_hf_model(a.hf_path, device=device, progress=True).eval()
+    else:
+        torch.manual_seed(0)
+        with device:
+            fp32 = GptOss(model_args(a)).eval()
     with torch.no_grad():  # bf16 weights for every variant; the fp32 ones hold the same values
         for p in fp32.parameters():
             p.copy_(to_bf16(p))
@@ -129,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, fp32.args.vocab_size, (a.batch, a.prompt), generator=g).tolist()
     params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=a.new)
+    args = fp32.args
+    print(
+        f"config: {a.hf_path or 'random weights'}: {args.num_hidden_layers} layers, hidden "
+        f"{args.hidden_size}, {args.num_local_experts} experts top-{args.num_experts_per_tok}, vocab "
+        f"{args.vocab_size}, rounded to bf16; {a.batch} prompts of {a.prompt} random tokens, {a.new} "
+        f"greedy; {'cuda' if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}\n"
+    )
     print(
         "| variant | engine vs trainer, mean | max | trainer replaying the engine's routing, mean | max "
         "| positions routed differently |"

@@ -74,3 +74,34 @@ def test_fp32_activations_rounds_the_inputs_of_every_gemm_the_model_runs():
             generated = (linear.call_count, grouped.call_count, operand.call_count)
     assert all(n > 0 for n in trained), trained  # q/k/v/o and the router; the experts; the LM head
     assert all(after > before for before, after in zip(trained, generated)), (trained, generated)
+
+
+@pytest.mark.timeout(240)
+def test_bench_precision_on_weights_bench_agreement_trained(tmp_path):
+    """bench_agreement.py --save-hf writes the trained weights; bench_precision.py --hf-path runs its
+    variants on them (and they are not the random init: training changed them)."""
+    import torch
+
+    from titan_rl.checkpoint.hf import load_hf_model
+    from titan_rl.model import GptOss
+
+    folder = tmp_path / "trained"
+    proc = run_benchmark(
+        "bench_agreement.py", "--preset", "debug", "--layers", "2", "--states", "64", "--batch", "2",
+        "--prompt", "8", "--new", "4", "--train-batch", "4", "--seq", "32", "--steps", "0", "5",
+        "--save-hf", str(folder),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = load_hf_model(folder)
+    torch.manual_seed(0)  # bench_agreement's init
+    initial = GptOss(trained.args)
+    assert not torch.equal(trained.layers[0].mlp.router.weight, initial.layers[0].mlp.router.weight)
+    proc = run_benchmark(
+        "bench_precision.py", "--hf-path", str(folder), "--batch", "2", "--prompt", "8", "--new", "6",
+        "--variants", "bf16", "fp32",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"config: {folder}: 2 layers" in proc.stdout, proc.stdout
+    _, *rows = table_rows(proc.stdout)
+    assert [row[0] for row in rows] == ["bf16", "fp32"]
+    assert float(rows[1][1]) <= 1e-5 and float(rows[0][1]) > 0, rows
