@@ -44,7 +44,7 @@ import titan_rl.model.moe as moe
 from titan_rl.model import GptOss
 from titan_rl.model.logprobs import LogitsGemm
 from titan_rl.model.model import Block
-from titan_rl.parallel.parallelize import set_gemm_reductions
+from titan_rl.parallel.parallelize import SPLIT_K_FLAGS, set_gemm_reductions
 from titan_rl.rl.rollout import SamplingParams
 
 REDUCED = "bf16, reduced split-K sums"
@@ -98,9 +98,8 @@ def variant(name: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if name == REDUCED:
             matmul = torch.backends.cuda.matmul
-            flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
-            for flag, value in [(flag, getattr(matmul, flag)) for flag in flags]:
-                stack.callback(setattr, matmul, flag, value)
+            for flag in SPLIT_K_FLAGS:  # restored after the row
+                stack.callback(setattr, matmul, flag, getattr(matmul, flag))
             set_gemm_reductions("reduced")
         elif name == "fp32 residual":
             # the final norm's output stays fp32 too; the LM head rounds its input as always

@@ -67,11 +67,12 @@ def _fp32_default():
 def _split_k_sums_restored():
     """Every ``Trainer`` sets the process-wide split-K flags (``parallelism.gemm_reductions``): each
     test starts from and leaves PyTorch's own setting, so no GPU test depends on the order."""
+    from titan_rl.parallel.parallelize import SPLIT_K_FLAGS
+
     matmul = torch.backends.cuda.matmul
-    flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
-    saved = [getattr(matmul, flag) for flag in flags]
+    saved = [getattr(matmul, flag) for flag in SPLIT_K_FLAGS]
     yield
-    for flag, value in zip(flags, saved):
+    for flag, value in zip(SPLIT_K_FLAGS, saved):
         setattr(matmul, flag, value)
 
 

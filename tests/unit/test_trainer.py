@@ -298,7 +298,10 @@ def test_gemm_reductions_set_the_split_k_sums_of_the_whole_process():
     from titan_rl.parallel.parallelize import set_gemm_reductions
 
     matmul = torch.backends.cuda.matmul
-    flags = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+    flags = (
+        "allow_bf16_reduced_precision_reduction",
+        "allow_fp16_reduced_precision_reduction",
+    )  # spelled out, not SPLIT_K_FLAGS: a wrong name there must fail here
     model = GptOss(GptOssModelArgs.from_preset("debug", num_hidden_layers=1))
     for value, reduced in (("reduced", True), ("full", False), ("reduced", True), (None, False)):
         overrides = [] if value is None else [f"--parallelism.gemm_reductions={value}"]

@@ -100,6 +100,8 @@ def parallelize_gpt_oss(
 
 
 GEMM_REDUCTIONS = ("full", "reduced")
+SPLIT_K_FLAGS = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+"""The process-wide flags of ``torch.backends.cuda.matmul`` that ``set_gemm_reductions`` sets."""
 
 
 def set_gemm_reductions(mode: str) -> None:
@@ -115,9 +117,8 @@ def set_gemm_reductions(mode: str) -> None:
     """
     if mode not in GEMM_REDUCTIONS:
         raise ValueError(f"gemm_reductions = {mode!r}: use one of {', '.join(GEMM_REDUCTIONS)}")
-    reduced = mode == "reduced"
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+    for flag in SPLIT_K_FLAGS:
+        setattr(torch.backends.cuda.matmul, flag, mode == "reduced")
 
 
 def precision_summary(model: GptOss, config: ParallelConfig, device_type: str) -> str:
