@@ -15,6 +15,10 @@ bench_generate.py's where-the-difference-comes-from table, once per variant of o
   GEMM to bf16 (the linears, the grouped expert GEMMs and the LM head): what bf16 tensor-core
   GEMMs with fp32 outputs and fp32 everything else would compute (attention included; a flash
   kernel would round its inputs and output too).
+- ``fp32 activations, bf16 expert outputs``: the same, but the grouped expert GEMMs' results
+  rounded to bf16 too: what a mode could run today, where ``torch.mm(..., out_dtype=float32)``
+  gives the linears fp32 results at bf16 speed but ``torch._grouped_mm`` has no fp32 output
+  (``bench_gemm_out.py``).
 - ``fp32``: fp32 compute on the bf16 weights, nothing rounded (the engine and trainer's floor).
 
 The variants are emulated here by patching the model's functions for the duration of a row
@@ -48,7 +52,8 @@ from titan_rl.parallel.parallelize import SPLIT_K_FLAGS, set_gemm_reductions
 from titan_rl.rl.rollout import SamplingParams
 
 REDUCED = "bf16, reduced split-K sums"
-VARIANTS = ("bf16", REDUCED, "fp32 residual", "fp32 router", "fp32 activations", "fp32")
+BF16_EXPERTS = "fp32 activations, bf16 expert outputs"
+VARIANTS = ("bf16", REDUCED, "fp32 residual", "fp32 router", "fp32 activations", BF16_EXPERTS, "fp32")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,11 +111,12 @@ def variant(name: str) -> Iterator[None]:
             stack.enter_context(mock.patch.object(Block, "forward", _block_with_fp32_residual))
         elif name == "fp32 router":
             stack.enter_context(mock.patch.object(moe.Router, "forward", _fp32_router_logits))
-        elif name == "fp32 activations":
+        elif name in ("fp32 activations", BF16_EXPERTS):
             linear, grouped, operand = F.linear, moe.grouped_mm, LogitsGemm.operand
+            out = to_bf16 if name == BF16_EXPERTS else (lambda y: y)
             stack.enter_context(mock.patch.object(F, "linear", lambda x, w, b=None: linear(to_bf16(x), w, b)))
             stack.enter_context(
-                mock.patch.object(moe, "grouped_mm", lambda x, w, c: grouped(to_bf16(x), w, c))
+                mock.patch.object(moe, "grouped_mm", lambda x, w, c: out(grouped(to_bf16(x), w, c)))
             )
             stack.enter_context(
                 mock.patch.object(LogitsGemm, "operand", lambda self, x: operand(self, to_bf16(x)))

@@ -31,6 +31,14 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
   on random weights and after 200 steps of training on a Markov language; only with ``--only``.
 - ``bench_precision`` (200): which roundings separate the bf16 engine and trainer, at gpt-oss-20b
   shapes (4 layers); only with ``--only``.
+- ``bench_precision_trained`` (300): ``bench_precision``'s variants on the weights
+  ``bench_agreement`` trained for 200 steps (its shapes, 2 layers; saved outside ``--out``, in
+  ``<tmp>/titan_rl_trained``), where the routers no longer nearly tie; only with ``--only``.
+- ``bench_gemm_out`` (60): what fp32 outputs cost a bf16 GEMM (linears, LM head, grouped experts) at
+  gpt-oss-20b shapes, and whether the overloads exist and differentiate; only with ``--only``.
+
+``--only`` runs the parts it names in the order it names them (the most wanted first, so a run cut
+short by the device's time limit loses the least).
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -40,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +64,8 @@ OPT_IN = (
     "bench_routing_replay",
     "bench_agreement",
     "bench_precision",
+    "bench_precision_trained",
+    "bench_gemm_out",
 )  # run only when --only names them
 
 CUDA_TESTS = [
@@ -167,16 +179,24 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     replay += ["--sft.steps=1", "--rollout.prompts_per_step=2"] if tiny else []
     agreement = [python, "benchmarks/bench_agreement.py", *model[:2], "--layers", "2", *dtype]
     agreement += (
-        ["--steps", "0", "5", "--states", "64", "--batch", "2", "--prompt", "8", "--new", "4", "--seq", "32"]
+        ["--states", "64", "--batch", "2", "--prompt", "8", "--new", "4", "--seq", "32"]
         if tiny
-        else ["--steps", "0", "200", "--lr", "3e-4", "--batch", "32", "--prompt", "128", "--new", "128"]
+        else ["--lr", "3e-4", "--batch", "32", "--prompt", "128", "--new", "128"]
     )
+    last = "5" if tiny else "200"
     precision = [python, "benchmarks/bench_precision.py", *model]
     precision += (
         ["--batch", "2", "--prompt", "8", "--new", "4"]
         if tiny
         else ["--batch", "32", "--prompt", "128", "--new", "128"]
     )
+    trained = Path(tempfile.gettempdir()) / "titan_rl_trained"  # gigabytes: not under --out
+    train_then_precision = (
+        shlex.join([*agreement, "--steps", last, "--save-hf", str(trained)])
+        + " && "
+        + shlex.join([*precision, "--hf-path", str(trained)])
+    )
+    gemm_out = [python, "benchmarks/bench_gemm_out.py", *(["--tiny", "--iters", "2"] if tiny else [])]
     env = [python, "-c", ENV]
     return [
         ("env", 20, env),
@@ -187,8 +207,10 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_model_compile", 200, compiled),  # only when named in --only
         ("train_cuda_graph", 90, train_graph),  # only when named in --only
         ("bench_routing_replay", 150, replay),  # only when named in --only
-        ("bench_agreement", 240, agreement),  # only when named in --only
+        ("bench_agreement", 240, [*agreement, "--steps", "0", last]),  # only when named in --only
         ("bench_precision", 200, precision),  # only when named in --only
+        ("bench_precision_trained", 300, ["bash", "-c", train_then_precision]),
+        ("bench_gemm_out", 60, gemm_out),  # only when named in --only
     ]
 
 
@@ -239,10 +261,14 @@ def main() -> int:
     unknown = sorted(set(a.only or []) - set(known))
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(known)}")
+    if a.only:  # in the order asked for
+        selected = sorted(
+            (part for part in selected if part[0] in a.only), key=lambda part: a.only.index(part[0])
+        )
+    else:
+        selected = [part for part in selected if part[0] not in OPT_IN]
     failed = []
     for name, limit, cmd in selected:
-        if (name not in a.only) if a.only else name in OPT_IN:
-            continue
         if run_part(name, limit, cmd, out, env) != 0:
             failed.append(name)
         if name == "env" and shutil.which("nvidia-smi"):

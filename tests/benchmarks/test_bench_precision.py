@@ -19,7 +19,8 @@ def test_bench_precision_rows_and_their_variants_apply():
     assert header[0] == "variant" and len(header) == 6, header
     by_name = {row[0]: [float(c.rstrip("%")) for c in row[1:]] for row in rows}
     assert list(by_name) == [
-        "bf16", "bf16, reduced split-K sums", "fp32 residual", "fp32 router", "fp32 activations", "fp32"
+        "bf16", "bf16, reduced split-K sums", "fp32 residual", "fp32 router", "fp32 activations",
+        "fp32 activations, bf16 expert outputs", "fp32"
     ]  # fmt: skip
     fp32 = by_name["fp32"]
     assert fp32[0] <= 1e-5 and fp32[1] <= 1e-4 and fp32[4] == 0.0, fp32  # the floor: round-off
@@ -74,6 +75,12 @@ def test_fp32_activations_rounds_the_inputs_of_every_gemm_the_model_runs():
             generated = (linear.call_count, grouped.call_count, operand.call_count)
     assert all(n > 0 for n in trained), trained  # q/k/v/o and the router; the experts; the LM head
     assert all(after > before for before, after in zip(trained, generated)), (trained, generated)
+    with torch.no_grad(), bench.variant(bench.BF16_EXPERTS):  # the same, the experts' results rounded
+        assert torch.equal(F.linear(x, w), plain_linear(rounded, w))
+        grouped = plain_grouped(rounded, experts, counts)
+        assert not torch.equal(bench.to_bf16(grouped), grouped)
+        assert torch.equal(moe.grouped_mm(x, experts, counts), bench.to_bf16(grouped))
+        assert torch.equal(gemm.operand(x), plain_operand(gemm, rounded))
 
 
 @pytest.mark.timeout(240)

@@ -15,7 +15,7 @@ gpu_checks = import_benchmark("gpu_checks")
 
 
 @pytest.mark.timeout(300)
-def test_tiny_dry_run_of_env_and_train_parts(tmp_path):
+def test_tiny_dry_run_of_env_and_train_parts_in_the_order_asked(tmp_path):
     cmd = [
         sys.executable,
         "benchmarks/gpu_checks.py",
@@ -23,13 +23,13 @@ def test_tiny_dry_run_of_env_and_train_parts(tmp_path):
         str(tmp_path),
         "--tiny",
         "--only",
-        "env",
         "train",
+        "env",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["env", "train"]
+    assert [line.split(":")[0] for line in summary] == ["train", "env"]
     assert all(line.split(": ", 1)[1].startswith("rc 0,") for line in summary), summary
     assert "torch" in (tmp_path / "env.txt").read_text()
     assert "done: 3 steps" in (tmp_path / "train.txt").read_text()
