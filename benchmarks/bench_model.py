@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from titan_rl.checkpoint.names import to_hf_state_dict
 from titan_rl.model import GptOss, GptOssModelArgs
+from titan_rl.model.args import ACTIVATION_DTYPES
 from titan_rl.parallel.parallelize import GEMM_REDUCTIONS, set_gemm_reductions
 
 MIB = 1 << 20
@@ -43,8 +44,11 @@ def log(msg: str) -> None:
 
 def model_args(a: argparse.Namespace) -> GptOssModelArgs:
     if a.preset:
-        return GptOssModelArgs.from_preset(a.preset, num_hidden_layers=a.layers)
+        return GptOssModelArgs.from_preset(
+            a.preset, num_hidden_layers=a.layers, activation_dtype=a.activation_dtype
+        )
     return GptOssModelArgs(
+        activation_dtype=a.activation_dtype,
         vocab_size=a.vocab,
         hidden_size=a.hidden,
         intermediate_size=a.intermediate,
@@ -216,6 +220,10 @@ def add_model_flags(p: argparse.ArgumentParser, vocab: int) -> None:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--vocab", type=int, default=vocab)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and compute, both sides")
+    p.add_argument(
+        "--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
+        help="ours only: model.activation_dtype (float32: bf16 weights, fp32 activations)",
+    )  # fmt: skip
     experts = ["default", "eager", "grouped_mm", "batched_mm"]
     p.add_argument("--hf-experts", default="default", choices=experts, help="default: HF's own choice")
     p.add_argument(

@@ -19,6 +19,9 @@ bench_generate.py's where-the-difference-comes-from table, once per variant of o
   rounded to bf16 too: what a mode could run today, where ``torch.mm(..., out_dtype=float32)``
   gives the linears fp32 results at bf16 speed but ``torch._grouped_mm`` has no fp32 output
   (``bench_gemm_out.py``).
+- ``model.activation_dtype = float32``: not an emulation: the bf16 model in the mode built on
+  that finding (``titan_rl.model.linear``): bf16 weights, fp32 activations, bf16 operands and fp32
+  results for the linears (on CUDA ``out_dtype`` GEMMs), the experts as in the row above.
 - ``fp32``: fp32 compute on the bf16 weights, nothing rounded (the engine and trainer's floor).
 
 The variants are emulated here by patching the model's functions for the duration of a row
@@ -53,7 +56,8 @@ from titan_rl.rl.rollout import SamplingParams
 
 REDUCED = "bf16, reduced split-K sums"
 BF16_EXPERTS = "fp32 activations, bf16 expert outputs"
-VARIANTS = ("bf16", REDUCED, "fp32 residual", "fp32 router", "fp32 activations", BF16_EXPERTS, "fp32")
+MODE = "model.activation_dtype = float32"
+VARIANTS = ("bf16", REDUCED, "fp32 residual", "fp32 router", "fp32 activations", BF16_EXPERTS, MODE, "fp32")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,8 +102,9 @@ def _fp32_router_logits(self: moe.Router, x, expert_indices=None):
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[None]:
-    """Patch the model's functions as ``name`` computes (see the module docstring)."""
+def variant(name: str, model: GptOss | None = None) -> Iterator[None]:
+    """Patch the model's functions as ``name`` computes (see the module docstring); ``MODE`` sets
+    the (bf16) ``model``'s own ``activation_dtype``."""
     with contextlib.ExitStack() as stack:
         if name == REDUCED:
             matmul = torch.backends.cuda.matmul
@@ -109,6 +114,8 @@ def variant(name: str) -> Iterator[None]:
         elif name == "fp32 residual":
             # the final norm's output stays fp32 too; the LM head rounds its input as always
             stack.enter_context(mock.patch.object(Block, "forward", _block_with_fp32_residual))
+        elif name == MODE:
+            stack.enter_context(mock.patch.object(model.args, "activation_dtype", "float32"))
         elif name == "fp32 router":
             stack.enter_context(mock.patch.object(moe.Router, "forward", _fp32_router_logits))
         elif name in ("fp32 activations", BF16_EXPERTS):
@@ -156,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|" + "---:|" * 5)
     for name in a.variants:
-        model = bf16 if name in ("bf16", REDUCED, "fp32 residual", "fp32 router") else fp32
-        with torch.no_grad(), variant(name):
+        model = bf16 if name in ("bf16", REDUCED, "fp32 residual", "fp32 router", MODE) else fp32
+        with torch.no_grad(), variant(name, model):
             cells = mismatch_cells(mismatch_measures(model, prompts, params, fp32=False))
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 

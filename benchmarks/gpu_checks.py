@@ -68,11 +68,19 @@ OPT_IN = (
     "bench_gemm_out",
 )  # run only when --only names them
 
+TRAINED_VARIANTS = (  # bench_precision's rows that bench_precision_trained runs
+    "bf16",
+    "fp32 activations",
+    "fp32 activations, bf16 expert outputs",
+    "model.activation_dtype = float32",
+    "fp32",
+)
 CUDA_TESTS = [
     "tests/unit/model/test_attention.py",
     "tests/unit/model/test_bf16.py",
     "tests/unit/model/test_logprobs.py",
     "tests/unit/rl/rollout/test_native_cuda.py",
+    "tests/unit/model/test_linear.py",
 ]
 # without pytest: what the CUDA test modules use of it (decorators, pytest.raises)
 PYTEST_STAND_IN = """
@@ -114,6 +122,10 @@ from tests.unit.rl.rollout import test_native_cuda as n  # sm90+, as the lent H1
 graph_test = n.test_cuda_graph_decode_returns_what_static_decode_returns
 calls += [(graph_test, dict(sampled=s)) for s in (False, True)]
 calls.append((n.test_cuda_graph_decode_refuses_an_fp32_model, {}))
+calls.append((n.test_fp32_activations_on_cuda_graph_decode_agree_with_the_trainer, {}))
+from tests.unit.model import test_linear as lin
+linear_test = lin.test_fp32_input_over_bf16_weight_is_an_unrounded_gemm_of_rounded_operands
+calls.append((linear_test, dict(device="cuda")))
 failed = 0
 for fn, kw in calls:
     try:
@@ -194,7 +206,7 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
     train_then_precision = (
         shlex.join([*agreement, "--steps", last, "--save-hf", str(trained)])
         + " && "
-        + shlex.join([*precision, "--hf-path", str(trained)])
+        + shlex.join([*precision, "--hf-path", str(trained), "--variants", *TRAINED_VARIANTS])
     )
     gemm_out = [python, "benchmarks/bench_gemm_out.py", *(["--tiny", "--iters", "2"] if tiny else [])]
     env = [python, "-c", ENV]

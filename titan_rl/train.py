@@ -67,11 +67,15 @@ def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[
     """
     dtype = DTYPES[cfg.model.dtype]
     if not cfg.model.hf_path:
-        model = GptOss(GptOssModelArgs.from_preset(cfg.model.preset, attn_backend=cfg.model.attn_backend))
+        args = GptOssModelArgs.from_preset(
+            cfg.model.preset, attn_backend=cfg.model.attn_backend, activation_dtype=cfg.model.activation_dtype
+        )
+        model = GptOss(args)
         return model.to(dtype=dtype, device=device), None
     from titan_rl.checkpoint.hf import args_from_hf_folder, load_hf_state_dict_into
 
     args = args_from_hf_folder(cfg.model.hf_path)
+    args.activation_dtype = cfg.model.activation_dtype
     with torch.device("meta"):
         model = GptOss(args).to(dtype)
     model.set_attention_backend(cfg.model.attn_backend)

@@ -20,7 +20,7 @@ def test_bench_precision_rows_and_their_variants_apply():
     by_name = {row[0]: [float(c.rstrip("%")) for c in row[1:]] for row in rows}
     assert list(by_name) == [
         "bf16", "bf16, reduced split-K sums", "fp32 residual", "fp32 router", "fp32 activations",
-        "fp32 activations, bf16 expert outputs", "fp32"
+        "fp32 activations, bf16 expert outputs", "model.activation_dtype = float32", "fp32"
     ]  # fmt: skip
     fp32 = by_name["fp32"]
     assert fp32[0] <= 1e-5 and fp32[1] <= 1e-4 and fp32[4] == 0.0, fp32  # the floor: round-off
@@ -30,6 +30,8 @@ def test_bench_precision_rows_and_their_variants_apply():
     assert by_name["fp32 activations"][:4] != fp32[:4], by_name
     assert by_name["fp32 residual"][:4] != by_name["bf16"][:4], by_name
     assert by_name["fp32 router"][:4] != by_name["bf16"][:4], by_name
+    # the real mode computes what its emulation does (on the CPU the same operations)
+    assert by_name["model.activation_dtype = float32"] == by_name["fp32 activations, bf16 expert outputs"]
 
 
 def test_fp32_activations_rounds_the_inputs_of_every_gemm_the_model_runs():

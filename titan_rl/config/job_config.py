@@ -29,6 +29,11 @@ class Model:
     """Attention backend: auto, eager, chunked or flash."""
     dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16."""
+    activation_dtype: str = "auto"
+    """auto (activations in the compute dtype: bf16 under mixed precision) or float32: bf16 weights
+    with the residual stream, attention and every GEMM result in fp32 (operands rounded to bf16);
+    the native engine's log-probs then agree with the trainer's far closer (benchmarks/README.md),
+    for fp32 activation memory and fp32 attention (the chunked kernel, not flash)."""
 
 
 @dataclass

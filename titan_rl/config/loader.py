@@ -110,6 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("debug", "20b", "120b"),
     "model.attn_backend": ("auto", "eager", "chunked", "flash"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.activation_dtype": ("auto", "float32"),
     "parallelism.cp_mode": ("ulysses", "ring"),
     "parallelism.mixed_precision": ("auto", "bf16", "fp32"),
     "parallelism.gemm_reductions": ("full", "reduced"),

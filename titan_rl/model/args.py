@@ -8,6 +8,7 @@ from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+ACTIVATION_DTYPES = ("auto", "float32")
 
 
 def alternating_layer_types(n_layers: int) -> list[str]:
@@ -43,6 +44,7 @@ class GptOssModelArgs:
     rope_attention_factor: float | None = None  # None -> 0.1 * ln(factor) + 1 (YaRN)
     max_position_embeddings: int = 131_072
     attn_backend: str = "auto"  # "auto" | "eager" | "chunked" | "flash"
+    activation_dtype: str = "auto"  # "auto": the weights' dtype; "float32" (titan_rl.model.linear)
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -64,6 +66,10 @@ class GptOssModelArgs:
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} > num_local_experts={self.num_local_experts}"
+            )
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(
+                f"activation_dtype = {self.activation_dtype!r}: use one of {', '.join(ACTIVATION_DTYPES)}"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")

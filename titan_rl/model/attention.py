@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
+from titan_rl.model.linear import Linear
 
 if TYPE_CHECKING:
     from titan_rl.model.kv_cache import LayerCache
@@ -109,10 +110,10 @@ class Attention(nn.Module):
         # this to a function with the backends' signature
         # (q, k, v, sinks, scale, window, document_ids) -> out; the model math never changes.
         self.attention_fn: AttentionFn | None = None
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size)
+        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim)
+        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
+        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size)
         self.sinks = nn.Parameter(torch.empty(self.n_heads))
 
     def forward(

@@ -30,7 +30,7 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
 
 
 @functools.cache
-def _cuda_out_dtype(accumulate: bool) -> bool:
+def cuda_out_dtype_gemm(accumulate: bool) -> bool:
     """Whether this PyTorch's CUDA ``mm`` (``addmm`` into ``out``) takes bf16 operands with an fp32
     ``out_dtype``; probed once on tiny tensors (older builds lack the overload)."""
     a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
@@ -67,7 +67,7 @@ class LogitsGemm:
         """fp32 ``a @ b`` (operands already through ``operand``)."""
         if not self.cuda:
             return a @ b
-        if _cuda_out_dtype(False):
+        if cuda_out_dtype_gemm(False):
             return torch.mm(a, b, out_dtype=torch.float32)
         return (a @ b).float()
 
@@ -79,7 +79,7 @@ class LogitsGemm:
         """``acc += a @ b`` with ``acc`` fp32."""
         if not self.cuda:
             acc.addmm_(a, b)
-        elif _cuda_out_dtype(True):
+        elif cuda_out_dtype_gemm(True):
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         else:
             acc.add_(self.mm(a, b))

@@ -30,6 +30,7 @@ from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
 from titan_rl.model.attention import Attention
+from titan_rl.model.linear import Linear
 from titan_rl.model.logprobs import token_logprobs_and_entropy
 from titan_rl.model.moe import MoE
 from titan_rl.model.rope import rope_cos_sin, rope_inv_freq
@@ -106,7 +107,7 @@ class GptOss(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self._rope_inv_freq: torch.Tensor | None = None  # see the rope_inv_freq property
         if not self.lm_head.weight.is_meta:
             self.init_weights()
@@ -182,6 +183,8 @@ class GptOss(nn.Module):
             else:
                 positions = positions_from_document_ids(document_ids)
         x = self.embed_tokens(tokens)
+        if self.args.activation_dtype == "float32":  # the residual stream; GEMMs return fp32
+            x = x.float()
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, self.args.yarn_attention_factor, x.dtype)
         used = []
         for i, block in enumerate(self.layers):

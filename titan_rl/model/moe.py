@@ -11,10 +11,10 @@ at every batch size measured, 1 to 64 tokens; benchmarks/README.md.)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
+from titan_rl.model.linear import linear
 
 
 def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
@@ -44,7 +44,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``.
 
     Where the fused ``torch._grouped_mm`` cannot run (``fused_grouped_mm_on``) the fallback splits
-    by counts read on the host: one synchronization per call."""
+    by counts read on the host: one synchronization per call. An fp32 ``x`` over bf16 / fp16 experts
+    (``activation_dtype = "float32"``) is rounded to their dtype and the result returned in fp32;
+    the result is rounded too (PyTorch's grouped GEMM has no fp32 output for bf16 operands)."""
+    if x.dtype != w.dtype and w.dtype != torch.float32:
+        return grouped_mm(x.to(w.dtype), w, counts).to(x.dtype)
     if _grouped_mm_ok(x, w):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
@@ -86,7 +90,7 @@ class Router(nn.Module):
         experts are -1 (``UNROUTED``: nothing recorded there, e.g. a position the rollout engine never
         fed through the model) takes its own top-k.
         """
-        logits = F.linear(x, self.weight, self.bias)  # [N, experts]
+        logits = linear(x, self.weight, self.bias)  # [N, experts]
         chosen_logits, own = torch.topk(logits, self.top_k, dim=-1)
         if expert_indices is None:
             return torch.softmax(chosen_logits, dim=-1), own

@@ -16,6 +16,7 @@ when the shard group has one rank and sum-only communication is forced, as gloo 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +50,8 @@ def apply_fsdp(
 ) -> None:
     """Shard ``model`` in place: expert modules, then each block, then the root; gradients summed."""
     mesh = parallel_dims.fsdp_mesh
+    if model.args.activation_dtype == "float32":  # the residual stream enters each block unrounded
+        mp_policy = dataclasses.replace(mp_policy, cast_forward_inputs=False)
     for block in model.layers:
         experts = block.mlp.experts
         if isinstance(experts, ExpertParallelExperts):

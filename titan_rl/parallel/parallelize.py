@@ -127,6 +127,9 @@ def precision_summary(model: GptOss, config: ParallelConfig, device_type: str) -
     policy = mixed_precision_policy(config.mixed_precision, device_type)
     compute = policy.param_dtype or weights
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    activations = (
+        ", fp32 activations" if model.args.activation_dtype == "float32" and compute != torch.float32 else ""
+    )
     if compute == weights:
-        return f"{name[weights]} weights and compute"
-    return f"{name[compute]} compute, {name[weights]} master weights, gradients and AdamW state"
+        return f"{name[weights]} weights and compute{activations}"
+    return f"{name[compute]} compute{activations}, {name[weights]} master weights, gradients and AdamW state"

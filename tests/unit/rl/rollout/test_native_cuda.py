@@ -75,3 +75,29 @@ def test_cuda_graph_decode_refuses_an_fp32_model():
     model = tiny_model(seed=22).to("cuda").eval()
     with pytest.raises(ValueError, match="only in bf16 on sm90 or sm100"):
         NativeEngine(model, decode="cuda_graph").generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+@needs_sm90
+def test_fp32_activations_on_cuda_graph_decode_agree_with_the_trainer():
+    """``activation_dtype = "float32"`` on CUDA (out_dtype GEMMs, fp32 KV cache): CUDA-graph decode
+    gives static decode's tokens, and the engine's log-probs are the trainer's teacher-forced ones to
+    1e-3 on average (plain bf16: about 3e-2 on this model, tests/unit/rl/rollout/test_native.py)."""
+    model = tiny_model(seed=31, activation_dtype="float32").to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    g = torch.Generator().manual_seed(31)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 7, 4)]
+    params = SamplingParams(top_k=1, max_new_tokens=10)
+    expected = NativeEngine(model, decode="static").generate(prompts, params)
+    graph = NativeEngine(model, decode="cuda_graph")
+    got = graph.generate(prompts, params)
+    assert graph.captures >= 1
+    assert [c.tokens for c in got] == [c.tokens for c in expected]
+    diffs = []
+    with torch.no_grad():
+        for p, c in zip(prompts, got):
+            sequence = torch.tensor([p + c.tokens], device="cuda")
+            positions = torch.arange(len(p) - 1, sequence.shape[1] - 1, device="cuda")
+            trainer, _ = model(sequence, targets=sequence[0, len(p) :], target_index=positions)
+            diffs.append((trainer.cpu() - torch.tensor(c.logprobs)).abs())
+    assert torch.cat(diffs).mean() <= 1e-3
