@@ -38,7 +38,13 @@ def fixed_batch(vocab: int):
     return pack_trajectories(trajectories, advantages, seq_len=64), len(trajectories)
 
 
+FP32_ACTIVATIONS = "bf16_fp32_activations"  # bf16 mixed precision with model.activation_dtype = float32
+
+
 def run_steps(precision: str, world_size: int = 1) -> dict:
+    """``precision``: fp32, bf16 or ``FP32_ACTIVATIONS``."""
+    activations = "float32" if precision == FP32_ACTIVATIONS else "auto"
+    precision = "bf16" if precision == FP32_ACTIVATIONS else precision
     cfg = load_config(
         None,
         [
@@ -50,7 +56,7 @@ def run_steps(precision: str, world_size: int = 1) -> dict:
         ],
     )
     torch.manual_seed(0)
-    model = GptOss(GptOssModelArgs.from_preset("debug", initializer_range=0.1))
+    model = GptOss(GptOssModelArgs.from_preset("debug", initializer_range=0.1, activation_dtype=activations))
     batch, num_seqs = fixed_batch(model.args.vocab_size)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     from titan_rl.parallel import ParallelDims
