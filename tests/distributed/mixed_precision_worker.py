@@ -1,8 +1,8 @@
 """Three RL steps of the Trainer on a fixed batch, for the mixed-precision tests.
 
 ``run_steps(precision)`` is imported by ``test_mixed_precision.py`` for one process, and run here
-under torchrun (gloo) for N processes: ``mixed_precision_worker.py PRECISION FILE`` saves the
-result on rank 0 with ``torch.save``. Per step it reports the loss (an entropy bonus makes it
+under torchrun (gloo) for N processes: ``mixed_precision_worker.py PRECISION FILE [LAYOUT]`` saves
+the result on rank 0 with ``torch.save``. Per step it reports the loss (an entropy bonus makes it
 depend on the weights; on-policy the policy term alone is constant), the entropy and the gradient
 norm; after the steps, the update of the full fp32 weights (all parameters, flattened) and what the
 run stored and computed in.
@@ -41,15 +41,19 @@ def fixed_batch(vocab: int):
 FP32_ACTIVATIONS = "bf16_fp32_activations"  # bf16 mixed precision with model.activation_dtype = float32
 
 
-def run_steps(precision: str, world_size: int = 1) -> dict:
-    """``precision``: fp32, bf16 or ``FP32_ACTIVATIONS``."""
+def run_steps(precision: str, world_size: int = 1, layout: str = "") -> dict:
+    """``precision``: fp32, bf16 or ``FP32_ACTIVATIONS``; ``layout``: ``cp=2`` (all ranks one
+    context-parallel group) or ``ep=2`` (experts split over the data-parallel ranks), else FSDP over
+    every rank."""
     activations = "float32" if precision == FP32_ACTIVATIONS else "auto"
     precision = "bf16" if precision == FP32_ACTIVATIONS else precision
+    degree = {"cp=2": ["--parallelism.dp_shard=1", "--parallelism.cp=2"], "ep=2": ["--parallelism.ep=2"]}
     cfg = load_config(
         None,
         [
             f"--parallelism.mixed_precision={precision}",
             f"--parallelism.dp_shard={world_size}",
+            *degree.get(layout, []),
             "--rl.entropy_coef=0.05",
             "--optimizer.lr=0.003",
             "--training.micro_batch_rows=2",
@@ -82,7 +86,7 @@ def run_steps(precision: str, world_size: int = 1) -> dict:
 
 if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
-    result = run_steps(sys.argv[1], int(os.environ["WORLD_SIZE"]))
+    result = run_steps(sys.argv[1], int(os.environ["WORLD_SIZE"]), *sys.argv[3:4])
     if torch.distributed.get_rank() == 0:
         torch.save(result, sys.argv[2])
     torch.distributed.barrier()

@@ -103,3 +103,16 @@ def test_fp32_activations_keep_fp32_blocks_and_track_fp32_closer_on_1_and_2_proc
     two = torch.load(tmp_path / "two.pt")
     assert two["block_output_dtypes"] == ["torch.float32"]
     assert worst(two, ours) <= BF16_TOL and same_direction(two, ours) >= 0.9
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["ep=2", "cp=2"])
+def test_fp32_activations_under_expert_and_context_parallelism_track_one_process(
+    fp32_activations, tmp_path, layout
+):
+    """The mode through expert parallelism (fp32 rows through the all-to-alls, the experts' own FSDP
+    module) and context parallelism (fp32 queries, keys and values in ring / Ulysses attention)."""
+    run_torchrun(WORKER, FP32_ACTIVATIONS, str(tmp_path / "two.pt"), layout, nproc=2, timeout=150.0)
+    two = torch.load(tmp_path / "two.pt")
+    assert two["block_output_dtypes"] == ["torch.float32"]
+    assert worst(two, fp32_activations) <= BF16_TOL and same_direction(two, fp32_activations) >= 0.9
