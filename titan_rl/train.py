@@ -168,14 +168,6 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
         f"dump {dump}"
     )
-    if cfg.rollout.engine == "vllm" and cfg.model.activation_dtype == "float32":
-        console.print(
-            "note: model.activation_dtype = float32 computes the trainer's log-probs with fp32 "
-            "activations; vLLM's rollouts stay bf16, so the engine / trainer mismatch is vLLM's own "
-            "(the native engine runs the trainer's module, mode included)",
-            style="yellow",
-            highlight=False,
-        )
     no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE)
     for step in range(start_step + 1, cfg.training.steps + 1):
         t0 = time.perf_counter()

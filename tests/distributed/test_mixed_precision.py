@@ -28,6 +28,14 @@ def worst(ours: dict, ref: dict) -> float:
     return max(rel(o[k], r[k]) for o, r in zip(ours["steps"], ref["steps"]) for k in r)
 
 
+def first_step(run: dict) -> dict:
+    """The run's first step alone: computed on the initial weights, before updates diverge."""
+    return {"steps": run["steps"][:1]}
+
+
+FIRST_STEP_TOL = 1e-4  # the same weights, fp32 activations: sums in another order (measured ~3e-5)
+
+
 def same_direction(ours: dict, ref: dict) -> float:
     """Cosine between the two runs' weight updates over 3 AdamW steps. AdamW's first steps are
     nearly sign(gradient), so parameters with tiny gradients may flip under bf16 noise; the update
@@ -96,12 +104,12 @@ def test_fp32_activations_keep_fp32_blocks_and_track_fp32_closer_on_1_and_2_proc
     assert "bf16 compute, fp32 activations" in ours["precision"]
     # on the same (initial) weights the mode's loss and gradient are closer to fp32 than bf16's
     # (measured 1.3e-5 / 1.4e-3 against 3.9e-5 / 3.4e-3); later steps follow different updates
-    first = [{"steps": run["steps"][:1]} for run in (ours, bf16, fp32)]
-    assert worst(first[0], first[2]) < worst(first[1], first[2])
+    assert worst(first_step(ours), first_step(fp32)) < worst(first_step(bf16), first_step(fp32))
     assert worst(ours, fp32) <= BF16_TOL and same_direction(ours, fp32) >= 0.9
     run_torchrun(WORKER, FP32_ACTIVATIONS, str(tmp_path / "two.pt"), nproc=2, timeout=150.0)
     two = torch.load(tmp_path / "two.pt")
     assert two["block_output_dtypes"] == ["torch.float32"]
+    assert worst(first_step(two), first_step(ours)) <= FIRST_STEP_TOL
     assert worst(two, ours) <= BF16_TOL and same_direction(two, ours) >= 0.9
 
 
@@ -111,8 +119,11 @@ def test_fp32_activations_under_expert_and_context_parallelism_track_one_process
     fp32_activations, tmp_path, layout
 ):
     """The mode through expert parallelism (fp32 rows through the all-to-alls, the experts' own FSDP
-    module) and context parallelism (fp32 queries, keys and values in ring / Ulysses attention)."""
+    module) and context parallelism (fp32 queries, keys and values in Ulysses attention): the first
+    step to fp32 round-off (a bf16 rounding in an all-to-all is ~1e-3 off), the rest within bf16's
+    drift."""
     run_torchrun(WORKER, FP32_ACTIVATIONS, str(tmp_path / "two.pt"), layout, nproc=2, timeout=150.0)
     two = torch.load(tmp_path / "two.pt")
     assert two["block_output_dtypes"] == ["torch.float32"]
+    assert worst(first_step(two), first_step(fp32_activations)) <= FIRST_STEP_TOL
     assert worst(two, fp32_activations) <= BF16_TOL and same_direction(two, fp32_activations) >= 0.9

@@ -77,11 +77,11 @@ class LiveStorages(TorchDispatchMode):
 TOKENS = 128
 
 
-def kept_bytes(layers: int, mode: str) -> int:
+def kept_bytes(layers: int, mode: str, activation_dtype: str = "auto") -> int:
     """Bytes a bf16 grad forward of the debug model leaves alive for backward (the model and
     backend ``measure_activation_bytes`` uses)."""
     torch.manual_seed(0)
-    args = GptOssModelArgs.from_preset("debug", num_hidden_layers=layers)
+    args = GptOssModelArgs.from_preset("debug", num_hidden_layers=layers, activation_dtype=activation_dtype)
     model = GptOss(args).to(torch.bfloat16)
     if mode != "none":
         parallelize_gpt_oss(model, ParallelDims(1, 1, 1, 1, world_size=1), ParallelConfig(mode))
@@ -94,25 +94,31 @@ def kept_bytes(layers: int, mode: str) -> int:
     return kept
 
 
-def test_memory_model_matches_measured_activations(monkeypatch):
+@pytest.mark.parametrize("activation_dtype", ["auto", "float32"])
+def test_memory_model_matches_measured_activations(monkeypatch, activation_dtype):
     """Per layer and token, for none / full / selective: what the forward really leaves alive (two
     layers more minus two layers less, so embedding and head cancel) vs ``activation_bytes``.
 
     ``ACTIVATION_BYTES_PER_TOKEN_LAYER`` is a measurement of the gpt-oss shape (too big for a test);
     here ``measure_activation_bytes`` measures it for the debug shape, which also checks that its
     saved-tensor method sees what autograd keeps. The model's structure (a checkpointed layer keeps
-    only its bf16 input) must then hold within 10 %: the real selective run keeps ~3 % less, as a
-    kept block's saved input is its checkpointed neighbour's output.
+    only its input: bf16, fp32 with fp32 activations) must then hold within 10 %: the real selective
+    run keeps ~3 % less, as a kept block's saved input is its checkpointed neighbour's output.
     """
-    per_layer = {mode: (kept_bytes(4, mode) - kept_bytes(2, mode)) / (2 * TOKENS) for mode in AC_MODES}
-    measured_constant = reference.measure_activation_bytes(TOKENS, "debug")
+    per_layer = {
+        mode: (kept_bytes(4, mode, activation_dtype) - kept_bytes(2, mode, activation_dtype)) / (2 * TOKENS)
+        for mode in AC_MODES
+    }
+    measured_constant = reference.measure_activation_bytes(TOKENS, "debug", activation_dtype)
     assert per_layer["none"] == pytest.approx(measured_constant, rel=0.02)
-    monkeypatch.setattr(reference, "ACTIVATION_BYTES_PER_TOKEN_LAYER", measured_constant)
+    fp32 = activation_dtype == "float32"
+    constant = "FP32_ACTIVATION_BYTES_PER_TOKEN_LAYER" if fp32 else "ACTIVATION_BYTES_PER_TOKEN_LAYER"
+    monkeypatch.setattr(reference, constant, measured_constant)
     counts = reference.ParamCounts.of_preset("debug")
     for mode, measured in per_layer.items():
         modelled = (
-            reference.activation_bytes(TOKENS, dataclasses.replace(counts, layers=4), mode)
-            - reference.activation_bytes(TOKENS, dataclasses.replace(counts, layers=2), mode)
+            reference.activation_bytes(TOKENS, dataclasses.replace(counts, layers=4), mode, fp32)
+            - reference.activation_bytes(TOKENS, dataclasses.replace(counts, layers=2), mode, fp32)
         ) / (2 * TOKENS)
         assert measured == pytest.approx(modelled, rel=0.10), (mode, per_layer)
     assert per_layer["full"] < per_layer["none"] / 10  # checkpointing is worth something at all

@@ -31,9 +31,10 @@ class Model:
     """Parameter dtype: float32 or bfloat16."""
     activation_dtype: str = "auto"
     """auto (activations in the compute dtype: bf16 under mixed precision) or float32: bf16 weights
-    with the residual stream, attention and every GEMM result in fp32 (operands rounded to bf16);
-    the native engine's log-probs then agree with the trainer's far closer (benchmarks/README.md),
-    for fp32 activation memory and fp32 attention (the chunked kernel, not flash)."""
+    with the residual stream, norms, attention and the linears' results in fp32 (GEMM operands
+    rounded to bf16; the grouped expert GEMMs' results too); the native engine's log-probs then
+    agree with the trainer's far closer (benchmarks/README.md), for 1.7x activation memory, an fp32
+    KV cache and fp32 attention (the chunked kernel, not flash). Native engine only."""
 
 
 @dataclass

@@ -161,6 +161,18 @@ def validate(config: JobConfig) -> None:
         )
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
+    if config.model.activation_dtype == "float32":
+        if config.model.attn_backend == "flash":
+            raise ConfigError(
+                "model.activation_dtype = 'float32' attends in fp32, which the flash kernel cannot; "
+                "set model.attn_backend = 'auto' (the chunked kernel for fp32)"
+            )
+        if config.rollout.engine == "vllm":
+            raise ConfigError(
+                "model.activation_dtype = 'float32' is for the native engine, which runs the trainer's "
+                "own module: vLLM's rollouts stay bf16, and a near-fp32 trainer is further from them "
+                "than a bf16 one; set model.activation_dtype = 'auto' or rollout.engine = 'native'"
+            )
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> JobConfig:

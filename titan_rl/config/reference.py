@@ -117,6 +117,9 @@ ACTIVATION_BYTES_PER_TOKEN_LAYER = 0.32e6
 shape (hidden 2880, top-4 of experts of 2880, 64 query heads): the bytes of the tensors saved for
 backward, measured on CPU with the chunked attention backend (``measure_activation_bytes``:
 313.7k at 1024 tokens, 319.8k at 2048). No activation checkpointing (the trainer applies none)."""
+FP32_ACTIVATION_BYTES_PER_TOKEN_LAYER = 0.53e6
+"""The same with ``model.activation_dtype = "float32"`` (bf16 weights, fp32 activations): 526.6k
+at 1024 tokens (``measure_activation_bytes(activation_dtype="float32")``), 1.68x."""
 STATE_BYTES = {"float32": 16, "bfloat16": 8}
 """Persistent bytes per parameter: weight + gradient + AdamW exp_avg + exp_avg_sq, all in
 ``model.dtype`` (torch's AdamW keeps its states in the parameter's dtype; no fp32 master copy)."""
@@ -210,11 +213,17 @@ class MemoryEstimate:
         return max(self.rollout_peak, self.sync_peak, self.train_peak)
 
 
-def activation_bytes(tokens: int, counts: ParamCounts, checkpoint: str = "none") -> float:
+def activation_bytes(
+    tokens: int, counts: ParamCounts, checkpoint: str = "none", fp32_activations: bool = False
+) -> float:
     """Bytes autograd keeps for backward over one micro-batch of ``tokens`` per GPU."""
+    per_layer = (
+        FP32_ACTIVATION_BYTES_PER_TOKEN_LAYER if fp32_activations else ACTIVATION_BYTES_PER_TOKEN_LAYER
+    )
     checkpointed = {"none": 0, "full": counts.layers, "selective": (counts.layers + 1) // 2}[checkpoint]
-    kept = (counts.layers - checkpointed) * ACTIVATION_BYTES_PER_TOKEN_LAYER
-    recomputed = checkpointed * counts.hidden * 2 + (ACTIVATION_BYTES_PER_TOKEN_LAYER if checkpointed else 0)
+    kept = (counts.layers - checkpointed) * per_layer
+    block_input = counts.hidden * (4 if fp32_activations else 2)
+    recomputed = checkpointed * block_input + (per_layer if checkpointed else 0)
     return tokens * (kept + recomputed)
 
 
@@ -232,9 +241,10 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
     - weight sync (``VllmEngine.update_weights``): vLLM's weights are back on the GPU, and one
       parameter at a time is gathered whole in ``model.dtype`` plus its bf16 copy;
     - activations of one micro-batch: micro_batch_rows x seq_len / cp tokens x
-      ``ACTIVATION_BYTES_PER_TOKEN_LAYER`` per layer that keeps its activations; a layer under
-      ``parallelism.activation_checkpoint`` keeps only its bf16 input, plus one layer's
-      activations while it is recomputed;
+      ``ACTIVATION_BYTES_PER_TOKEN_LAYER`` (``FP32_ACTIVATION_BYTES_PER_TOKEN_LAYER`` with
+      ``model.activation_dtype = "float32"``) per layer that keeps its activations; a layer under
+      ``parallelism.activation_checkpoint`` keeps only its input (bf16, or fp32 in that mode), plus
+      one layer's activations while it is recomputed;
     - gathered (transient, training): bf16 weight + bf16 gradient of the root (embedding,
       lm_head: FSDP keeps it gathered from forward to backward) and of two blocks (one computing,
       one prefetched), each block holding num_local_experts / ep experts.
@@ -266,7 +276,10 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
         kv_tokens_per_engine=int(max(budget - weights, 0) * tp // counts.kv_bytes_per_token),
         sync_transient=counts.largest * 2 / 1e9 if vllm else 0.0,
         tokens_per_micro_batch=tokens,
-        activations=activation_bytes(tokens, counts, par.activation_checkpoint) / 1e9,
+        activations=activation_bytes(
+            tokens, counts, par.activation_checkpoint, cfg.model.activation_dtype == "float32"
+        )
+        / 1e9,
         gathered=4 * (counts.root + 2 * block) / 1e9,
         host_ram_load=ranks_per_node * counts.largest * (dtype_bytes + 1) / 1e9,  # + MXFP4 blocks
         host_ram_vllm=ranks_per_node * weights / 1e9 if vllm and rollout.vllm_sleep else 0.0,
@@ -354,8 +367,11 @@ def render_memory_table(gpu_gb: float = GPU_GB) -> str:
 # measuring the activation constant, README blocks, command line
 
 
-def measure_activation_bytes(tokens: int = 1024, preset: str = "20b") -> float:
-    """Saved-for-backward bytes per token per layer of a bf16 grad forward of ``preset``'s shape.
+def measure_activation_bytes(
+    tokens: int = 1024, preset: str = "20b", activation_dtype: str = "auto"
+) -> float:
+    """Saved-for-backward bytes per token per layer of a bf16 grad forward of ``preset``'s shape
+    (``activation_dtype``: the model's, ``float32`` for fp32 activations over the bf16 weights).
 
     Two models (2 and 4 layers, 4 experts, vocabulary 512) differ by two layers; their difference
     over 2 x ``tokens`` is the per-layer cost. Takes about 30 s on a 2-core CPU at 1024 tokens.
@@ -367,7 +383,11 @@ def measure_activation_bytes(tokens: int = 1024, preset: str = "20b") -> float:
     def saved_bytes(layers: int) -> int:
         torch.manual_seed(0)
         args = GptOssModelArgs.from_preset(
-            preset, num_hidden_layers=layers, num_local_experts=4, vocab_size=512
+            preset,
+            num_hidden_layers=layers,
+            num_local_experts=4,
+            vocab_size=512,
+            activation_dtype=activation_dtype,
         )
         model = GptOss(args).to(torch.bfloat16)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -416,10 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="print the memory-estimate table instead")
     parser.add_argument("--write", metavar="README", help="rewrite the generated blocks of this file")
     parser.add_argument("--check", metavar="README", help="exit 1 if this file's generated blocks are stale")
-    parser.add_argument("--measure", action="store_true", help="measure ACTIVATION_BYTES_PER_TOKEN_LAYER")
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="measure the ACTIVATION_BYTES_PER_TOKEN_LAYER constants (~75 s)",
+    )
     args = parser.parse_args(argv)
     if args.measure:
         print(f"{measure_activation_bytes():,.0f} bytes per token per layer")
+        fp32 = measure_activation_bytes(activation_dtype="float32")
+        print(f"{fp32:,.0f} with model.activation_dtype = float32")
         return 0
     if args.write or args.check:
         path = Path(args.write or args.check)

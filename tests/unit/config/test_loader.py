@@ -71,6 +71,16 @@ def test_every_shipped_config_loads():
             "rollout.decode = 'graph' is not one of auto, eager, static, cuda_graph",
         ),
         ("[training\n", [], "invalid TOML"),
+        (
+            "",
+            ["--model.activation_dtype=float32", "--model.attn_backend=flash"],
+            "the flash kernel cannot; set model.attn_backend = 'auto'",
+        ),
+        (
+            "",
+            ["--model.activation_dtype=float32", "--rollout.engine=vllm"],
+            "is for the native engine.*set model.activation_dtype = 'auto' or rollout.engine = 'native'",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, toml, overrides, message):

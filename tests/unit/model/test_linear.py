@@ -57,6 +57,45 @@ def test_fp32_input_over_bf16_weight_is_an_unrounded_gemm_of_rounded_operands(de
     assert rel_err(b.grad, g2.sum(0)) <= 1e-2
 
 
+@pytest.mark.parametrize("case", ["no bias", "x without grad", "non-contiguous x", "2-D x"])
+def test_wide_linear_cases(case):
+    x, w, b, grad = wide_linear_case()
+    x = x.detach()
+    if case == "no bias":
+        b = None
+    if case == "non-contiguous x":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [3, 5, 64] with swapped strides
+        assert not x.is_contiguous()
+    if case == "2-D x":
+        x, grad = x[0], grad[0]
+    x.requires_grad_(case != "x without grad")
+    out = linear(x, w, b)
+    out.backward(grad)
+    exact = F.linear(bf16(x.detach()), w.detach().float(), None if b is None else b.detach().float())
+    assert out.shape == exact.shape and rel_err(out, exact) <= 1e-6
+    g2 = grad.reshape(-1, 32)
+    assert rel_err(w.grad, g2.T @ bf16(x.detach().reshape(-1, 64))) <= 1e-2
+    assert (x.grad is None) == (case == "x without grad")
+    if x.grad is not None:
+        assert rel_err(x.grad, (g2 @ w.detach().float()).view_as(x)) <= 1e-2
+
+
+def test_without_the_mode_a_bf16_model_never_widens(monkeypatch):
+    """Plain bf16 (and fp32) models run plain ``F.linear``; only the mode's fp32 activations widen."""
+    import titan_rl.model.linear as linear_module
+
+    calls = []
+    apply = linear_module._WideLinear.apply
+    monkeypatch.setattr(linear_module._WideLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    mode, plain, reference = mode_and_reference()
+    tokens = torch.randint(0, plain.args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    for model in (plain, reference):
+        model(tokens).float().sum().backward()
+    assert calls == []
+    mode(tokens).sum().backward()
+    assert len(calls) == 4 * len(mode.layers) + 1 + len(mode.layers)  # q k v o, the head, routers
+
+
 def test_same_dtypes_are_plain_linear():
     x, w, b, _ = wide_linear_case()
     low = x.detach().to(torch.bfloat16)

@@ -322,7 +322,7 @@ class NativeEngine:
         waiting = deque(range(len(prompts)))
         check_every = self.check_every or (1 if device.type == "cpu" else 8)
         first = [waiting.popleft() for _ in range(min(self.max_batch_rows or len(prompts), len(prompts)))]
-        cache = KVCache(model.args, len(first), max_len, device)  # compute dtype
+        cache = KVCache(model.args, len(first), max_len, device)  # the keys' dtype: fp32 activations too
         head = DecodeHead(model.lm_head.weight, len(first))
         # record_routing: each prompt's routing pieces on the host, in position order, and the
         # prefills' pieces still on the device (moved with the next read: a prefill does not wait)
