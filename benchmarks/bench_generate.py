@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from bench_model import (
+    activations_note,
     add_model_flags,
     build,
     print_top_ops,
@@ -272,7 +273,8 @@ def main() -> None:
     print(
         f"config: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
         f"{args.num_local_experts} experts top-{args.num_experts_per_tok}, vocab {vocab}, "
-        f"prompt {a.prompt}, new {a.new}, {a.dtype}, {where}; torch {torch.__version__}, "
+        f"prompt {a.prompt}, new {a.new}, {a.dtype}{activations_note(a)}, {where}; "
+        f"torch {torch.__version__}, "
         f"transformers {version('transformers')}, HF experts {hf.config._experts_implementation}; "
         f"median / best of {a.repeats} timed runs after one warm-up; engine vs trainer: |difference| "
         f"of the engine's log-prob of each generated token and the model's teacher-forced log-prob "

@@ -62,6 +62,11 @@ def model_args(a: argparse.Namespace) -> GptOssModelArgs:
     )
 
 
+def activations_note(a: argparse.Namespace) -> str:
+    """For the config line: the fp32-activation mode, when ours runs in it."""
+    return " (ours: fp32 activations)" if a.activation_dtype == "float32" else ""
+
+
 def build(side: str, a: argparse.Namespace, device: torch.device, hf_attn: str = "eager") -> torch.nn.Module:
     """Our model from a fixed seed; for ``hf``, a GptOssForCausalLM holding exactly those weights."""
     torch.manual_seed(0)
@@ -295,7 +300,7 @@ def main() -> None:
         f"{args.num_local_experts} experts top-{args.num_experts_per_tok}, {args.num_attention_heads} q / "
         f"{args.num_key_value_heads} kv heads x {args.head_dim}, window {args.sliding_window} on every "
         f"other layer, vocab {args.vocab_size}, "
-        f"batch {a.batch}, {a.dtype}, {where}; active params {active / 1e6:.1f}M\n"
+        f"batch {a.batch}, {a.dtype}{activations_note(a)}, {where}; active params {active / 1e6:.1f}M\n"
         f"torch {torch.__version__}, transformers {version('transformers')}; one step = forward + backward; "
         f"median of {a.steps} steps after {a.warmup} warmup; peak = increase of {mem} over the built model; "
         f"TFLOP/s = 6 x active params x tokens / time; MFU vs {f'{peak:g} TFLOP/s bf16' if peak else 'n/a'}\n"

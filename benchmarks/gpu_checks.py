@@ -34,6 +34,9 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
 - ``bench_precision_trained`` (300): ``bench_precision``'s variants on the weights
   ``bench_agreement`` trained for 200 steps (its shapes, 2 layers; saved outside ``--out``, in
   ``<tmp>/titan_rl_trained``), where the routers no longer nearly tie; only with ``--only``.
+- ``fp32_activations`` (300): what ``model.activation_dtype = "float32"`` costs: the training step
+  (``bench_model``, T = 4,096) and CUDA-graph decoding (``bench_generate``, batches 32 and 128),
+  each against HF in the same run as the default parts measure bf16; only with ``--only``.
 - ``bench_gemm_out`` (60): what fp32 outputs cost a bf16 GEMM (linears, LM head, grouped experts) at
   gpt-oss-20b shapes, and whether the overloads exist and differentiate; only with ``--only``.
 
@@ -66,6 +69,7 @@ OPT_IN = (
     "bench_precision",
     "bench_precision_trained",
     "bench_gemm_out",
+    "fp32_activations",
 )  # run only when --only names them
 
 TRAINED_VARIANTS = (  # bench_precision's rows that bench_precision_trained runs
@@ -208,6 +212,33 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         + " && "
         + shlex.join([*precision, "--hf-path", str(trained), "--variants", *TRAINED_VARIANTS])
     )
+    fp32_act = ["--activation-dtype", "float32"]
+    mode_model = [*bench[: bench.index("--seq")], *fp32_act, "--tol", "0.05"]
+    mode_model += (
+        ["--seq", "32", *short, "--hf-attn", "eager"]
+        if tiny
+        else ["--seq", "4096", "--hf-attn", "flex_attention"]
+    )
+    mode_generate = [python, "benchmarks/bench_generate.py", *model, *dtype, *fp32_act]
+    mode_generate += (
+        [
+            "--decode",
+            "static",
+            "--batch",
+            "2",
+            "--new",
+            "4",
+            "--prompt",
+            "8",
+            "--repeats",
+            "1",
+            "--sources",
+            "2",
+        ]
+        if tiny
+        else ["--decode", "cuda_graph", "--batch", "32", "128", "--sources", "32"]
+    )
+    fp32_activations = shlex.join(mode_model) + " && " + shlex.join(mode_generate)
     gemm_out = [python, "benchmarks/bench_gemm_out.py", *(["--tiny", "--iters", "2"] if tiny else [])]
     env = [python, "-c", ENV]
     return [
@@ -222,7 +253,8 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_agreement", 240, [*agreement, "--steps", "0", last]),  # only when named in --only
         ("bench_precision", 200, precision),  # only when named in --only
         ("bench_precision_trained", 300, ["bash", "-c", train_then_precision]),
-        ("bench_gemm_out", 60, gemm_out),  # only when named in --only
+        ("bench_gemm_out", 60, gemm_out),
+        ("fp32_activations", 300, ["bash", "-c", fp32_activations]),  # only when named in --only
     ]
 
 
