@@ -15,18 +15,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import randomize_biases, tiny_model
+from tests.distributed.worker_checks import check, finish
 from titan_rl.checkpoint.hf import hf_tensors, load_hf_model, load_hf_state_dict_into, save_hf_model
 from titan_rl.checkpoint.names import from_hf_name
 from titan_rl.parallel import ParallelConfig, ParallelDims, parallelize_gpt_oss
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 
 DIMS = dict(hidden_size=64, intermediate_size=32)  # MXFP4 blocks of 32 along both expert dims
-failures: list[str] = []
-
-
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        failures.append(f"rank {dist.get_rank()}: {what}")
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -48,7 +43,6 @@ def compare(model, expected: dict[str, torch.Tensor], what: str) -> None:
 
 def main(folder: Path) -> None:
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, ep=2, world_size=dist.get_world_size())
     dims.build_mesh()
     plain = randomize_biases(tiny_model(3, **DIMS), 4)  # the weights, in one process
@@ -81,11 +75,7 @@ def main(folder: Path) -> None:
     fresh = expert_parallel(12, dims)
     load_hf_state_dict_into(fresh, folder / "mxfp4")
     compare(fresh, quantized, "EP load of MXFP4")
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise SystemExit("\n".join(failures[:20]))
-    print(f"rank {rank}: ok", flush=True)
+    finish(20)
 
 
 if __name__ == "__main__":

@@ -28,22 +28,17 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import randomize_biases, rel_err, tiny_model
+from tests.distributed.worker_checks import check, finish
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 
 ROWS, SEQ, STEPS, CLIP, TOL = 4, 16, 3, 50.0, 1e-5
-failures: list[str] = []
 
 
 def say(line: str) -> None:
     """One write per line, so the ranks' lines do not run into each other in the shared output."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        failures.append(f"rank {dist.get_rank()}: {what}")
 
 
 def make_model():
@@ -192,7 +187,6 @@ def main(layouts: list[str]) -> None:
     # full_tensor() of (efsdp, ep)-sharded expert grads warns that it takes two all_gathers: fine here
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.set_default_dtype(torch.float32)
     batches = make_batches(tiny_model(seed=0).args)
     whole = (lambda x, dim: x), (lambda batch: None)
@@ -201,11 +195,7 @@ def main(layouts: list[str]) -> None:
         say(f"memory reference N=1 rank=0 bytes={reference[2]}")
     for layout in layouts:
         run_layout(layout, batches, reference)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise SystemExit("\n".join(failures[:40]))
-    say(f"rank {rank}: ok")
+    finish(40)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import randomize_biases, rel_err, tiny_model
+from tests.distributed.worker_checks import check, finish
 from titan_rl.config import load_config
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.types import Trajectory
@@ -40,13 +41,7 @@ COMMON = [
     "--optimizer.eps=1.0",  # see the module docstring
     "--optimizer.weight_decay=0",
 ]
-failures: list[str] = []
 references: dict[tuple[str, ...], list] = {}
-
-
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        failures.append(f"rank {dist.get_rank()}: {what}")
 
 
 def make_model():
@@ -135,17 +130,12 @@ def run_layout(layout: str, batches: dict[bool, list]) -> None:
 
 def main(layouts: list[str]) -> None:
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.set_default_dtype(torch.float32)
     vocab = tiny_model(seed=0).args.vocab_size
     batches = {r: [make_batch(seed, vocab, r) for seed in (11, 12, 13)] for r in (False, True)}
     for layout in layouts:
         run_layout(layout, batches)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise SystemExit("\n".join(failures[:30]))
-    print(f"rank {rank}: ok", flush=True)
+    finish(30)
 
 
 if __name__ == "__main__":
