@@ -52,6 +52,20 @@ def randomize_biases(model: GptOss, seed: int) -> GptOss:
     return model
 
 
+@torch.no_grad()
+def trainer_logprob_gaps(model: GptOss, prompts: list[list[int]], completions) -> torch.Tensor:
+    """|engine log-prob - trainer log-prob| of every generated token (on the CPU): the trainer's
+    are the model's teacher-forced log-probs (``targets``) of prompt + completion, one row each."""
+    device = model.lm_head.weight.device
+    gaps = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        sequence = torch.tensor([prompt + completion.tokens], device=device)
+        positions = torch.arange(len(prompt) - 1, sequence.shape[1] - 1, device=device)
+        trainer, _ = model(sequence, targets=sequence[0, len(prompt) :], target_index=positions)
+        gaps.append((trainer.cpu() - torch.tensor(completion.logprobs)).abs())
+    return torch.cat(gaps)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

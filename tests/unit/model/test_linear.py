@@ -14,13 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import titan_rl.model.moe as moe
+from tests.conftest import rel_err
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.model.linear import linear
 from titan_rl.model.logprobs import LogitsGemm
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import HostSyncs, rel_err, tiny_model
+from tests.conftest import HostSyncs, rel_err, tiny_model, trainer_logprob_gaps
 from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
@@ -429,7 +429,7 @@ def test_fp32_activations_bring_bf16_engine_logprobs_to_the_trainers(decode):
     Planted: the embedding's output left in bf16 (the mode off) fails it."""
     errors = {}
     for mode in ("auto", "float32"):
-        diffs = []
+        gaps = []
         for seed in (30, 31):
             model = tiny_model(seed=seed, activation_dtype=mode).to(torch.bfloat16).eval()
             with torch.no_grad():
@@ -437,13 +437,9 @@ def test_fp32_activations_bring_bf16_engine_logprobs_to_the_trainers(decode):
             g = torch.Generator().manual_seed(seed)
             prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 7, 4)]
             params = SamplingParams(top_k=1, max_new_tokens=10)
-            with torch.no_grad():
-                for p, c in zip(prompts, NativeEngine(model, decode=decode).generate(prompts, params)):
-                    sequence = torch.tensor([p + c.tokens])
-                    positions = torch.arange(len(p) - 1, sequence.shape[1] - 1)
-                    trainer, _ = model(sequence, targets=sequence[0, len(p) :], target_index=positions)
-                    diffs.append((trainer - torch.tensor(c.logprobs)).abs())
-        errors[mode] = torch.cat(diffs).mean().item()
+            completions = NativeEngine(model, decode=decode).generate(prompts, params)
+            gaps.append(trainer_logprob_gaps(model, prompts, completions))
+        errors[mode] = torch.cat(gaps).mean().item()
     assert errors["float32"] <= 1e-3 and errors["auto"] >= 20 * errors["float32"], errors
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.conftest import tiny_model, trainer_logprob_gaps
 from titan_rl.rl.rollout import NativeEngine, SamplingParams
 
 needs_sm90 = pytest.mark.skipif(
@@ -93,11 +93,4 @@ def test_fp32_activations_on_cuda_graph_decode_agree_with_the_trainer():
     got = graph.generate(prompts, params)
     assert graph.captures >= 1
     assert [c.tokens for c in got] == [c.tokens for c in expected]
-    diffs = []
-    with torch.no_grad():
-        for p, c in zip(prompts, got):
-            sequence = torch.tensor([p + c.tokens], device="cuda")
-            positions = torch.arange(len(p) - 1, sequence.shape[1] - 1, device="cuda")
-            trainer, _ = model(sequence, targets=sequence[0, len(p) :], target_index=positions)
-            diffs.append((trainer.cpu() - torch.tensor(c.logprobs)).abs())
-    assert torch.cat(diffs).mean() <= 1e-3
+    assert trainer_logprob_gaps(model, prompts, got).mean() <= 1e-3
