@@ -21,7 +21,8 @@ bench_generate.py's where-the-difference-comes-from table, once per variant of o
   (``bench_gemm_out.py``).
 - ``model.activation_dtype = float32``: not an emulation: the bf16 model in the mode built on
   that finding (``titan_rl.model.linear``): bf16 weights, fp32 activations, bf16 operands and fp32
-  results for the linears (on CUDA ``out_dtype`` GEMMs), the experts as in the row above.
+  results for the linears (on CUDA ``out_dtype`` GEMMs) and the experts (on CUDA a Triton grouped
+  GEMM, ``titan_rl.model.grouped_gemm``): what the ``fp32 activations`` row emulates.
 - ``fp32``: fp32 compute on the bf16 weights, nothing rounded (the engine and trainer's floor).
 
 The variants are emulated here by patching the model's functions for the duration of a row

@@ -31,8 +31,8 @@ class Model:
     """Parameter dtype: float32 or bfloat16."""
     activation_dtype: str = "auto"
     """auto (activations in the compute dtype: bf16 under mixed precision) or float32: bf16 weights
-    with the residual stream, norms, attention and the linears' results in fp32 (GEMM operands
-    rounded to bf16; the grouped expert GEMMs' results too); the native engine's log-probs then
+    with the residual stream, norms, attention and every GEMM's result in fp32 (its operands
+    rounded to bf16; the expert GEMMs by a Triton kernel on CUDA); the native engine's log-probs then
     agree with the trainer's far closer (benchmarks/README.md), for 1.7x activation memory, an fp32
     KV cache and fp32 attention (the chunked kernel, not flash). Native engine only."""
 

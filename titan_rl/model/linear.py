@@ -3,7 +3,7 @@
 ``GptOssModelArgs.activation_dtype = "float32"`` keeps the residual stream, norms, attention and
 every linear's result in fp32 while the weights stay bf16 (FSDP mixed precision): a GEMM rounds
 its activation operand to the weight's dtype, as any bf16 GEMM does, sums in fp32 and returns fp32
-(the grouped expert GEMMs round their results too: ``titan_rl.model.moe.grouped_mm``).
+(the grouped expert GEMMs likewise: ``titan_rl.model.grouped_gemm``).
 A bf16 engine and trainer round each GEMM's *result* at different row counts and kernels, which is
 most of what separates their log-probs; without that rounding they agree to fp32 round-off, except
 where the rounded GEMM operands themselves differ (benchmarks/README.md, ``bench_precision.py``).

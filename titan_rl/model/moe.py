@@ -14,46 +14,8 @@ import torch
 from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
+from titan_rl.model.grouped_gemm import grouped_mm
 from titan_rl.model.linear import linear
-
-
-def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs here as one kernel that reads the group offsets on the
-    device: on CPU (fp32/bf16/fp16), and on CUDA in bf16 on sm90 and sm100 (its fused kernel; on
-    other GPUs and for fp16 or fp32 torch loops over the groups after copying the offsets to the
-    host)."""
-    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
-    return device.type == "cpu"
-
-
-def grouped_mm_aligned(dtype: torch.dtype, *widths: int) -> bool:
-    """Whether rows of these widths are 16-byte aligned in ``dtype``, as ``torch._grouped_mm`` needs."""
-    per_16_bytes = 16 // torch.empty(0, dtype=dtype).element_size()
-    return all(width % per_16_bytes == 0 for width in widths)
-
-
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The fused grouped GEMM runs here, and the rows are aligned as it needs."""
-    return fused_grouped_mm_on(x.device, x.dtype) and grouped_mm_aligned(x.dtype, x.shape[-1], w.shape[-1])
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row block e of ``x [N, K]`` (``counts[e]`` rows, in expert order) times ``w[e] [K, M]``.
-
-    Where the fused ``torch._grouped_mm`` cannot run (``fused_grouped_mm_on``) the fallback splits
-    by counts read on the host: one synchronization per call. An fp32 ``x`` over bf16 / fp16 experts
-    (``activation_dtype = "float32"``) is rounded to their dtype and the result returned in fp32;
-    the result is rounded too (PyTorch's grouped GEMM has no fp32 output for bf16 operands)."""
-    if x.dtype != w.dtype and w.dtype != torch.float32:
-        return grouped_mm(x.to(w.dtype), w, counts).to(x.dtype)
-    if _grouped_mm_ok(x, w):
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, w, offs=offsets)
-    blocks = x.split(counts.tolist())
-    return torch.cat([block @ w[e] for e, block in enumerate(blocks)], dim=0)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -96,11 +96,10 @@ class ExpertParallelExperts(nn.Module):
         send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one sync
 
         params = {name: _local(p) for name, p in self.named_parameters()}
-        # [rows received, hidden], ordered by (source rank, local expert). fp32 activations over
-        # bf16 experts (model.activation_dtype) travel in bf16: the experts' GEMM rounds them to
-        # that anyway, and their gradient is bf16-valued too, so half the bytes change no number
-        wire = params["gate_up_proj"].dtype if x_sorted.dtype == torch.float32 else x_sorted.dtype
-        x_recv = all_to_all(x_sorted.to(wire), send_splits, recv_splits, self.ep_group).to(x_sorted.dtype)
+        # [rows received, hidden], ordered by (source rank, local expert); fp32 activations over bf16
+        # experts (model.activation_dtype) travel in fp32: their GEMM rounds them to bf16, but the
+        # input gradient it returns is fp32, and it travels back the way they came
+        x_recv = all_to_all(x_sorted, send_splits, recv_splits, self.ep_group)
         block_expert = torch.arange(per_rank, device=counts.device).repeat(ep)  # expert of block (s, e)
         row_expert = block_expert.repeat_interleave(recv_counts.flatten())
         order = torch.argsort(row_expert, stable=True)  # regroup the rows by local expert

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import titan_rl.model.moe as moe_module
+import titan_rl.model.grouped_gemm as grouped_gemm
 from tests.conftest import MatmulCounter, moe_macs, rel_err, tiny_args, tiny_model
 from titan_rl.model.moe import UNROUTED, MoE
 
@@ -39,7 +39,7 @@ def random_moe(seed: int, **overrides) -> MoE:
 @pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 3)])
 def test_grouped_equals_per_token_loop(monkeypatch, use_grouped_mm, experts, top_k):
     if not use_grouped_mm:
-        monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x, w: False)
+        monkeypatch.setattr(grouped_gemm, "_fused_ok", lambda a, b: False)
     moe = random_moe(experts, num_local_experts=experts, num_experts_per_tok=top_k)
     x = torch.randn(37, moe.router.weight.shape[1]) * 2
     grad = torch.randn_like(x)

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from titan_rl.model import GptOss
+from titan_rl.model.grouped_gemm import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.model.kv_cache import KVCache
-from titan_rl.model.moe import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.parallel.fsdp import gathered_weights
 from titan_rl.rl.rollout.decode_rows import CudaGraphStep, DecodeRows
