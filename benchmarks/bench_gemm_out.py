@@ -9,6 +9,9 @@ three ways, in one run:
 - ``bf16 out``: bf16 operands, bf16 result (``F.linear`` / ``torch._grouped_mm``), as the model runs.
 - ``fp32 out``: bf16 operands, fp32 result (``torch.mm(..., out_dtype=torch.float32)`` /
   ``torch._grouped_mm(..., out_dtype=torch.float32)``), and whether autograd runs through it.
+- ``fp32 out (titan_rl)``, the grouped GEMM only: the fp32-activation mode's expert GEMM
+  (``titan_rl.model.grouped_gemm.grouped_mm`` of fp32 rows over bf16 experts; on CUDA its Triton
+  kernel, since ``torch._grouped_mm`` has no fp32 output; elsewhere the fp32 upcast).
 - ``fp32 upcast``: both operands cast to fp32 first (what such a mode costs without the overload).
 
 Columns: median time over ``--iters`` runs after a warm-up, its ratio to ``bf16 out``, and the
@@ -30,6 +33,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from titan_rl.model.grouped_gemm import grouped_mm
+
+TITAN = "fp32 out (titan_rl)"
 
 
 def timed(fn: Callable[[], torch.Tensor], iters: int) -> tuple[float, torch.Tensor]:
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         # the experts' gate_up GEMM: n * top_k routed rows, spread evenly over the experts
         per = max(1, n * top_k // experts)
         offsets = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * per
+        counts = torch.full((experts,), per, device=device)
         xe = torch.randn(per * experts, hidden, device=device, generator=g).to(bf16)
         we = (torch.randn(experts, hidden, 2 * inter, device=device, generator=g) * hidden**-0.5).to(bf16)
         grouped = {
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
             "fp32 out": lambda x, w, offs=offsets: torch._grouped_mm(
                 x, w, offs=offs, out_dtype=torch.float32
             ),
+            # the fp32-activation mode's expert GEMM (titan_rl.model.grouped_gemm): on CUDA its
+            # Triton kernel, elsewhere the fp32 upcast; the fp32 x is what the model passes it
+            TITAN: lambda x, w, counts=counts: grouped_mm(x.float(), w, counts),
             "fp32 upcast": lambda x, w, per=per: torch.cat(
                 [x[i * per : (i + 1) * per].float() @ w[i].float() for i in range(experts)]
             ),

@@ -85,6 +85,7 @@ CUDA_TESTS = [
     "tests/unit/model/test_logprobs.py",
     "tests/unit/rl/rollout/test_native_cuda.py",
     "tests/unit/model/test_linear.py",
+    "tests/unit/model/test_grouped_gemm.py",
 ]
 # without pytest: what the CUDA test modules use of it (decorators, pytest.raises)
 PYTEST_STAND_IN = """
@@ -130,6 +131,8 @@ calls.append((n.test_fp32_activations_on_cuda_graph_decode_agree_with_the_traine
 from tests.unit.model import test_linear as lin
 linear_test = lin.test_fp32_input_over_bf16_weight_is_an_unrounded_gemm_of_rounded_operands
 calls.append((linear_test, dict(device="cuda")))
+from tests.unit.model import test_grouped_gemm as grouped
+calls.append((grouped.test_triton_kernel_on_cuda_and_in_a_cuda_graph, {}))
 failed = 0
 for fn, kw in calls:
     try:
