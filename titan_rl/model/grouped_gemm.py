@@ -66,13 +66,14 @@ def _plain_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) ->
 
 def wide_grouped_available(device: torch.device) -> bool:
     """Whether fp32 expert results of bf16 operands can be computed here: always off CUDA; on CUDA
-    when Triton is installed (it ships with PyTorch's CUDA builds)."""
-    return device.type != "cuda" or _triton_installed()
+    with Triton (it ships with PyTorch's CUDA builds) on sm80 or newer (bf16 tensor cores)."""
+    return device.type != "cuda" or _triton_runs_on(device.index)
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _triton_runs_on(device_index: int | None) -> bool:
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return major >= 8 and importlib.util.find_spec("triton") is not None
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -81,21 +82,21 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     Where the fused ``torch._grouped_mm`` cannot run (``fused_grouped_mm_on``) the fallback splits
     by counts read on the host: one synchronization per call. An fp32 ``x`` over bf16 / fp16
     experts (``activation_dtype = "float32"``) is rounded to their dtype and the fp32 result of the
-    rounded operands returned (``_WideGroupedMM``); on CUDA without Triton the result is rounded to
-    the experts' dtype first, with a warning."""
+    rounded operands returned (``_WideGroupedMM``); on CUDA without Triton (or before sm80) the
+    result is rounded to the experts' dtype first, with a warning."""
     if x.dtype == torch.float32 and w.dtype in _LOW:
-        if wide_grouped_available(x.device):
-            return _wide_grouped_mm(x, w, counts)
-        _warn_rounded_results()
-        return _plain_grouped_mm(x.to(w.dtype), w, counts).float()
+        return _fp32_results(x, w, counts)
     if x.dtype != w.dtype and w.dtype != torch.float32:
         return _plain_grouped_mm(x.to(w.dtype), w, counts).to(x.dtype)
     return _plain_grouped_mm(x, w, counts)
 
 
 @torch.compiler.disable  # compiled blocks (parallelism.compile) call it as it is: a Triton launch
-def _wide_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return _WideGroupedMM.apply(x, w, counts)
+def _fp32_results(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if wide_grouped_available(x.device):
+        return _WideGroupedMM.apply(x, w, counts)
+    _warn_rounded_results()
+    return _plain_grouped_mm(x.to(w.dtype), w, counts).float()
 
 
 @functools.cache
@@ -138,23 +139,36 @@ class _WideGroupedMM(torch.autograd.Function):
 def _wide(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """fp32 ``a_e @ b[e]`` of operands in one low-precision dtype (``b`` may be a transposed view)."""
     if a.is_cuda:
-        return triton_wide_grouped_mm(a, b, _offsets(counts))
+        with torch.cuda.device(a.device):  # Triton launches on the current device
+            return triton_wide_grouped_mm(a, b, counts)
     return _plain_grouped_mm(a.float(), b.float().contiguous(), counts)
 
 
-def triton_wide_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """fp32 ``a[rows of e] @ b[e]`` for ``a [N, K]``, ``b [E, K, M]`` (any strides), ``offsets [E]``
-    int32 ends of the groups on ``a``'s device, with the Triton kernel. Under ``TRITON_INTERPRET=1``
-    (the tests' CPU check of the kernel) the tile products are taken in fp32, because Triton's
-    interpreter multiplies bf16 tiles wrongly; the same numbers as the bf16 tensor-core products."""
+def triton_wide_grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a[rows of e] @ b[e]`` for ``a [N, K]``, ``b [E, K, M]`` (any strides) and ``counts
+    [E]`` rows per expert on ``a``'s device, with the Triton kernel.
+
+    The grid's programs walk the row tiles of all experts in order: ``tile_ends`` (the cumulative
+    tiles per expert, computed on the device) tells each program its expert, so at most E
+    programs per column tile find nothing to do, whatever the row count. Under
+    ``TRITON_INTERPRET=1`` (the tests' CPU check of the kernel) the tile products are taken in
+    fp32, because Triton's interpreter multiplies bf16 tiles wrongly; the same numbers as the bf16
+    tensor-core products."""
     rows, k = a.shape
     experts, _, m = b.shape
     out = torch.empty(rows, m, dtype=torch.float32, device=a.device)
+    if rows == 0:  # an expert-parallel rank may receive no rows: no grid to launch
+        return out
     config = launch_config(rows, experts)
-    grid = (_cdiv(rows, config["BLOCK_M"]), _cdiv(m, config["BLOCK_N"]), experts)
+    block_m = config["BLOCK_M"]
+    row_ends = _offsets(counts)
+    tile_ends = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
+    # sum over experts of cdiv(count, block_m) <= cdiv(rows, block_m) + experts
+    grid = (_cdiv(rows, block_m) + experts, _cdiv(m, config["BLOCK_N"]))
     _kernel()[grid](
-        a, b, out, offsets, k, m,
+        a, b, out, row_ends, tile_ends, experts, k, m,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
+        EXPERTS_POW2=1 << (experts - 1).bit_length(),
         PRODUCTS_IN_FP32=os.environ.get("TRITON_INTERPRET") == "1", **config,
     )  # fmt: skip
     return out
@@ -185,28 +199,36 @@ def _kernel():
 
     @triton.jit
     def wide_grouped_mm_kernel(
-        a_ptr, b_ptr, out_ptr, offsets_ptr, K, M,
+        a_ptr, b_ptr, out_ptr, row_ends_ptr, tile_ends_ptr, E, K, M,
         stride_an, stride_ak, stride_be, stride_bk, stride_bm, stride_on,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRODUCTS_IN_FP32: tl.constexpr,
+        EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PRODUCTS_IN_FP32: tl.constexpr,
     ):  # fmt: skip
-        # program (i, j, e): row tile i of expert e's rows, column tile j. The grid has as many row
-        # tiles per expert as all rows need (the counts are on the device); the surplus return.
-        tile_i, tile_j, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        end = tl.load(offsets_ptr + expert)
-        start = tl.where(expert > 0, tl.load(offsets_ptr + tl.maximum(expert - 1, 0)), 0)
-        first_row = start + tile_i * BLOCK_M
-        if first_row < end:
-            rows = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)
-            cols = (tile_j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            row_ok, col_ok = rows < end, cols < M
+        # program (t, j): row tile t of all experts' tiles in order, column tile j. Its expert is
+        # the first whose cumulative tile count exceeds t; past the last tile there is none.
+        tile, tile_j = tl.program_id(0), tl.program_id(1)
+        every = tl.arange(0, EXPERTS_POW2)
+        tile_ends = tl.load(tile_ends_ptr + every, mask=every < E, other=2147483647)
+        expert = tl.sum((tile_ends <= tile).to(tl.int32), axis=0)
+        if expert < E:
+            before = tl.maximum(expert - 1, 0)
+            first_tile = tl.where(expert > 0, tl.load(tile_ends_ptr + before), 0)
+            first_row = tl.where(expert > 0, tl.load(row_ends_ptr + before), 0)
+            first_row += (tile - first_tile) * BLOCK_M
+            end = tl.load(row_ends_ptr + expert)
+            # 64-bit bases, 32-bit offsets within a tile and within one expert's weight
+            a_tile = a_ptr + first_row.to(tl.int64) * stride_an
+            out_tile = out_ptr + first_row.to(tl.int64) * stride_on
             b_expert = b_ptr + expert.to(tl.int64) * stride_be
+            local = tl.arange(0, BLOCK_M)
+            cols = tile_j * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok, col_ok = first_row + local < end, cols < M
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < K
                 a = tl.load(
-                    a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_ak,
+                    a_tile + local[:, None] * stride_an + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 )
@@ -219,7 +241,7 @@ def _kernel():
                     acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
                 else:
                     acc += tl.dot(a, b)  # bf16 tensor cores, fp32 sums
-            out = out_ptr + rows[:, None] * stride_on + cols[None, :]
+            out = out_tile + local[:, None] * stride_on + cols[None, :]
             tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
     return wide_grouped_mm_kernel

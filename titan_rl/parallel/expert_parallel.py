@@ -35,26 +35,34 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows ``x [sum(send_splits), D]`` -> ``[sum(recv_splits), D]``; backward is the reverse exchange."""
+    """Rows ``x [sum(send_splits), D]`` -> ``[sum(recv_splits), D]``; backward is the reverse exchange.
+    With ``wire_dtype`` the rows travel rounded to it (and arrive in ``x``'s dtype); their gradient
+    travels in its own dtype."""
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
+    def forward(ctx, x, send_splits, recv_splits, group, wire_dtype=None):
         ctx.splits, ctx.group = (send_splits, recv_splits), group
-        out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
+        sent = x if wire_dtype is None else x.to(wire_dtype)
+        out = sent.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, sent.contiguous(), recv_splits, send_splits, group=group)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
-        return _AllToAll.apply(grad.contiguous(), recv_splits, send_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad.contiguous(), recv_splits, send_splits, ctx.group), None, None, None, None
 
 
 def all_to_all(
-    x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+    x: torch.Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    group: dist.ProcessGroup,
+    wire_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Send ``send_splits[r]`` consecutive rows of ``x`` to rank ``r``; receive ``recv_splits[r]`` from it."""
-    return _AllToAll.apply(x, send_splits, recv_splits, group)
+    """Send ``send_splits[r]`` consecutive rows of ``x`` to rank ``r``; receive ``recv_splits[r]`` from
+    it. ``wire_dtype``: the rows (not their gradient) travel rounded to it."""
+    return _AllToAll.apply(x, send_splits, recv_splits, group, wire_dtype)
 
 
 class ExpertParallelExperts(nn.Module):
@@ -96,10 +104,12 @@ class ExpertParallelExperts(nn.Module):
         send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one sync
 
         params = {name: _local(p) for name, p in self.named_parameters()}
-        # [rows received, hidden], ordered by (source rank, local expert); fp32 activations over bf16
-        # experts (model.activation_dtype) travel in fp32: their GEMM rounds them to bf16, but the
-        # input gradient it returns is fp32, and it travels back the way they came
-        x_recv = all_to_all(x_sorted, send_splits, recv_splits, self.ep_group)
+        # [rows received, hidden], ordered by (source rank, local expert). fp32 activations over bf16
+        # experts (model.activation_dtype) travel in bf16, half the bytes: the experts' GEMM rounds
+        # them to that anyway. Their gradient is fp32 (that GEMM's input gradient) and travels so
+        low = params["gate_up_proj"].dtype
+        wire = low if x_sorted.dtype == torch.float32 and low in (torch.bfloat16, torch.float16) else None
+        x_recv = all_to_all(x_sorted, send_splits, recv_splits, self.ep_group, wire)
         block_expert = torch.arange(per_rank, device=counts.device).repeat(ep)  # expert of block (s, e)
         row_expert = block_expert.repeat_interleave(recv_counts.flatten())
         order = torch.argsort(row_expert, stable=True)  # regroup the rows by local expert
