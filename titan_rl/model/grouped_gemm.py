@@ -102,9 +102,9 @@ def _fp32_results(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> tor
 @functools.cache
 def _warn_rounded_results() -> None:
     logger.warning(
-        "model.activation_dtype = 'float32': Triton is not installed, so the grouped expert GEMMs' "
-        "results are rounded to bf16 (the engine and trainer log-probs agree less closely); "
-        "install PyTorch's CUDA build, which brings Triton"
+        "model.activation_dtype = 'float32': the grouped expert GEMMs' fp32 results need Triton "
+        "(it comes with PyTorch's CUDA builds) and a GPU of sm80 or newer; without them their "
+        "results are rounded to bf16, and the engine and trainer log-probs agree less closely"
     )
 
 

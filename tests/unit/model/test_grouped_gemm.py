@@ -69,6 +69,21 @@ def test_fp32_rows_over_bf16_experts_give_fp32_results_of_the_rounded_operands(m
     check_wide_grouped_mm("cpu")
 
 
+def test_without_the_kernel_the_results_are_rounded_with_a_warning(monkeypatch, caplog):
+    """Where the fp32 results cannot be computed (CUDA without Triton, or before sm80) the mode
+    still runs: the plain bf16 grouped GEMM's results, upcast, and one warning that says why."""
+    monkeypatch.setattr(grouped_gemm, "wide_grouped_available", lambda device: False)
+    grouped_gemm._warn_rounded_results.cache_clear()
+    x, w, counts, _ = wide_case()
+    with caplog.at_level("WARNING", logger=grouped_gemm.__name__):
+        out = grouped_mm(x.detach(), w.detach(), counts)
+        grouped_mm(x.detach(), w.detach(), counts)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, bf16(per_expert(bf16(x.detach()), w.detach(), counts)))
+    assert [r.message for r in caplog.records if "Triton" in r.message] == [caplog.records[0].message]
+    grouped_gemm._warn_rounded_results.cache_clear()
+
+
 def test_same_dtypes_are_the_plain_grouped_gemm():
     x, w, counts, _ = wide_case()
     low = x.detach().to(torch.bfloat16)
