@@ -66,6 +66,11 @@ def trainer_logprob_gaps(model: GptOss, prompts: list[list[int]], completions) -
     return torch.cat(gaps)
 
 
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bf16, back in fp32 (what a bf16 GEMM operand holds)."""
+    return x.to(torch.bfloat16).float()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

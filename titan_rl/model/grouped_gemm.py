@@ -24,9 +24,9 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-logger = logging.getLogger(__name__)
+from titan_rl.model.linear import widens
 
-_LOW = (torch.bfloat16, torch.float16)
+logger = logging.getLogger(__name__)
 
 
 def fused_grouped_mm_on(device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,7 +84,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     experts (``activation_dtype = "float32"``) is rounded to their dtype and the fp32 result of the
     rounded operands returned (``_WideGroupedMM``); on CUDA without Triton (or before sm80) the
     result is rounded to the experts' dtype first, with a warning."""
-    if x.dtype == torch.float32 and w.dtype in _LOW:
+    if widens(x, w):
         return _fp32_results(x, w, counts)
     if x.dtype != w.dtype and w.dtype != torch.float32:
         return _plain_grouped_mm(x.to(w.dtype), w, counts).to(x.dtype)

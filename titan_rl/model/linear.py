@@ -26,6 +26,12 @@ from torch.autograd.function import once_differentiable
 from titan_rl.model.logprobs import cuda_out_dtype_gemm
 
 
+def widens(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x`` is an fp32 activation over a bf16 / fp16 weight (``activation_dtype = "float32"``):
+    the GEMMs here (and the grouped expert GEMMs) then round it and return fp32."""
+    return x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+
+
 def wide_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp32 ``a @ b`` of two operands in the same low-precision dtype: fp32 sums and result."""
     if a.is_cuda and cuda_out_dtype_gemm(False):
@@ -66,7 +72,7 @@ class _WideLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """An fp32 ``x`` over a bf16 / fp16 weight: the fp32 result of the GEMM with ``x`` rounded to the
     weight's dtype. Otherwise ``F.linear``."""
-    if x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16):
+    if widens(x, weight):
         return _WideLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 
+from titan_rl.model.linear import widens
 from titan_rl.model.model import GptOss
 from titan_rl.model.moe import Experts
 
@@ -107,8 +108,8 @@ class ExpertParallelExperts(nn.Module):
         # [rows received, hidden], ordered by (source rank, local expert). fp32 activations over bf16
         # experts (model.activation_dtype) travel in bf16, half the bytes: the experts' GEMM rounds
         # them to that anyway. Their gradient is fp32 (that GEMM's input gradient) and travels so
-        low = params["gate_up_proj"].dtype
-        wire = low if x_sorted.dtype == torch.float32 and low in (torch.bfloat16, torch.float16) else None
+        experts = params["gate_up_proj"]
+        wire = experts.dtype if widens(x_sorted, experts) else None
         x_recv = all_to_all(x_sorted, send_splits, recv_splits, self.ep_group, wire)
         block_expert = torch.arange(per_rank, device=counts.device).repeat(ep)  # expert of block (s, e)
         row_expert = block_expert.repeat_interleave(recv_counts.flatten())

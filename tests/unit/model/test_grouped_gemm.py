@@ -15,14 +15,10 @@ import pytest
 import torch
 
 import titan_rl.model.grouped_gemm as grouped_gemm
-from tests.conftest import rel_err
+from tests.conftest import bf16, rel_err
 from titan_rl.model.grouped_gemm import grouped_mm
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
 
 
 def per_expert(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -94,6 +90,7 @@ def test_same_dtypes_are_the_plain_grouped_gemm():
 
 INTERPRETED = """
 import torch
+from tests.unit.model.test_grouped_gemm import per_expert
 from titan_rl.model.grouped_gemm import launch_config, triton_wide_grouped_mm
 
 g = torch.Generator().manual_seed(0)
@@ -106,8 +103,7 @@ for counts, block_m in (((5, 0, 40, 3), 16), ((100, 0, 300, 37), 64), ((300, 0, 
     a = torch.randn(sum(counts), 80, generator=g).to(torch.bfloat16)
     grad = torch.randn(sum(counts), 200, generator=g).to(torch.bfloat16)
     for name, rows, weights in (("forward", a, b), ("input gradient", grad, b.transpose(-2, -1))):
-        blocks = rows.float().split(counts)
-        exact = torch.cat([block @ weights[e].float() for e, block in enumerate(blocks)])
+        exact = per_expert(rows, weights, torch.tensor(counts))
         out = triton_wide_grouped_mm(rows, weights, torch.tensor(counts))
         err = ((out - exact).abs().max() / exact.abs().max()).item()
         assert out.dtype == torch.float32 and err <= 1e-6, (name, block_m, err)

@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import titan_rl.model.moe as moe
-from tests.conftest import rel_err
+from tests.conftest import bf16, rel_err
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.model.linear import linear
 from titan_rl.model.logprobs import LogitsGemm
-
-
-def bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
 
 
 def wide_linear_case(device: str = "cpu"):
