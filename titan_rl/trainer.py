@@ -115,6 +115,8 @@ class StepStats:
         out = dict(zip(names, values.tolist()))
         for k in keys:
             out[k] /= max(self.tokens, 1.0)
+        if self.tokens == 0:  # no trained token anywhere: the extremes are still the identities
+            out |= dict.fromkeys(extremes, math.nan)
         return out
 
 

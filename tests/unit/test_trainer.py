@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from titan_rl.config import load_config
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.advantages import group_advantages
 from titan_rl.rl.collect import build_env, collect_rollouts
-from titan_rl.rl.losses import rl_loss
+from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
 from titan_rl.trainer import StepStats, Trainer, replayed_fraction
@@ -309,3 +310,30 @@ def test_gemm_reductions_set_the_split_k_sums_of_the_whole_process():
         assert [getattr(matmul, flag) for flag in flags] == [reduced, reduced], value
     with pytest.raises(ValueError, match="gemm_reductions"):
         set_gemm_reductions("bf16")
+
+
+def test_an_empty_micro_batch_changes_no_ratio_extreme():
+    """Under FSDP every rank runs every micro-batch, empty ones (all padding) included: they must not
+    pull ratio/min to 0 (or ratio/max up to 0), on one rank or after the ranks' MIN / MAX reduce."""
+    gen = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(6, generator=gen) - 0.1
+    old = logprobs + torch.randn(6, generator=gen) * 0.3  # off-policy: ratios on both sides of 1
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    advantages = torch.randn(6, generator=gen)
+    cfg = LossConfig()
+    stats = StepStats()
+    for mask in (torch.tensor([1, 1, 1, 1, 0, 1.0]), torch.zeros(6)):  # the second trains nothing
+        loss, metrics = rl_loss(
+            logprobs, old, old, advantages, mask, seq_ids, 2, cfg, global_tokens=5.0, global_seqs=2.0
+        )
+        stats.add(loss, metrics, int(mask.sum()))
+    ratios = torch.exp(logprobs - old)[torch.tensor([0, 1, 2, 3, 5])]
+    result = stats.result()
+    assert result["ratio/min"] == pytest.approx(ratios.min().item())
+    assert result["ratio/max"] == pytest.approx(ratios.max().item())
+    assert ratios.min() < 1.0 < ratios.max()
+
+    nothing = StepStats()
+    loss, metrics = rl_loss(logprobs, old, old, advantages, torch.zeros(6), seq_ids, 2, cfg)
+    nothing.add(loss, metrics, 0)
+    assert math.isnan(nothing.result()["ratio/min"]) and math.isnan(nothing.result()["ratio/max"])

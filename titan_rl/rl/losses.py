@@ -321,7 +321,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def _masked_extreme(values: Tensor, mask: Tensor, reduce) -> Tensor:
-    """amin / amax over masked entries without a host sync; 0 when none is masked."""
+    """amin / amax over masked entries without a host sync; with none masked, the reduction's
+    identity (+inf for amin, -inf for amax), so an empty micro-batch or rank changes no extreme."""
     fill = math.inf if reduce is torch.amin else -math.inf
-    extreme = reduce(values.masked_fill(~mask, fill)) if values.numel() else values.new_zeros(())
-    return torch.where(mask.any(), extreme, 0.0)
+    return reduce(values.masked_fill(~mask, fill)) if values.numel() else values.new_full((), fill)
