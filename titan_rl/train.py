@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False)
-    healthy, heartbeat = True, None
+    finished, heartbeat = False, None  # finished: run() returned on this rank (so on every rank)
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
             )
             heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
-        return run(cfg, dims, console)
+        code = run(cfg, dims, console)
+        finished = True
+        return code
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if known.debug:
             raise
@@ -291,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not (torch.distributed.is_initialized() and is_collective_failure(e)):
             raise
-        healthy = False  # a peer is gone: no barrier on the way out
         if known.debug:
             raise
         print(
@@ -301,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         if heartbeat is not None:
-            heartbeat.stop(10.0 if healthy else 1.0)  # a failed run has already waited on suspects()
-        if torch.distributed.is_initialized() and healthy:  # leave together, or gloo may abort a slower rank
+            heartbeat.stop(10.0 if finished else 1.0)  # a failed run has already waited on suspects()
+        # Leave together after a run every rank finished, or gloo may abort a slower rank. Not after
+        # an error: one that only this rank raised (an out-of-memory, a bug) leaves the others inside a
+        # collective of the step, which a barrier here would not match; it would hold every rank until
+        # the collective timeout. Exiting at once lets their collective fail and the launcher stop them.
+        if torch.distributed.is_initialized() and finished:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 

@@ -130,6 +130,54 @@ def test_a_failed_rank_is_named_without_a_launcher(tmp_path, how):
         assert waited < timeout_s + 30
 
 
+FAIL_ON_RANK_1 = """
+import os, sys
+import titan_rl.trainer
+from titan_rl.train import main
+
+original, calls = titan_rl.trainer.Trainer.train_step, []
+
+def train_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3 and os.environ["RANK"] == "1":
+        raise RuntimeError("injected: an error of rank 1's own (an out-of-memory, a bug)")
+    return original(self, *args, **kwargs)
+
+titan_rl.trainer.Trainer.train_step = train_step
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_an_error_on_one_rank_ends_the_run_at_once(tmp_path):
+    """Rank 1 raises an error of its own mid-run (not a failed collective) while rank 0 waits in the
+    step's collectives: rank 1 exits with its traceback and rank 0 names it, both long before the
+    collective timeout. (A rank that waited in a barrier on its way out would hold both until then.)"""
+    dump, port, timeout_s = tmp_path / "run", free_port(), 300
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    procs = []
+    started = time.monotonic()
+    for rank in range(2):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        args = [sys.executable, str(script), "--config", SMOKE_CONFIG, "--training.steps=1000"]
+        args += ["--parallelism.dp_shard=2", f"--parallelism.collective_timeout_s={timeout_s}"]
+        procs.append(start_run([*args, f"--job.dump_folder={dump}"], env=env))
+    try:
+        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 200  # setup and two steps included; the timeout is 300 s
+    assert procs[1].returncode not in (0, None), outputs[1][-3000:]
+    assert "injected: an error of rank 1's own" in outputs[1], outputs[1][-3000:]
+    assert procs[0].returncode == 3, outputs[0][-3000:]
+    error = [line for line in outputs[0].splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "rank 1 stopped responding" in error[0], outputs[0][-3000:]
+    assert steps_logged(dump) == 2
+
+
 # --- malformed inputs: one line, non-zero exit, no traceback; --debug shows it ---
 
 
