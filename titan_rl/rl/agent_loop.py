@@ -8,7 +8,9 @@ trainer sees exactly the tokens the engine conditioned on.
 
 All active episodes generate together in one ``engine.generate`` call per round; all tool calls
 of a round run concurrently in daemon threads with a timeout (a hung tool is abandoned, its
-thread left to finish on its own).
+thread left to finish on its own). With several processes every rank runs every episode, but each
+episode's tool calls and reward run on one rank and their results are shared
+(``titan_rl.rl.shared``), so the ranks' episodes stay equal whatever the tools do.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from titan_rl.rl.rollout.engine import RolloutEngine
 from titan_rl.rl.rollout.native import Completion
 from titan_rl.rl.rollout.sampling import SamplingParams
 from titan_rl.rl.routing_replay import extend_routing, pad_routing
+from titan_rl.rl.shared import computed_once
 from titan_rl.rl.tokenizer import Tokenizer
 from titan_rl.rl.types import Trajectory
 
@@ -70,6 +73,7 @@ class EpisodeRollout:
     start: EpisodeStart
     group: int
     transcript: Transcript
+    number: int = 0  # its place among the step's episodes: the rank that runs its tools and reward
     tokens: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
@@ -254,7 +258,12 @@ def _dispatch(
             continue
         state = episodes[i].start.state
         runnable.append((i, name, arguments, lambda s=state, n=name, a=arguments: env.call_tool(s, n, a)))
-    outcomes = run_tool_calls([(name, call) for _, name, _, call in runnable], config)
+    if not runnable:  # (the same on every rank: their episodes are equal)
+        return
+    outcomes = computed_once(  # each on its episode's rank, where a stateful tool's state lives
+        [episodes[i].number for i, _, _, _ in runnable],
+        lambda mine: run_tool_calls([(runnable[k][1], runnable[k][3]) for k in mine], config),
+    )
     for (i, name, arguments, _), outcome in zip(runnable, outcomes):
         episode = episodes[i]
         episode.transcript.tool_calls.append(ToolCall(name, arguments, outcome.text, outcome.ok))
@@ -282,6 +291,8 @@ def run_episodes(
         for group, index in enumerate(task_indices)
         for _ in range(group_size)
     ]
+    for number, episode in enumerate(episodes):
+        episode.number = number
     for episode in episodes:
         if len(episode.tokens) >= config.max_episode_tokens:
             episode.end = "budget"
@@ -296,7 +307,10 @@ def run_episodes(
             for c, e, limit in zip(engine.generate([e.tokens for e in active], params), active, room)
         ]
         step_episodes(env, tokenizer, active, completions, config)
-    rewards = [safe_reward(env.reward, e.transcript) for e in episodes]
+    rewards = computed_once(
+        [e.number for e in episodes],
+        lambda mine: [safe_reward(env.reward, episodes[i].transcript) for i in mine],
+    )
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
     stats = episode_stats(episodes, trajectories)
     stats["reward_errors"] = float(sum(failed for _, failed in rewards))

@@ -17,6 +17,7 @@ from titan_rl.rl.envs import (
 )
 from titan_rl.rl.rollout import RolloutEngine, SamplingParams
 from titan_rl.rl.routing_replay import pad_routing
+from titan_rl.rl.shared import computed_once
 from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
 from titan_rl.rl.types import Trajectory
 
@@ -114,7 +115,10 @@ def collect_rollouts(
     prompts = env.prompts(step, per_step)
     repeated = [p for p in prompts for _ in range(group)]
     completions = engine.generate(repeated, sampling_params(cfg))
-    rewards = [safe_reward(env.reward, prompt, c.tokens) for prompt, c in zip(repeated, completions)]
+    rewards = computed_once(  # each on one rank, shared: a reward that samples cannot split the ranks
+        list(range(len(repeated))),
+        lambda mine: [safe_reward(env.reward, repeated[i], completions[i].tokens) for i in mine],
+    )
     trajectories = [
         Trajectory(
             tokens=prompt + c.tokens,
