@@ -277,9 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         if known.check_config:
             return 0
         if dims.distributed and not torch.distributed.is_initialized():
+            # on GPUs the process group is bound to this rank's device, made current first (object
+            # collectives use the current device; a bound group splits the mesh's sub-groups
+            # from it and its barrier knows the device)
+            device = init_device(dims)
             torch.distributed.init_process_group(
                 "nccl" if dims.device_type == "cuda" else "gloo",
                 timeout=datetime.timedelta(seconds=cfg.parallelism.collective_timeout_s),
+                device_id=device if device.type == "cuda" else None,
             )
             heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
         code = run(cfg, dims, console)
