@@ -190,7 +190,6 @@ class MemoryEstimate:
     activations: float
     gathered: float
     host_ram_load: float  # per node, while every rank reads one whole tensor at a time
-    host_ram_vllm: float  # per node, vLLM weights offloaded by sleep level 1
 
     @property
     def kv_cache(self) -> float:
@@ -236,8 +235,8 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
       model, sharded the same way, when ``rl.kl_coef > 0``;
     - vLLM (``rollout.engine = "vllm"``): bf16 weights split over ``vllm_tensor_parallel_size``;
       ``vllm_gpu_memory_utilization x gpu_gb`` (weights + KV cache) while it generates; nothing
-      while the trainer runs with ``vllm_sleep`` (sleep level 1 offloads the weights to host RAM
-      and frees the KV cache), everything without it;
+      while the trainer runs with ``vllm_sleep`` (sleep level 2 drops the weights, copied again
+      from the trainer after its step, and frees the KV cache; no host RAM), everything without it;
     - weight sync (``VllmEngine.update_weights``): vLLM's weights are back on the GPU, and one
       parameter at a time is gathered whole in ``model.dtype`` plus its bf16 copy;
     - activations of one micro-batch: micro_batch_rows x seq_len / cp tokens x
@@ -282,7 +281,6 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
         / 1e9,
         gathered=4 * (counts.root + 2 * block) / 1e9,
         host_ram_load=ranks_per_node * counts.largest * (dtype_bytes + 1) / 1e9,  # + MXFP4 blocks
-        host_ram_vllm=ranks_per_node * weights / 1e9 if vllm and rollout.vllm_sleep else 0.0,
     )
 
 
@@ -354,9 +352,7 @@ def render_memory_table(gpu_gb: float = GPU_GB) -> str:
         f"peak per GPU (of {gpu_gb:g} GB)": lambda c: (
             f"**{_gb(c.est.peak)}**" + ("" if c.est.peak <= gpu_gb else ": **does not fit**")
         ),
-        "host RAM per node: loading / sleeping vLLM": lambda c: (
-            f"{_gb(c.est.host_ram_load)} / {_gb(c.est.host_ram_vllm)}"
-        ),
+        "host RAM per node while loading": lambda c: _gb(c.est.host_ram_load),
     }
     lines = ["| | " + " | ".join(c.title for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(c) for c in columns) + " |" for label, cell in rows.items()]

@@ -24,11 +24,15 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   narrowed by heads (``GptOssModel._load_weights_other``). Then ``process_weights_after_loading``,
   as vLLM's own colocated example does (examples/offline_inference/rlhf_utils.py,
   ``ColocateWorkerExtension.update_weights_from_ipc``), and the prefix cache is reset.
-- **Sleep.** With ``vllm_sleep``, ``LLM(enable_sleep_mode=True)``; ``sleep()`` calls
-  ``llm.sleep(level=1)`` (KV cache freed, weights offloaded to CPU: needs that much CPU RAM);
-  ``update_weights`` wakes only the weights (``wake_up(tags=["weights"])``), ``wake_up`` (the
-  trainer's, before its rollouts; ``generate`` calls it too) wakes the rest
-  (vllm/entrypoints/llm.py, ``LLM.sleep`` / ``LLM.wake_up``).
+- **Sleep.** With ``vllm_sleep``, ``LLM(enable_sleep_mode=True)``; ``sleep()`` frees the KV cache
+  and the weights. An engine that has the trainer's module to copy from (``train.py``'s) sleeps at
+  level 2: the weights are dropped, not offloaded, since the sync after the optimizer step
+  overwrites them anyway (level 1 would copy them to pinned host RAM and back each step: a whole
+  bf16 model per rank, 8 per node). One without (``model=None``: the folder's weights) sleeps at
+  level 1, which keeps them in host RAM (vllm/entrypoints/llm.py, ``LLM.sleep``: level 2 is the
+  one for updating the weights afterwards). ``update_weights`` wakes only the weights
+  (``wake_up(tags=["weights"])``), ``wake_up`` (the trainer's, before its rollouts; ``generate``
+  calls it too) copies them first if they were dropped, then wakes the rest.
 - **RNG state.** None (``rng_state``): vLLM draws its samples inside its sampler (from which
   generator depends on the version and the sampling kernel) and ``LLM`` has no call to read or
   restore that state; its batch-dependent kernels would not replay a run bitwise anyway. A resumed
@@ -76,7 +80,6 @@ if TYPE_CHECKING:
 MIN_VLLM = (0, 10, 2)  # first release with logprobs_mode ("processed_logprobs")
 INSTALL_HINT = "pip install -e '.[gpu]'"
 INIT_FOLDER = "vllm_init"  # under job.dump_folder: config.json only
-SLEEP_LEVEL = 1  # offload weights to CPU, drop the KV cache
 TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode memory pools
 
 
@@ -181,7 +184,12 @@ def completion_from_output(output: Any, routed_prompt_len: int | None = None) ->
     routing = None
     if routed_prompt_len is not None and tokens:
         routing = routing_from_output(output, routed_prompt_len + len(tokens) - 1)
-    return Completion(tokens, logprobs, "stop" if output.finish_reason == "stop" else "length", routing)
+    if output.finish_reason not in ("stop", "length"):  # e.g. "abort", "error": not a completion
+        raise RuntimeError(
+            f"vLLM ended a request with finish_reason {output.finish_reason!r} after {len(tokens)} "
+            "tokens, not 'stop' or 'length': its completion is not a sample to train on"
+        )
+    return Completion(tokens, logprobs, output.finish_reason, routing)
 
 
 def routing_from_output(output: Any, positions: int) -> torch.Tensor:
@@ -322,18 +330,32 @@ class VllmEngine:
             self.llm.collective_rpc(_load_weights, args=([(name, tensor)],))
             del tensor
         self.llm.collective_rpc(_finish_loading)
-        if "kv_cache" not in self._asleep:  # sleep() already dropped the cache otherwise
-            self.llm.reset_prefix_cache()  # cached prefixes hold keys / values of the old weights
+        # cached prefixes hold keys / values of the old weights (sleep() dropped them if asleep);
+        # vLLM only logs when it cannot reset (blocks in use: a generate still running)
+        if "kv_cache" not in self._asleep and self.llm.reset_prefix_cache() is False:
+            raise RuntimeError(
+                "vLLM could not reset its prefix cache after a weight update (blocks still in use); "
+                "its cached prefixes would be computed with the old weights"
+            )
         self._stale = False
 
     def sleep(self) -> None:
-        """Free the KV cache and offload the weights (vLLM sleep level 1) while the trainer runs."""
+        """Free the KV cache and the weights while the trainer runs (module docstring, "Sleep"):
+        dropped (level 2) when they can be copied again from the trainer's module, else offloaded
+        to host RAM (level 1)."""
         if not self.sleep_enabled or self._asleep == set(TAGS):
             return
         self._wake(*TAGS)  # vLLM sleeps from a fully awake engine
         self.llm.reset_prefix_cache()
-        self.llm.sleep(level=SLEEP_LEVEL)
+        level = self.sleep_level
+        self.llm.sleep(level=level)
         self._asleep = set(TAGS)
+        self._stale = self._stale or level == 2  # dropped: copied again before the next generate
+
+    @property
+    def sleep_level(self) -> int:
+        """2 (drop the weights) with a trainer's module to copy them from, else 1 (offload them)."""
+        return 2 if self.model is not None else 1
 
     def wake_up(self) -> None:
         """Ready to generate: the trainer's current weights (copied if pending) and a KV cache."""

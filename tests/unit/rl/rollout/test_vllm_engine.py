@@ -316,12 +316,13 @@ SYNC = [("load_weights",), ("collective_rpc", "_finish_loading"), ("process_weig
 
 def test_sleep_wake_tags_and_prefix_cache_reset_in_order(standin, tmp_path):
     """With vllm_sleep: asleep after construction; the first generate wakes the weights, syncs, then
-    wakes the KV cache; sleep frees both (and with them the prefix cache)."""
+    wakes the KV cache; sleep frees both (and with them the prefix cache). With the trainer's
+    module to copy from it sleeps at level 2 (weights dropped, not offloaded to host RAM)."""
     model = random_model(seed=6)
     engine = engine_for(model, tmp_path, sleep=True)
     llm = engine.llm
     assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["enable_prefix_caching"]
-    assert calls(llm) == [("reset_prefix_cache",), ("sleep", 1)]
+    assert calls(llm) == [("reset_prefix_cache",), ("sleep", 2)]
     prompts = [[5, 9, 13], [1, 2], [42, 7, 7, 7]]
     start = len(llm.calls)
     assert engine.generate(prompts, SamplingParams()) == [expected_completion(p, 1) for p in prompts]
@@ -340,12 +341,54 @@ def test_sleep_wake_tags_and_prefix_cache_reset_in_order(standin, tmp_path):
     assert engine.generate(prompts[:1], SamplingParams()) == [expected_completion(prompts[0], 2)]
     assert calls(llm, start) == [
         ("reset_prefix_cache",),
-        ("sleep", 1),
+        ("sleep", 2),
         ("wake_up", ("weights",)),
         *SYNC,
         ("wake_up", ("kv_cache",)),
         ("generate", 1),
     ]
+
+
+def test_a_dropped_model_is_copied_again_before_generating(standin, tmp_path):
+    """Level 2 drops the weights: a wake_up without the trainer's own sync (e.g. after a restore)
+    copies them again before anything generates; the stand-in refuses to generate otherwise."""
+    model = random_model(seed=12)
+    engine = engine_for(model, tmp_path, sleep=True)
+    prompts = [[4, 4, 2], [9]]
+    engine.generate(prompts, SamplingParams())
+    engine.sleep()
+    start = len(engine.llm.calls)
+    assert engine.generate(prompts, SamplingParams()) == [expected_completion(p, 2) for p in prompts]
+    assert calls(engine.llm, start) == [
+        ("wake_up", ("weights",)),
+        *SYNC,
+        ("wake_up", ("kv_cache",)),
+        ("generate", 2),
+    ]
+
+
+def test_without_the_trainers_module_sleep_keeps_the_folder_weights(standin, tmp_path):
+    """model=None: the folder's weights are all there is, so sleep offloads them (level 1)."""
+    write_hf_config(random_model(seed=13), tmp_path)
+    engine = VllmEngine(None, tmp_path, sleep=True, load_format="auto")
+    assert calls(engine.llm) == [("reset_prefix_cache",), ("sleep", 1)]
+    assert engine.generate([[1, 2, 3]], SamplingParams()) == [expected_completion([1, 2, 3], 0)]
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+def test_a_request_that_did_not_finish_is_an_error(standin, tmp_path, monkeypatch, reason):
+    engine = engine_for(random_model(seed=14), tmp_path, sleep=False)
+    monkeypatch.setattr(engine.llm, "FINISH_REASON", reason)
+    with pytest.raises(RuntimeError, match=f"finish_reason '{reason}'"):
+        engine.generate([[1, 2]], SamplingParams())
+
+
+def test_a_prefix_cache_that_cannot_be_reset_after_a_sync_is_an_error(standin, tmp_path, monkeypatch):
+    engine = engine_for(random_model(seed=15), tmp_path, sleep=False)
+    engine.generate([[1, 2]], SamplingParams())
+    monkeypatch.setattr(engine.llm, "RESET_OK", False)
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        engine.update_weights(random_model(seed=16))
 
 
 def test_without_sleep_a_sync_resets_the_prefix_cache(standin, tmp_path):

@@ -13,9 +13,13 @@ would silently sample from the wrong weights. Facts it encodes (vllm-project/vll
   dim, narrowed there for tensor parallelism) and stores ``permute(0, 2, 1)``, ``w2`` as
   ``[E, I, H]`` (stored permuted), ``w13_bias [E, 2I]``, ``w2_bias [E, H]``, ``sinks [heads]``;
   a name it does not know is skipped without a word.
-- ``vllm/entrypoints/llm.py``: ``LLM.sleep(level)`` offloads / frees the pools of a fully awake
-  engine, ``LLM.wake_up(tags)`` brings back the named pools (``weights``, ``kv_cache``);
-  ``collective_rpc(fn, args)`` runs ``fn(worker, *args)`` on each worker.
+- ``vllm/entrypoints/llm.py``: ``LLM.sleep(level)`` frees the pools of a fully awake engine (level 1
+  offloads the weights to host RAM and brings them back; level 2 discards them: "for updating the
+  weights" afterwards), ``LLM.wake_up(tags)`` brings back the named pools (``weights``,
+  ``kv_cache``); ``collective_rpc(fn, args)`` runs ``fn(worker, *args)`` on each worker;
+  ``reset_prefix_cache()`` returns False (and only logs) when blocks are still in use.
+- ``vllm/v1/engine/__init__.py``: a request can also finish with ``"abort"`` (and in later
+  releases ``"error"``), not only ``"stop"`` / ``"length"``.
 - ``examples/offline_inference/rlhf_utils.py``: after ``load_weights``, the model is finished with
   ``process_weights_after_loading``; cached prefixes hold keys / values of the old weights.
 - ``vllm/outputs.py`` (pull request 28284): with ``LLM(enable_return_routed_experts=True)`` each
@@ -140,6 +144,8 @@ class StandinLLM:
     """``vllm.LLM``: records calls; generation echoes which prompt it got and under which weights."""
 
     ROUTING_RELEASE = True  # False: a release without enable_return_routed_experts
+    FINISH_REASON = "length"  # what every request ends with
+    RESET_OK = True  # False: reset_prefix_cache fails (blocks in use)
     ROUTING_EXTRA_ROWS = 0  # rows after prompt + completion - 1 that a release returns
 
     def __init__(self, model: str, **kwargs) -> None:
@@ -152,6 +158,7 @@ class StandinLLM:
         self.asleep: set[str] = set()
         self.weights_version = 0  # completed syncs (process_weights_after_loading calls)
         self.loads_pending = False
+        self.weights_lost = False  # sleep level 2 discarded them; a full sync brings them back
         self.cache_version: int | None = None  # weights the cached prefixes were computed with
         self.prompts: list[list[int]] = []
         config = json.loads((Path(model) / "config.json").read_text())
@@ -166,8 +173,10 @@ class StandinLLM:
 
     def finish_loading(self) -> None:
         self.calls.append(("process_weights_after_loading",))
+        if self.weights_lost and set(self.model.params) != set(self.model.shapes):
+            raise AssertionError("after a level-2 sleep only part of the weights were loaded again")
         self.weights_version += 1
-        self.loads_pending = False
+        self.loads_pending = self.weights_lost = False
 
     def sleep(self, level: int = 1) -> None:
         self.calls.append(("sleep", level))
@@ -175,6 +184,9 @@ class StandinLLM:
             raise AssertionError(f"sleep needs enable_sleep_mode and an awake engine (asleep: {self.asleep})")
         self.asleep = {"weights", "kv_cache"}
         self.cache_version = None  # the KV cache is freed
+        if level == 2:  # the weights are discarded: what wakes up is garbage until loaded again
+            self.weights_lost = True
+            self.model.params.clear()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         tags = ["weights", "kv_cache"] if tags is None else list(tags)
@@ -185,6 +197,8 @@ class StandinLLM:
 
     def reset_prefix_cache(self) -> bool:
         self.calls.append(("reset_prefix_cache",))
+        if not self.RESET_OK:
+            return False
         self.cache_version = None
         return True
 
@@ -194,6 +208,8 @@ class StandinLLM:
             raise AssertionError(f"generate while {sorted(self.asleep)} asleep")
         if self.loads_pending or (self.kwargs.get("load_format") == "dummy" and not self.weights_version):
             raise AssertionError("generate before the weights were loaded and processed")
+        if self.weights_lost:
+            raise AssertionError("generate with the weights a level-2 sleep discarded")
         if self.cache_version not in (None, self.weights_version):
             raise AssertionError("generate with a prefix cache computed under older weights")
         self.cache_version = self.weights_version
@@ -203,7 +219,7 @@ class StandinLLM:
             self.prompts.append(prompt)
             tokens = echo_tokens(prompt, self.weights_version)
             steps = [{t: SimpleNamespace(logprob=-0.25 * k)} for k, t in enumerate(tokens)]
-            output = SimpleNamespace(token_ids=tokens, logprobs=steps, finish_reason="length")
+            output = SimpleNamespace(token_ids=tokens, logprobs=steps, finish_reason=self.FINISH_REASON)
             if self.kwargs.get("enable_return_routed_experts"):
                 c = self.model.config
                 rows = len(prompt) + len(tokens) - 1 + self.ROUTING_EXTRA_ROWS
