@@ -245,9 +245,12 @@ def hf_tensors(
     for native, tensor in model.state_dict().items():
         sharded = _is_dtensor(tensor)
         local = tensor.detach().to(dtype)  # a DTensor casts its own shard: no communication
-        out = (local.full_tensor() if sharded else local).to(device)  # full_tensor(): a new tensor
-        if not sharded and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-            out = out.clone()  # no cast and no move happened: still the parameter itself
+        out = (local.full_tensor() if sharded else local).to(device)
+        # no cast and no move, and no gather either on a one-rank mesh (one GPU, or a shard dim of
+        # size 1): still the parameter's own storage, which the consumer may write to
+        own = tensor.to_local() if sharded else tensor
+        if out.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
+            out = out.clone()
         del local
         yield to_hf_name(native), out.contiguous()
         del out

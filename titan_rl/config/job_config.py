@@ -195,7 +195,7 @@ class Rollout:
     vllm_sleep: bool = True
     """vllm: put vLLM to sleep (free its KV cache) while the trainer runs; wake it for rollouts."""
     vllm_batch_invariant: bool = False
-    """vllm: ask vLLM for batch-invariant kernels (results independent of batch composition)."""
+    """vllm: ask vLLM (>= 0.12) for batch-invariant kernels (results independent of batch composition)."""
     vllm_max_model_len: int = 0
     """vllm: longest sequence vLLM serves; 0 uses training.seq_len."""
 

@@ -50,7 +50,8 @@ Needs CUDA and vLLM >= 0.10.2 (``pip install -e '.[gpu]'``). vLLM is imported in
   rollout router replay"), the layout of ``Completion.routing``. Releases without the option refuse
   it at construction; a model whose MoE kernels do not record returns None, which ``generate``
   reports. Checked here against a stand-in of vLLM only, not a real vLLM.
-- **Batch invariance.** ``vllm_batch_invariant`` sets ``VLLM_BATCH_INVARIANT=1`` before vLLM starts
+- **Batch invariance.** ``vllm_batch_invariant`` (vLLM >= 0.12; earlier releases have no such
+  kernels and are refused) sets ``VLLM_BATCH_INVARIANT=1`` before vLLM starts
   (read by ``vllm_is_batch_invariant`` in vllm/model_executor/layers/batch_invariant.py; applied by
   ``init_batch_invariance`` at worker start). In this colocated process that is process-wide: vLLM
   replaces the CUDA kernels of ``aten::mm/addmm/bmm/matmul/linear/softmax/log_softmax/mean`` (the
@@ -78,9 +79,14 @@ if TYPE_CHECKING:
     from titan_rl.config import JobConfig
 
 MIN_VLLM = (0, 10, 2)  # first release with logprobs_mode ("processed_logprobs")
+BATCH_INVARIANT_VLLM = (0, 12, 0)  # first with vllm/model_executor/layers/batch_invariant.py
 INSTALL_HINT = "pip install -e '.[gpu]'"
 INIT_FOLDER = "vllm_init"  # under job.dump_folder: config.json only
 TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode memory pools
+# vLLM environment variables choosing MoE kernels whose process_weights_after_loading replaces the
+# expert tensors with repacked copies (vllm/model_executor/layers/fused_moe/
+# unquantized_fused_moe_method.py, 0.11-0.12): FlashInfer's bf16 MoE and ROCm's AITER kernels
+REPACKING_MOE_KERNELS = ("VLLM_USE_FLASHINFER_MOE_FP16", "VLLM_ROCM_USE_AITER")
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -255,9 +261,22 @@ class VllmEngine:
         load_format: str = "dummy",
         record_routing: bool = False,
     ) -> None:
+        for variable in REPACKING_MOE_KERNELS:
+            if os.environ.get(variable, "0").lower() not in ("0", "false", ""):
+                raise VllmUnavailable(
+                    f"{variable} is set: that MoE kernel repacks the experts into new tensors after "
+                    "every weight load, outside sleep mode's memory pool and behind captured CUDA "
+                    "graphs, so in-place weight syncs would not reach it; unset it for rollouts"
+                )
         if batch_invariant:
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         vllm = import_vllm()
+        version = str(getattr(vllm, "__version__", ""))
+        if batch_invariant and "dev" not in version and _version(version) < BATCH_INVARIANT_VLLM:
+            raise VllmUnavailable(
+                f"rollout.vllm_batch_invariant needs vLLM >= 0.12 (vLLM {version} has no batch-"
+                f"invariant kernels: VLLM_BATCH_INVARIANT would do nothing); upgrade with: {INSTALL_HINT}"
+            )
         world_size, rank = _world()
         self.replicas = replica_count(world_size, tensor_parallel_size)
         self.replica, self.tp_rank = divmod(rank, tensor_parallel_size)

@@ -82,6 +82,24 @@ def test_hf_tensors_are_copies_not_views():
         assert torch.equal(p, before[name]), name
 
 
+def test_hf_tensors_of_one_rank_fsdp_in_their_own_dtype_are_copies():
+    """A one-rank mesh's DTensor (one GPU, or a shard dimension of size 1) in the dtype asked for:
+    neither the cast nor ``full_tensor()`` copies it, so the tensor handed over was the parameter's
+    own storage, and vLLM's in-place ``w2_bias.zero_()`` would zero the trainer's bias."""
+    from titan_rl.parallel.parallel_dims import ParallelDims
+    from titan_rl.parallel.parallelize import ParallelConfig, parallelize_gpt_oss
+
+    dims = ParallelDims(1, 1, 1, 1, world_size=1, device_type="cpu")
+    model = parallelize_gpt_oss(
+        debug_model(seed=2).to(torch.bfloat16), dims, ParallelConfig(mixed_precision="bf16")
+    )
+    before = {name: p.full_tensor().clone() for name, p in model.state_dict().items()}
+    for _, tensor in hf_tensors(model, torch.bfloat16):
+        tensor.zero_()
+    for name, p in model.state_dict().items():
+        assert torch.equal(p.full_tensor(), before[name]), name
+
+
 def test_write_hf_config_is_save_hf_models_config(tmp_path):
     model = debug_model(seed=3)
     save_hf_model(model, tmp_path / "saved")
@@ -140,6 +158,21 @@ def test_too_old_vllm_is_refused(clean_vllm_env, tmp_path):
     fake_vllm(clean_vllm_env, "0.10.1")
     with pytest.raises(RuntimeError, match=r"too old.*0\.10\.2"):
         VllmEngine(debug_model(seed=0), tmp_path)
+
+
+@pytest.mark.parametrize("variable", ["VLLM_USE_FLASHINFER_MOE_FP16", "VLLM_ROCM_USE_AITER"])
+def test_moe_kernels_that_repack_the_experts_are_refused(clean_vllm_env, tmp_path, variable):
+    fake_vllm(clean_vllm_env, "0.11.0")
+    clean_vllm_env.setenv(variable, "1")
+    with pytest.raises(RuntimeError, match=f"{variable} is set"):
+        VllmEngine(debug_model(seed=0), tmp_path)
+
+
+def test_batch_invariance_on_a_vllm_without_it_is_refused(clean_vllm_env, tmp_path):
+    fake_vllm(clean_vllm_env, "0.11.0")
+    clean_vllm_env.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match=r"needs vLLM >= 0\.12"):
+        VllmEngine(debug_model(seed=0), tmp_path, batch_invariant=True)
 
 
 # --- pure mappings ---------------------------------------------------------------------------
