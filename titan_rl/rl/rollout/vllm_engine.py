@@ -74,6 +74,7 @@ from torch import nn
 from titan_rl.checkpoint.hf import hf_tensors, write_hf_config
 from titan_rl.rl.rollout.native import Completion
 from titan_rl.rl.rollout.sampling import SamplingParams
+from titan_rl.rl.shared import ranks
 
 if TYPE_CHECKING:
     from titan_rl.config import JobConfig
@@ -217,13 +218,6 @@ def routing_from_output(output: Any, positions: int) -> torch.Tensor:
     return routing[:positions].to(torch.int16)
 
 
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 # The two functions below run inside vLLM's worker (in this process) through ``LLM.collective_rpc``,
 # which calls ``fn(worker, *args)`` (vllm/v1/serial_utils.py, ``run_method``).
 
@@ -277,7 +271,7 @@ class VllmEngine:
                 f"rollout.vllm_batch_invariant needs vLLM >= 0.12 (vLLM {version} has no batch-"
                 f"invariant kernels: VLLM_BATCH_INVARIANT would do nothing); upgrade with: {INSTALL_HINT}"
             )
-        world_size, rank = _world()
+        world_size, rank = ranks()
         self.replicas = replica_count(world_size, tensor_parallel_size)
         self.replica, self.tp_rank = divmod(rank, tensor_parallel_size)
         self.world_size = world_size
@@ -325,7 +319,7 @@ class VllmEngine:
         folder = Path(cfg.job.dump_folder) / INIT_FOLDER
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one writer per node (atomic rename)
             write_hf_config(model, folder, torch.bfloat16, source=cfg.model.hf_path or None)
-        if _world()[0] > 1:
+        if ranks()[0] > 1:
             torch.distributed.barrier()
         return cls(
             model,
