@@ -38,6 +38,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
 class MetricsLogger:
     """Writes on rank 0 only; ``log_freq`` throttles the console, never the JSONL file."""
 
@@ -68,8 +72,8 @@ class MetricsLogger:
             return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
+        if self.wandb_run is not None:  # numbers as numbers: wandb takes NaN / inf, JSON does not
+            self.wandb_run.log({k: _number(v) for k, v in metrics.items()}, step=step)
         if console is not None and (step % self.log_freq == 0 or step == 1):
             parts = [f"step {step:5d}"]
             for key, short, fmt in CONSOLE_KEYS:

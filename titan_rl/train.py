@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False)
-    finished, heartbeat = False, None  # finished: run() returned on this rank (so on every rank)
+    finished, heartbeat = False, None  # finished: run() returned on this rank
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -308,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if heartbeat is not None:
             heartbeat.stop(10.0 if finished else 1.0)  # a failed run has already waited on suspects()
-        # Leave together after a run every rank finished, or gloo may abort a slower rank. Not after
-        # an error: one that only this rank raised (an out-of-memory, a bug) leaves the others inside a
+        # Leave together after a finished run, or gloo may abort a slower rank. Not after an error:
+        # one that only this rank raised (an out-of-memory, a bug) leaves the others inside a
         # collective of the step, which a barrier here would not match; it would hold every rank until
         # the collective timeout. Exiting at once lets their collective fail and the launcher stop them.
+        # (An error on one rank after the last collective, e.g. rank 0 writing the report, leaves the
+        # others in this barrier until the launcher stops them, as before.)
         if torch.distributed.is_initialized() and finished:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -115,8 +115,10 @@ class StepStats:
         out = dict(zip(names, values.tolist()))
         for k in keys:
             out[k] /= max(self.tokens, 1.0)
-        if self.tokens == 0:  # no trained token anywhere: the extremes are still the identities
-            out |= dict.fromkeys(extremes, math.nan)
+        for k in self.mins:  # still the identity: no token was trained (or all were rejected)
+            out[k] = math.nan if out[k] == math.inf else out[k]
+        for k in self.maxs:
+            out[k] = math.nan if out[k] == -math.inf else out[k]
         return out
 
 

@@ -333,7 +333,9 @@ def test_an_empty_micro_batch_changes_no_ratio_extreme():
     assert result["ratio/max"] == pytest.approx(ratios.max().item())
     assert ratios.min() < 1.0 < ratios.max()
 
-    nothing = StepStats()
-    loss, metrics = rl_loss(logprobs, old, old, advantages, torch.zeros(6), seq_ids, 2, cfg)
-    nothing.add(loss, metrics, 0)
-    assert math.isnan(nothing.result()["ratio/min"]) and math.isnan(nothing.result()["ratio/max"])
+    # no token trained: none in the batch, or all rejected by the correction (tokens counted, none kept)
+    for tokens in (0, 6):
+        nothing = StepStats()
+        loss, metrics = rl_loss(logprobs, old, old, advantages, torch.zeros(6), seq_ids, 2, cfg)
+        nothing.add(loss, metrics, tokens)
+        assert math.isnan(nothing.result()["ratio/min"]) and math.isnan(nothing.result()["ratio/max"])

@@ -246,7 +246,8 @@ def rl_loss(
 
     Rollout-correction weights and keep mask -> policy loss (ppo or gspo) times the weights -> plus
     ``kl_coef * KL`` -> minus ``entropy_coef * H`` -> aggregated over ``loss_mask & keep``. Metrics
-    (0-dim, over those tokens; 0 when there are none): loss, ratio/mean|min|max (token ratio),
+    (0-dim, over those tokens; with none, 0 for means and the identity, +inf / -inf, for
+    ratio/min / ratio/max, which ``StepStats`` reports as NaN): loss, ratio/mean|min|max (token ratio),
     ratio/seq_mean (gspo), clip_frac, entropy/mean, kl/mean, and the ``rollout_correction`` stats
     over ``loss_mask`` (absent when ``rollout_logprobs`` is None, allowed only with correction "none").
     """

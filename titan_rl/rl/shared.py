@@ -32,13 +32,25 @@ def computed_once(owners: list[int], compute: Callable[[list[int]], list[T]]) ->
     """The results of items ``0 .. len(owners) - 1``, in order, on every rank; item i is computed on
     rank ``owners[i] % world`` only: ``compute(positions)`` returns the results of those positions.
 
-    Collective: every rank must call it, with the same ``owners``."""
+    Collective: every rank must call it, with the same ``owners``. If ``compute`` raises on some
+    rank, every rank raises after the gather (that rank its own error, the others a RuntimeError
+    naming it) instead of the others waiting in the gather for it until the collective timeout."""
     world, rank = ranks()
     if world == 1:
         return compute(list(range(len(owners))))
     mine = [i for i, owner in enumerate(owners) if owner % world == rank]
-    results = compute(mine)
-    parts: list[list[tuple[int, T]] | None] = [None] * world
-    dist.all_gather_object(parts, list(zip(mine, results)))
-    gathered: dict[int, T] = {i: result for part in parts for i, result in part}
+    error: Exception | None = None
+    try:
+        results = compute(mine)
+    except Exception as e:
+        error, results = e, []
+    parts: list[tuple[str | None, list[tuple[int, T]]] | None] = [None] * world
+    dist.all_gather_object(parts, (None if error is None else repr(error), list(zip(mine, results))))
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, (why, _) in enumerate(parts) if why is not None]
+    if failed:
+        r, why = failed[0]
+        raise RuntimeError(f"rank {r} failed to compute its share of the shared results: {why}")
+    gathered: dict[int, T] = {i: result for _, part in parts for i, result in part}
     return [gathered[i] for i in range(len(owners))]

@@ -256,7 +256,7 @@ class VllmEngine:
         record_routing: bool = False,
     ) -> None:
         for variable in REPACKING_MOE_KERNELS:
-            if os.environ.get(variable, "0").lower() not in ("0", "false", ""):
+            if os.environ.get(variable, "0").lower() in ("1", "true"):  # vLLM's own reading
                 raise VllmUnavailable(
                     f"{variable} is set: that MoE kernel repacks the experts into new tensors after "
                     "every weight load, outside sleep mode's memory pool and behind captured CUDA "

@@ -1,0 +1,30 @@
+"""MetricsLogger: the JSONL file spells non-finite values as strings (JSON has no NaN); wandb gets
+them as numbers, so its series stay numeric."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from titan_rl.metrics import MetricsLogger
+
+
+class RecordingRun:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log(self, data: dict, step: int) -> None:
+        self.logged.append((data, step))
+
+
+def test_non_finite_metrics_are_strings_in_the_file_and_numbers_for_wandb(tmp_path):
+    run = RecordingRun()
+    logger = MetricsLogger(tmp_path, wandb_run=run)
+    logger.log(3, {"ratio/min": math.nan, "ratio/max": torch.tensor(1.5), "loss": -math.inf})
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 3, "ratio/min": "nan", "ratio/max": 1.5, "loss": "-inf"}
+    ((data, step),) = run.logged
+    assert step == 3 and data["ratio/max"] == 1.5 and data["loss"] == -math.inf
+    assert isinstance(data["ratio/min"], float) and math.isnan(data["ratio/min"])
