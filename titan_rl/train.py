@@ -115,10 +115,12 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
         raise ConfigError(str(e)) from None
     if dims.cp_enabled:
         rl, shard = cfg.rl, dims.cp * (2 if dims.cp_mode == "ring" else 1)
-        if rl.aggregation != "token-mean" or rl.policy_loss != "ppo" or rl.old_logprob_mode != "unified":
+        token_level = rl.aggregation == "token-mean" and rl.policy_loss == "ppo"
+        if not token_level or rl.correction_level != "token" or rl.old_logprob_mode != "unified":
             raise ConfigError(
-                "parallelism.cp > 1 supports rl.aggregation = 'token-mean', rl.policy_loss = 'ppo' and "
-                "rl.old_logprob_mode = 'unified' (sequence-level terms would span cp shards)"
+                "parallelism.cp > 1 supports rl.aggregation = 'token-mean', rl.policy_loss = 'ppo', "
+                "rl.correction_level = 'token' and rl.old_logprob_mode = 'unified' (sequence-level "
+                "terms would span cp shards: each rank would see part of a sequence)"
             )
         if cfg.training.seq_len % shard:
             raise ConfigError(

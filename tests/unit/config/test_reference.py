@@ -90,6 +90,27 @@ def test_every_config_validates_for_its_stated_world_size(path):
             parallel_dims_for(cfg, world * 2)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"aggregation": "seq-mean-token-mean"},
+        {"policy_loss": "gspo"},
+        {"correction_level": "sequence"},
+        {"old_logprob_mode": "recompute"},
+    ],
+)
+def test_context_parallelism_refuses_sequence_level_terms(override):
+    """With cp > 1 a rank sees part of each sequence: a sequence-level term (aggregation, GSPO's
+    ratio, a sequence-level correction weight) would be computed from a shard of it."""
+    cfg = JobConfig()
+    cfg.parallelism.cp = 2
+    parallel_dims_for(cfg, 2)  # token-level defaults: fine
+    for key, value in override.items():
+        setattr(cfg.rl, key, value)
+    with pytest.raises(ConfigError, match="cp > 1 supports"):
+        parallel_dims_for(cfg, 2)
+
+
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
 def test_gpu_configs_are_consistent_and_fit_the_memory_estimate(path):
     cfg = load_config(path)
