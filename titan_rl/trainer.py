@@ -23,6 +23,7 @@ from titan_rl.config import JobConfig
 from titan_rl.model import GptOss
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 from titan_rl.parallel.parallelize import precision_summary, set_gemm_reductions
+from titan_rl.rl.collect import is_agentic
 from titan_rl.rl.losses import LossConfig, rl_loss
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
@@ -42,6 +43,13 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def most_trained_tokens(cfg: JobConfig) -> int:
+    """The most sampled (trained) tokens one trajectory can have: Dr.GRPO's constant. One turn of
+    ``rollout.max_new_tokens`` in single-turn runs; a multi-turn episode samples several turns, all
+    within ``env.max_episode_tokens``."""
+    return cfg.env.max_episode_tokens if is_agentic(cfg) else cfg.rollout.max_new_tokens
+
+
 def loss_config(cfg: JobConfig) -> LossConfig:
     rl = cfg.rl
     return LossConfig(
@@ -52,7 +60,7 @@ def loss_config(cfg: JobConfig) -> LossConfig:
         gspo_eps_low=rl.gspo_eps_low,
         gspo_eps_high=rl.gspo_eps_high,
         aggregation=rl.aggregation,
-        norm_constant=float(cfg.rollout.max_new_tokens),
+        norm_constant=float(most_trained_tokens(cfg)),
         kl_coef=rl.kl_coef,
         kl_estimator=rl.kl_estimator,
         entropy_coef=rl.entropy_coef,

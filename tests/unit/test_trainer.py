@@ -339,3 +339,16 @@ def test_an_empty_micro_batch_changes_no_ratio_extreme():
         loss, metrics = rl_loss(logprobs, old, old, advantages, torch.zeros(6), seq_ids, 2, cfg)
         nothing.add(loss, metrics, tokens)
         assert math.isnan(nothing.result()["ratio/min"]) and math.isnan(nothing.result()["ratio/max"])
+
+
+def test_dr_grpo_constant_bounds_a_whole_episode():
+    """seq-mean-token-sum-norm divides each sequence's token sum by a constant that no trajectory's
+    trained tokens may exceed: one turn single-turn, the episode budget for multi-turn episodes (an
+    episode samples several turns of up to rollout.max_new_tokens each)."""
+    from titan_rl.trainer import loss_config
+
+    cfg = load_config(None, ["--rl.aggregation=seq-mean-token-sum-norm", "--rollout.max_new_tokens=40"])
+    cfg.env.name, cfg.env.max_episode_tokens = "token_preference", 256
+    assert loss_config(cfg).norm_constant == 40.0
+    cfg.env.name = "tool_lookup"
+    assert loss_config(cfg).norm_constant == 256.0

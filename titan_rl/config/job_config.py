@@ -146,7 +146,8 @@ class RL:
     gspo_eps_high: float = 4e-4
     """GSPO upper clip of the sequence ratio."""
     aggregation: str = "token-mean"
-    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO)."""
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO: each sequence's token sum
+    over a constant, rollout.max_new_tokens, or env.max_episode_tokens for multi-turn environments)."""
     kl_coef: float = 0.0
     """Weight of the KL penalty to a frozen reference model; 0 runs no reference."""
     kl_estimator: str = "k3"
