@@ -34,6 +34,7 @@ from titan_rl.rl.advantages import group_advantages, informative_groups
 from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine, RolloutEngine
+from titan_rl.rl.types import Trajectory
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
@@ -105,6 +106,23 @@ def build_engine(cfg: JobConfig, model: GptOss) -> RolloutEngine:
         decode=r.decode,
         record_routing=cfg.rl.rollout_routing_replay,
     )
+
+
+def kept_for_training(
+    trajectories: list[Trajectory], advantages: torch.Tensor, informative: torch.Tensor, drop: bool
+) -> tuple[list[Trajectory], list[float]]:
+    """The trajectories a step trains on and their advantages (``advantages [groups, group_size]``).
+
+    With ``drop`` (``rl.drop_uninformative_groups``, DAPO's dynamic sampling) a group whose rewards
+    are all equal leaves the batch: its advantages are zero anyway, but its tokens would still count
+    in the loss's normalizer (diluting the others' gradient) and carry KL / entropy terms. If no
+    group is informative, all stay: there is nothing to learn from either way."""
+    group_size = advantages.shape[1]
+    if not drop or not informative.any():
+        return trajectories, advantages.flatten().tolist()
+    keep = [i for i in range(len(trajectories)) if informative[i // group_size]]
+    flat = advantages.flatten().tolist()
+    return [trajectories[i] for i in keep], [flat[i] for i in keep]
 
 
 def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -182,10 +200,11 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
         advantages = group_advantages(rewards, cfg.rl.advantage)
         informative = informative_groups(rewards)
-        if cfg.rl.drop_uninformative_groups:
-            advantages = advantages * informative[:, None]
-        batch = pack_trajectories(trajectories, advantages.flatten().tolist(), cfg.training.seq_len)
-        metrics = trainer.train_step(batch, len(trajectories))
+        trained, trained_advantages = kept_for_training(
+            trajectories, advantages, informative, cfg.rl.drop_uninformative_groups
+        )
+        batch = pack_trajectories(trained, trained_advantages, cfg.training.seq_len)
+        metrics = trainer.train_step(batch, len(trained))
         engine.update_weights(model)
         t2 = time.perf_counter()
         response = torch.tensor([float(t.response_len) for t in trajectories])

@@ -352,3 +352,24 @@ def test_dr_grpo_constant_bounds_a_whole_episode():
     assert loss_config(cfg).norm_constant == 40.0
     cfg.env.name = "tool_lookup"
     assert loss_config(cfg).norm_constant == 256.0
+
+
+def test_dropping_uninformative_groups_takes_their_trajectories_out_of_the_batch():
+    """rl.drop_uninformative_groups: a group with equal rewards leaves the batch (its zero advantages
+    alone would still count its tokens in the normalizer); with no informative group all stay."""
+    from titan_rl.rl.types import Trajectory
+    from titan_rl.train import kept_for_training
+
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [0.5, 0.5, 0.5], [0.0, 0.0, 2.0]])
+    trajectories = [
+        Trajectory([i, i + 1], [0, 1], [0.0, -1.0], r, i // 3)
+        for i, r in enumerate(rewards.flatten().tolist())
+    ]
+    advantages = group_advantages(rewards, "grpo")
+    informative = torch.tensor([True, False, True])
+    kept, kept_advantages = kept_for_training(trajectories, advantages, informative, drop=True)
+    assert [t.tokens[0] for t in kept] == [0, 1, 2, 6, 7, 8]
+    assert kept_advantages == advantages[[0, 2]].flatten().tolist()
+    assert kept_for_training(trajectories, advantages, informative, drop=False)[0] == trajectories
+    nothing = torch.zeros(3, dtype=torch.bool)
+    assert kept_for_training(trajectories, advantages, nothing, drop=True)[0] == trajectories

@@ -132,7 +132,8 @@ class RL:
     advantage: str = "grpo"
     """Advantage estimator: grpo, dr_grpo or rloo."""
     drop_uninformative_groups: bool = False
-    """DAPO dynamic sampling: skip groups whose rewards are all equal."""
+    """DAPO dynamic sampling: train without the groups whose rewards are all equal (their tokens would
+    still count in the loss's normalizer); if every group is so, the step trains on all."""
     policy_loss: str = "ppo"
     """ppo (token ratio, clip-higher) or gspo (sequence ratio)."""
     clip_eps_low: float = 0.2
