@@ -6,6 +6,7 @@ import json
 import math
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,15 @@ class MetricsLogger:
         """Keep only records up to ``resumed_step`` (0 for a fresh run), so each step appears once."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resumed_step
-        ]
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # a line cut short when the process died mid-append
+                warnings.warn(f"{self.path}:{number}: not a complete JSON record; dropped", stacklevel=2)
+                continue
+            if record is not None and record.get("step", 0) <= resumed_step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any], console: Any = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from titan_rl.metrics import MetricsLogger
@@ -28,3 +29,14 @@ def test_non_finite_metrics_are_strings_in_the_file_and_numbers_for_wandb(tmp_pa
     ((data, step),) = run.logged
     assert step == 3 and data["ratio/max"] == 1.5 and data["loss"] == -math.inf
     assert isinstance(data["ratio/min"], float) and math.isnan(data["ratio/min"])
+
+
+def test_a_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
+    """A process killed mid-append leaves half a JSON line; resuming keeps the complete records up to
+    the checkpoint step and drops it (with a warning) instead of refusing to start."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')
+    logger = MetricsLogger(tmp_path)
+    with pytest.warns(UserWarning, match="metrics.jsonl:3: not a complete JSON record"):
+        logger.start(resumed_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

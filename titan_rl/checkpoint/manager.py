@@ -67,8 +67,18 @@ def _rank_file(folder: Path, rank: int) -> Path:
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only (see cuda_rng_to_restore)
     return state
+
+
+def cuda_rng_to_restore(saved: Any, device_index: int) -> torch.Tensor | None:
+    """The CUDA generator state a rank on device ``device_index`` restores from its saved ``saved``:
+    the state of the device it ran on (older checkpoints saved every visible device's, a list: the
+    entry of this device, if the saving node had that many). A run may resume on nodes with another
+    number of GPUs; restoring every saved device's state would index devices this node lacks."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device_index] if device_index < len(saved) else None
+    return saved
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -76,7 +86,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = cuda_rng_to_restore(state["cuda"], torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def is_complete(folder: Path) -> bool:

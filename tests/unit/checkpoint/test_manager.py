@@ -118,3 +118,15 @@ def test_training_checkpoint_converts_to_hf(tmp_path):
     )
     for (name, a), b in zip(model.named_parameters(), load_hf_model(out).parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_resume_restores_the_cuda_generator_of_its_own_device_only():
+    """A checkpoint saved on 8-GPU nodes and resumed on 4-GPU nodes: old checkpoints hold every
+    visible device's state (a list), new ones the rank's own; a device the saving node lacked
+    restores nothing rather than indexing past the list."""
+    from titan_rl.checkpoint.manager import cuda_rng_to_restore
+
+    states = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]
+    assert torch.equal(cuda_rng_to_restore(states, 2), states[2])
+    assert cuda_rng_to_restore(states, 5) is None
+    assert torch.equal(cuda_rng_to_restore(states[1], 3), states[1])
