@@ -49,6 +49,16 @@ def main(folder: Path) -> None:
     for name, tensor in full_params(resumed).items():
         check(torch.equal(tensor, expected[name]), f"parameter {name} differs after resume")
 
+    # resuming the newest checkpoint: every rank takes rank 0's, even one whose listing of the
+    # shared folder is stale (as NFS can be after a restart) and shows an older one as newest
+    if rank == 1:
+        manager.latest = lambda: folder / "ckpt" / "step-000002"
+    again, optimizer3, scheduler3 = make_training(seed=3, shard=shard)
+    step, _ = manager.load(again, optimizer3, scheduler3)
+    check(step == 4, f"rank {rank} resumed step {step}, not rank 0's newest (4)")
+    for name, tensor in full_params(again).items():
+        check(torch.equal(tensor, expected[name]), f"parameter {name} differs after resuming the newest")
+
     # HF save gathers one tensor at a time on every rank; loading keeps each rank's shard.
     save_hf_model(model, folder / "hf", dtype=torch.float32, max_shard_bytes=100_000)
     dist.barrier()

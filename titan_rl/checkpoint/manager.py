@@ -178,6 +178,22 @@ class CheckpointManager:
             for old in complete[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _agreed_latest(self) -> Path | None:
+        """The newest complete checkpoint as rank 0 sees it, on every rank. Each rank listing the
+        shared folder itself could see another set (NFS caches directory listings for seconds after
+        a restart) and load another step's shards than its peers."""
+        latest = self.latest() if _rank() == 0 else None
+        if _dist() and dist.get_world_size() > 1:
+            box = [None if latest is None else str(latest)]
+            dist.broadcast_object_list(box, src=0)
+            latest = None if box[0] is None else Path(box[0])
+            if latest is not None and not is_complete(latest):
+                raise CheckpointError(
+                    f"rank {_rank()} does not see {latest}, rank 0's newest checkpoint, as complete: is "
+                    "the checkpoint folder on a filesystem every node shares?"
+                )
+        return latest
+
     def load(
         self,
         model: nn.Module,
@@ -191,7 +207,7 @@ class CheckpointManager:
         and no ``path`` is given).
         """
         if path is None:
-            folder = self.latest() if self.enable else None
+            folder = self._agreed_latest() if self.enable else None
             if folder is None:
                 return None
         else:
