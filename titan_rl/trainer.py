@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
 from titan_rl.parallel.parallelize import precision_summary, set_gemm_reductions
 from titan_rl.rl.collect import is_agentic
-from titan_rl.rl.losses import LossConfig, rl_loss
+from titan_rl.rl.losses import KEPT_COUNTS, OVER_KEPT_TOKENS, LossConfig, rl_loss
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
 
@@ -73,33 +74,46 @@ def loss_config(cfg: JobConfig) -> LossConfig:
 @dataclass
 class StepStats:
     """Merges per-micro-batch metrics on the device: sums, token-weighted means, min / max. Nothing
-    is read on the host until ``result``, once per step."""
+    is read on the host until ``result``, once per step. A mean over the tokens the loss kept
+    (``OVER_KEPT_TOKENS``; fewer than the trained ones only with MIS) is weighted by their count."""
 
     tokens: float = 0.0
     loss: torch.Tensor | float = 0.0
+    kept: torch.Tensor | float = 0.0  # tokens the loss kept
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     mins: dict[str, torch.Tensor] = field(default_factory=dict)
     maxs: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], tokens: int) -> None:
-        self.loss = self.loss + loss.detach().double()
+    def add(self, loss: torch.Tensor | None, metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        """One micro-batch's ``rl_loss`` metrics over its ``tokens`` trained tokens; ``loss`` None: the
+        caller adds the loss itself (``add_loss``)."""
+        if loss is not None:
+            self.add_loss(loss)
         self.tokens += tokens
+        kept = metrics.get("kept/tokens")
+        kept = float(tokens) if kept is None else torch.as_tensor(kept).detach().double()
+        self.kept = self.kept + kept
         for key, value in metrics.items():
+            if key in KEPT_COUNTS or key == "loss":
+                continue
             v = torch.as_tensor(value).detach().double()
             if key.endswith("/min"):
                 self.mins[key] = torch.minimum(self.mins[key], v) if key in self.mins else v
             elif key.endswith("/max"):
                 self.maxs[key] = torch.maximum(self.maxs[key], v) if key in self.maxs else v
-            elif key != "loss":
-                self.sums[key] = self.sums.get(key, 0.0) + v * tokens
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + v * (kept if key in OVER_KEPT_TOKENS else tokens)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss = self.loss + loss.detach().double()
 
     def all_reduce(self, group, device: torch.device | str = "cpu") -> None:
         """Combine the data-parallel ranks' stats (sums add, mins / maxs reduce) on ``device``."""
         keys = sorted(self.sums)
-        sums = self._stack([self.loss, self.tokens, *(self.sums[k] for k in keys)], device)
+        sums = self._stack([self.loss, self.tokens, self.kept, *(self.sums[k] for k in keys)], device)
         torch.distributed.all_reduce(sums, group=group)
-        self.loss, self.tokens = sums[0], float(sums[1])
-        self.sums = dict(zip(keys, sums[2:]))
+        self.loss, self.tokens, self.kept = sums[0], float(sums[1]), sums[2]
+        self.sums = dict(zip(keys, sums[3:]))
         for values, op in (
             (self.mins, torch.distributed.ReduceOp.MIN),
             (self.maxs, torch.distributed.ReduceOp.MAX),
@@ -117,12 +131,15 @@ class StepStats:
         """The merged metrics as floats: the step's one read from the device."""
         keys = sorted(self.sums)
         extremes = {**self.mins, **self.maxs}
-        names = ["loss", *keys, *extremes]
+        names = ["loss", "kept", *keys, *extremes]
         device = next((v.device for v in (*self.sums.values(), *extremes.values())), "cpu")
-        values = self._stack([self.loss, *(self.sums[k] for k in keys), *extremes.values()], device)
+        values = self._stack(
+            [self.loss, self.kept, *(self.sums[k] for k in keys), *extremes.values()], device
+        )
         out = dict(zip(names, values.tolist()))
+        kept = out.pop("kept")
         for k in keys:
-            out[k] /= max(self.tokens, 1.0)
+            out[k] /= max(kept if k in OVER_KEPT_TOKENS else self.tokens, 1.0)
         for k in self.mins:  # still the identity: no token was trained (or all were rejected)
             out[k] = math.nan if out[k] == math.inf else out[k]
         for k in self.maxs:
@@ -300,6 +317,8 @@ class Trainer:
         for m, minibatch in enumerate(minibatches):
             global_tokens, global_seqs = self._global_counts(minibatch)
             self.optimizer.zero_grad(set_to_none=True)
+            kept = torch.zeros(2, dtype=torch.float64, device=self.device)  # tokens, trajectories
+            minibatch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for i, mb in enumerate(micro[m]):
                 if mb.num_tokens == 0 and not self.dims.distributed:
                     continue  # (with FSDP every rank must run the same forwards, even empty ones)
@@ -322,7 +341,14 @@ class Trainer:
                     global_seqs=global_seqs,
                 )
                 loss.backward()
-                stats.add(loss, metrics, mb.num_tokens)
+                kept += torch.stack([metrics[k] for k in KEPT_COUNTS]).double()
+                minibatch_loss += loss.detach().double()
+                stats.add(None, metrics, mb.num_tokens)
+            scale = self._kept_scale(kept, global_tokens, global_seqs)
+            if scale is not None:
+                self._scale_gradients(scale)
+                minibatch_loss = minibatch_loss * scale
+            stats.add_loss(minibatch_loss)
             grad_norms.append(self._optimizer_step())
         if self.dims.distributed:
             stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
@@ -351,6 +377,29 @@ class Trainer:
         clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         optimizer.step()
         return float(total)
+
+    def _kept_scale(
+        self, kept: torch.Tensor, global_tokens: float, global_seqs: float
+    ) -> torch.Tensor | None:
+        """With ``correction = "mis"``: the factor that turns the minibatch's loss, normalized by all
+        its trained tokens (or trajectories), into one normalized by those MIS kept, known only after
+        the forward (``kept``: this rank's kept tokens and trajectories; summed over the ranks here).
+        Rejected tokens leave the loss as if they were not in the batch. None without MIS."""
+        if self.loss_cfg.correction != "mis":
+            return None
+        if self.dims.distributed:  # (cp ranks each count their shard's tokens; cp needs token-mean)
+            torch.distributed.all_reduce(kept, group=self.dims.get_mesh("dp_cp").get_group())
+        if self.loss_cfg.aggregation == "token-mean":
+            return global_tokens / kept[0].clamp_min(1.0)
+        return global_seqs / kept[1].clamp_min(1.0)
+
+    def _scale_gradients(self, scale: torch.Tensor) -> None:
+        """Multiply every gradient by the device scalar ``scale`` (FSDP's DTensor gradients: their
+        local shards), with no host read."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                grad.mul_(scale.to(grad.dtype))
 
     def _optimizer_step(self) -> float:
         clip = self.cfg.training.grad_clip

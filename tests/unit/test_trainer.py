@@ -373,3 +373,28 @@ def test_dropping_uninformative_groups_takes_their_trajectories_out_of_the_batch
     assert kept_for_training(trajectories, advantages, informative, drop=False)[0] == trajectories
     nothing = torch.zeros(3, dtype=torch.bool)
     assert kept_for_training(trajectories, advantages, nothing, drop=True)[0] == trajectories
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_tokens_mis_rejects_leave_the_step_as_if_they_were_not_in_the_batch(aggregation):
+    """correction = "mis" drops tokens whose engine / trainer weight is outside [1/C, C]; the step must
+    equal one on the same batch without them: the same loss, gradient and metrics (rejected tokens
+    out of the normalizer and of the means over the kept tokens, such as ratio/mean)."""
+    import dataclasses
+
+    agg = f"--rl.aggregation={aggregation}"
+    mis, batch, n = setup("--rl.correction=mis", "--rl.correction_threshold=2.0", agg)
+    plain, _, _ = setup("--rl.correction=none", agg)
+    trained = batch.target_mask.nonzero()
+    rejected = trained[::3]  # the engine's log-prob 5 nats above the trainer's: w = e^-5 < 1/2
+    shifted = batch.rollout_logprobs.clone()
+    shifted[rejected[:, 0], rejected[:, 1]] += 5.0
+    without = batch.target_mask.clone()
+    without[rejected[:, 0], rejected[:, 1]] = False
+    got = mis.train_step(dataclasses.replace(batch, rollout_logprobs=shifted), n)
+    expected = plain.train_step(dataclasses.replace(batch, target_mask=without), n)
+    assert got["correction/masked_frac"] == pytest.approx(len(rejected) / len(trained), rel=1e-6)
+    for key in ("loss", "grad_norm", "ratio/mean", "clip_frac", "entropy/mean"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(mis.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -156,7 +156,8 @@ class RL:
     entropy_coef: float = 0.0
     """Entropy bonus weight (entropy is always logged)."""
     correction: str = "none"
-    """Rollout correction: none, tis (truncated weights) or mis (masked)."""
+    """Rollout correction: none, tis (truncated weights) or mis (masked: the dropped tokens leave the
+    loss, its normalizer and the metrics over the kept tokens, as if they were not in the batch)."""
     correction_level: str = "token"
     """Importance weights per token or per sequence."""
     correction_threshold: float = 2.0

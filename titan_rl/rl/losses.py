@@ -305,6 +305,14 @@ def rl_loss(
 
     with torch.no_grad():
         ratio = torch.exp(logprobs - old_logprobs)
+        # what the aggregation kept (MIS drops tokens or whole sequences): the trainer renormalizes
+        # the step by these once it has them from every micro-batch and rank (KEPT_COUNTS)
+        metrics["kept/tokens"] = mask.sum().float()
+        metrics["kept/seqs"] = (
+            (mask.new_zeros(num_seqs, dtype=torch.float32).index_add(0, seq_ids, mask.float()) > 0)
+            .sum()
+            .float()
+        )
         metrics["loss"] = loss.detach()
         metrics["ratio/mean"] = _masked_mean(ratio, mask)
         metrics["ratio/min"] = _masked_extreme(ratio, mask, torch.amin)
@@ -315,6 +323,13 @@ def rl_loss(
         if ref_logprobs is not None:
             metrics["kl/mean"] = _masked_mean(kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator), mask)
     return loss, metrics | stats
+
+
+KEPT_COUNTS = ("kept/tokens", "kept/seqs")
+"""Counts ``rl_loss`` returns among its metrics: the trained tokens and trajectories the aggregation
+kept (fewer than given only with ``correction = "mis"``), to be summed, not averaged."""
+OVER_KEPT_TOKENS = ("ratio/mean", "clip_frac", "entropy/mean", "kl/mean")
+"""``rl_loss`` metrics that are means over the kept tokens (the others: over all trained tokens)."""
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
