@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.conftest import randomize_biases, tiny_model
 from tests.distributed.worker_checks import check, finish
+from titan_rl.checkpoint import hf
 from titan_rl.checkpoint.hf import hf_tensors, load_hf_model, load_hf_state_dict_into, save_hf_model
 from titan_rl.checkpoint.names import from_hf_name
 from titan_rl.parallel import ParallelConfig, ParallelDims, parallelize_gpt_oss
@@ -73,8 +74,17 @@ def main(folder: Path) -> None:
     name = "layers.0.mlp.experts.gate_up_proj"
     check(not torch.equal(quantized[name], expected[name]), "MXFP4 did not quantize")
     fresh = expert_parallel(12, dims)
+    dequantized = []  # each rank dequantizes only the experts its shard holds
+    real = hf.dequantize_mxfp4
+    hf.dequantize_mxfp4 = lambda *a, **k: dequantized.append(1) or real(*a, **k)
     load_hf_state_dict_into(fresh, folder / "mxfp4")
+    hf.dequantize_mxfp4 = real
     compare(fresh, quantized, "EP load of MXFP4")
+    layers, local = len(fresh.layers), fresh.layers[0].mlp.experts.gate_up_proj.to_local().shape[0]
+    check(
+        len(dequantized) == 2 * layers * local,
+        f"{len(dequantized)} experts dequantized, not {2 * layers * local}",
+    )
     finish(20)
 
 

@@ -188,10 +188,25 @@ def _load_tensor(reader: _ShardReader, name: str, params: dict[str, torch.Tensor
     return native
 
 
+def _local_experts(param: torch.Tensor) -> list[int] | None:
+    """The experts (rows of dim 0) whose values this rank's shard of DTensor ``param`` holds, in
+    order; None if its placements split another dim. No communication: the expert ids are laid out
+    as ``param`` is (FSDP's Shard(0), EP's and their strided combination alike)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if any(p.is_partial() or (p.is_shard() and p.dim != 0) for p in param.placements):
+        return None
+    ids = torch.arange(param.shape[0]).view(-1, 1, 1)
+    local = distribute_tensor(ids, param.device_mesh, param.placements, src_data_rank=None)
+    return local.to_local().flatten().tolist()
+
+
 def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path) -> torch.Tensor | None:
     """Dequantize ``stem_blocks`` / ``stem_scales`` into the layout ``[E, cols, rows]``.
 
-    A plain parameter is filled in place (returns None); for a DTensor the full tensor is returned.
+    A plain parameter is filled in place, and so is a DTensor's local shard, dequantizing only its
+    own experts (returns None: 2 of 128 per rank in the 120b recipe, where every rank used to
+    dequantize all 128); a DTensor split along another dim gets the full tensor returned.
     """
     if f"{stem}_scales" not in reader.where:
         raise CheckpointError(f"{file}: {stem}_blocks has no matching {stem}_scales tensor")
@@ -203,11 +218,17 @@ def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path
             f"{file}: {stem}_blocks {tuple(blocks.shape)} / _scales {tuple(scales.shape)} do not match "
             f"config.json, which implies {expected} / {expected[:-1]}"
         )
-    plain = not _is_dtensor(param)
-    out = param.data if plain else torch.empty(param.shape, dtype=param.dtype)
-    for e in range(experts):  # one expert at a time bounds the dequantization scratch memory
-        out[e].copy_(dequantize_mxfp4(blocks[e], scales[e], param.dtype).T)
-    return None if plain else out
+    full = None  # returned for the caller to shard: only a DTensor split along another dim
+    if not _is_dtensor(param):
+        out, mine = param.data, list(range(experts))
+    elif (mine := _local_experts(param)) is not None:
+        out = param.to_local()
+    else:
+        out = full = torch.empty(param.shape, dtype=param.dtype)
+        mine = list(range(experts))
+    for row, e in enumerate(mine):  # one expert at a time bounds the dequantization scratch memory
+        out[row].copy_(dequantize_mxfp4(blocks[e], scales[e], param.dtype).T)
+    return full
 
 
 def load_hf_model(
