@@ -86,14 +86,17 @@ def shard_names(path: str | Path) -> dict[str, list[str]]:
     folder = Path(path)
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index} is not valid JSON ({e}); re-download the checkpoint") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint")
         shards: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             shards.setdefault(file, []).append(name)
     elif (folder / SINGLE_FILE).is_file():
-        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+        with _open_shard(folder / SINGLE_FILE) as f:
             shards = {SINGLE_FILE: list(f.keys())}
     else:
         raise CheckpointError(
@@ -116,12 +119,21 @@ def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
+def _open_shard(path: Path):
+    """``safe_open(path)``; a file that is not a readable safetensors file (a download cut short)
+    is a CheckpointError that names it."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
+
+
 class _ShardReader:
     """Reads named tensors of one shard, fetching an MXFP4 partner from another shard if needed."""
 
     def __init__(self, folder: Path, file: str, where: dict[str, str]) -> None:
         self.folder, self.file, self.where = folder, file, where
-        self.handle = safe_open(folder / file, framework="pt")
+        self.handle = _open_shard(folder / file)
 
     def get(self, name: str) -> torch.Tensor:
         file = self.where.get(name, self.file)

@@ -36,6 +36,7 @@ from titan_rl.checkpoint.hf import (
 from titan_rl.model import GptOss, GptOssModelArgs
 
 TRAINER_STATE = "trainer_state.pt"
+MODEL_CONFIG_FILE = "model_config.json"  # the model's HF config.json, in training checkpoints
 DCP_METADATA = ".metadata"  # written last by dcp.save
 _STEP_RE = re.compile(r"step-(\d+)")
 
@@ -162,6 +163,9 @@ class CheckpointManager:
                 {"step": step, "lr_scheduler": scheduler_state, "world_size": world}, tmp / TRAINER_STATE
             )
             (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, default=str) + "\n")
+            args = getattr(model, "args", None)  # the model's own HF config: conversion needs no --config
+            if args is not None:
+                (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         _barrier()  # every rank's files are in tmp
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
@@ -302,7 +306,12 @@ def load_model_dcp(
     model out of a training checkpoint, whose config.json is the training config.
     """
     folder = Path(folder)
-    config_file = Path(hf_config) if hf_config is not None else folder / CONFIG_FILE
+    if hf_config is not None:
+        config_file = Path(hf_config)
+    elif (folder / MODEL_CONFIG_FILE).is_file():  # a training checkpoint: config.json is the run's
+        config_file = folder / MODEL_CONFIG_FILE
+    else:
+        config_file = folder / CONFIG_FILE
     config_file = config_file / CONFIG_FILE if config_file.is_dir() else config_file
     for needed in (config_file, folder / DCP_METADATA):
         if not needed.is_file():
@@ -310,7 +319,13 @@ def load_model_dcp(
     try:
         args = GptOssModelArgs.from_hf_config(json.loads(config_file.read_text()))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_file} is not a GPT-OSS HF config: {e!r}") from e
+        hint = ""
+        if hf_config is None and (folder / TRAINER_STATE).is_file():
+            hint = (
+                "; this is a training checkpoint without a model config: pass the model's HF "
+                "config.json (or folder) as hf_config / --config"
+            )
+        raise CheckpointError(f"{config_file} is not a GPT-OSS HF config: {e!r}{hint}") from e
     with torch.device("meta"):
         model = GptOss(args).to(dtype)
     model.to_empty(device=device)

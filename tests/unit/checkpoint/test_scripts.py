@@ -89,9 +89,23 @@ def reshape_embedding(folder: Path) -> str:
     return "model.embed_tokens.weight"
 
 
+def truncate_shard(folder: Path) -> str:
+    shard = first_shard(folder)  # a download cut short
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard.name
+
+
+def corrupt_index(folder: Path) -> str:
+    index = folder / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-20])
+    return index.name
+
+
 HF_BREAKAGES = {
     "missing config": lambda folder: (folder / "config.json").unlink() or "config.json",
     "missing shard": lambda folder: first_shard(folder).unlink() or first_shard(folder).name,
+    "truncated shard": truncate_shard,
+    "corrupt index": corrupt_index,
     "unknown tensor": add_unknown_tensor,
     "wrong shape": reshape_embedding,
 }
@@ -131,3 +145,18 @@ def test_dcp_to_hf_bad_input_exits_with_a_message(tmp_path, capsys, breakage):
     assert error.startswith("error: ") and culprit in error, error
     with pytest.raises(CheckpointError, match=culprit):
         main([str(folder), str(tmp_path / "hf"), "--debug"])
+
+
+def test_a_training_checkpoint_converts_without_a_config(tmp_path):
+    """A training checkpoint's config.json is the run's; the model's HF config is saved beside it,
+    so the conversion needs no --config (a run from a preset has no HF folder to point at)."""
+    from titan_rl.checkpoint.hf import load_hf_model
+    from titan_rl.checkpoint.manager import CheckpointManager
+
+    model = tiny_model(seed=2)
+    step = CheckpointManager(tmp_path / "ckpt", interval=1).save(
+        1, model, torch.optim.AdamW(model.parameters()), config={"job": {"seed": 0}}
+    )
+    assert script_main("convert_dcp_to_hf")([str(step), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    for name, tensor in load_hf_model(tmp_path / "hf").state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
