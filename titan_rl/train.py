@@ -58,13 +58,18 @@ def init_device(dims: ParallelDims) -> torch.device:
     return device
 
 
-def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[[GptOss], None] | None]:
+def build_model(
+    cfg: JobConfig, device: torch.device, policy_weights: bool = True
+) -> tuple[GptOss, Callable[[GptOss], None] | None]:
     """The policy, and how the trainer fills it once it is sharded.
 
     From a HF folder the model is built on the meta device: after FSDP / EP sharding each rank
     allocates only its shards on ``device`` and keeps its part of every tensor it reads, so no rank
     ever holds the whole model (gpt-oss-120b included). A preset is initialized randomly on the CPU
     from ``job.seed`` (the same on every rank) and moved to ``device`` before sharding.
+    ``policy_weights`` False (a run that resumes a checkpoint): the policy's shards are allocated but
+    not read from the HF folder, which the checkpoint would overwrite (gpt-oss-120b: each rank reads
+    every expert tensor whole); a KL reference model is still read.
     """
     dtype = DTYPES[cfg.model.dtype]
     if not cfg.model.hf_path:
@@ -83,6 +88,8 @@ def build_model(cfg: JobConfig, device: torch.device) -> tuple[GptOss, Callable[
 
     def load(module: GptOss) -> None:
         module.to_empty(device=device)
+        if module is model and not policy_weights:  # a checkpoint's weights replace them next
+            return
         load_hf_state_dict_into(module, cfg.model.hf_path, progress=int(os.environ.get("RANK", "0")) == 0)
 
     return model, load
@@ -156,7 +163,12 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
-    model, materialize = build_model(cfg, init_device(dims))
+    from titan_rl.checkpoint.manager import CheckpointManager
+
+    # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
+    manager = CheckpointManager.from_config(cfg.checkpoint, dump)
+    resume = manager.resume_target(cfg.checkpoint.load_path or None)  # every rank agrees
+    model, materialize = build_model(cfg, init_device(dims), policy_weights=resume is None)
     trainer = Trainer(model, cfg, dims, materialize)
     engine = build_engine(cfg, model)
     env = build_env(cfg, model.args.vocab_size)
@@ -165,13 +177,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         dump, cfg.metrics.log_freq, rank=rank, wandb_run=start_wandb(cfg) if rank == 0 else None
     )
 
-    from titan_rl.checkpoint.manager import CheckpointManager
-
-    # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
-    manager, start_step = CheckpointManager.from_config(cfg.checkpoint, dump), 0
-    resumed = manager.load(
-        model, trainer.optimizer, trainer.lr_scheduler, path=cfg.checkpoint.load_path or None
-    )
+    start_step = 0
+    resumed = None if resume is None else manager.load(model, trainer.optimizer, trainer.lr_scheduler, resume)
     if resumed is not None:
         start_step, extra = resumed
         if "engine_rng" in extra:  # absent when the saving engine had no state to give

@@ -355,3 +355,28 @@ def test_load_path_resumes_even_with_saving_off(tmp_path):
     assert "resumed from step 2" in again.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [3, 4]
     assert not (tmp_path / "b" / "checkpoint").exists()
+
+
+def test_a_resumed_hf_run_reads_its_weights_from_the_checkpoint_only(tmp_path):
+    """A run from a HF folder that resumes a checkpoint does not read the folder's weights (the
+    checkpoint replaces them; at 120b every rank would read every expert tensor whole): no loading
+    bar, and steps 3-4 equal the straight run's."""
+    from titan_rl.checkpoint.hf import save_hf_model
+    from titan_rl.model import GptOss, GptOssModelArgs
+
+    torch.manual_seed(0)
+    save_hf_model(GptOss(GptOssModelArgs.from_preset("debug")), tmp_path / "hf", dtype=torch.float32)
+    hf = f"--model.hf_path={tmp_path / 'hf'}"
+    straight = run_train(hf, "--training.steps=4", *CHECKPOINTED[1:], f"--job.dump_folder={tmp_path / 'a'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "loading" in straight.stderr  # the fresh start reads the folder (rank 0's progress bar)
+    step = tmp_path / "a" / "checkpoint" / "step-000002"
+    again = run_train(
+        hf, "--training.steps=4", f"--checkpoint.load_path={step}", f"--job.dump_folder={tmp_path / 'b'}"
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 2" in again.stdout and "loading" not in again.stderr
+    resumed, reference = read_metrics(tmp_path / "b"), read_metrics(tmp_path / "a")[2:]
+    assert [{k: r[k] for k in DETERMINISTIC} for r in resumed] == [
+        {k: r[k] for k in DETERMINISTIC} for r in reference
+    ]

@@ -182,6 +182,15 @@ class CheckpointManager:
             for old in complete[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def resume_target(self, path: str | Path | None = None) -> Path | None:
+        """What ``load(path=...)`` will restore, the same on every rank (a collective without
+        ``path``): ``path``, or with checkpointing on the newest complete checkpoint as rank 0 sees
+        it; None: nothing to resume. Known before the model is filled, so a resumed run need not
+        read the weights the checkpoint replaces."""
+        if path is not None:
+            return Path(path)
+        return self._agreed_latest() if self.enable else None
+
     def _agreed_latest(self) -> Path | None:
         """The newest complete checkpoint as rank 0 sees it, on every rank. Each rank listing the
         shared folder itself could see another set (NFS caches directory listings for seconds after
