@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Convert a model-only DCP folder (or a training checkpoint step folder) into a HF GPT-OSS folder.
 
-The DCP folder needs the config.json that convert_hf_to_dcp.py writes; for a training checkpoint
-pass --config with the model's HF config.json (or its HF folder). Tensors are saved in
+The DCP folder needs the config.json that convert_hf_to_dcp.py writes; a training checkpoint
+carries its model's in model_config.json (older ones: pass --config with the model's HF
+config.json or its HF folder). Tensors are saved in
 --dtype (bf16 by default); --mxfp4 stores the expert weights as MXFP4 blocks/scales like the
 released checkpoints; --source copies the tokenizer and generation files from a HF folder.
 
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the other tensors"
     )
     parser.add_argument("--source", type=Path, help="HF folder to copy tokenizer/generation files from")
-    parser.add_argument("--config", type=Path, help="HF config.json (or folder) for a training checkpoint")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="HF config.json (or folder): a training checkpoint without model_config.json",
+    )
     parser.add_argument(
         "--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size limit"
     )
