@@ -82,6 +82,23 @@ def share_of(count: int, world: int, rank: int) -> range:
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
 
+def same_tokens_everywhere(tokens: torch.Tensor) -> None:
+    """Under expert parallelism every rank decodes every row and decides on its own when a row ends
+    and which prompt takes it: the ranks must sample the same tokens, or they run different steps
+    and a collective of the next MoE layer hangs. They do when their logits are bitwise equal; this
+    checks it at each host read (a checksum, MIN and MAX over the ranks) and raises on every rank
+    instead of hanging. ``tokens [rows, steps]`` int64, on the model's device."""
+    weights = torch.arange(1, tokens.numel() + 1, device=tokens.device).view_as(tokens)
+    checksum = (tokens * (2 * weights + 1)).sum().view(1).repeat(2)
+    checksum[1] = -checksum[1]
+    dist.all_reduce(checksum, op=dist.ReduceOp.MAX)  # [max, -min]
+    if checksum[0] != -checksum[1]:
+        raise RuntimeError(
+            "expert-parallel ranks sampled different tokens in the same decode steps (their logits "
+            "differ bitwise): they would stop decoding at different steps and hang"
+        )
+
+
 class NativeEngine:
     """Batched sampling from a live ``GptOss``; reproducible through its own generator.
 
@@ -242,9 +259,12 @@ class NativeEngine:
         ``torch.distributed``, or with expert parallelism (see the module docstring)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return 1, 0
-        if any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers):
+        if self._expert_parallel():
             return 1, 0
         return dist.get_world_size(), dist.get_rank()
+
+    def _expert_parallel(self) -> bool:
+        return any(isinstance(block.mlp.experts, ExpertParallelExperts) for block in self.model.layers)
 
     def _prefill(
         self, prompts: list[list[int]], cache: KVCache
@@ -380,6 +400,8 @@ class NativeEngine:
                 if routing is not None:
                     routed.append(routing)
             finished = []
+            if self._expert_parallel() and dist.is_initialized():
+                same_tokens_everywhere(torch.stack(drawn, dim=1))
             read_ids, read_logprobs = self._read(drawn, logprobs)
             for i, piece in prefilled:  # the same read: the decoded steps' [rows, steps, layers, top_k]
                 routes[i].append(piece.cpu())
