@@ -118,6 +118,14 @@ def test_math_loader_reads_gsm8k_and_bare_answers_and_names_bad_lines(tmp_path):
         ("no idea", "42", False),
         (None, "42", False),
         ("Paris", "paris", True),
+        # fractions are read whole (they were "3 then 4": a gold 3/4 expected 3 and got 4)
+        ("3/4", "3/4", True),
+        ("0.75", "3/4", True),
+        ("1/2 of them", "0.5", True),
+        ("\\boxed{\\frac{3}{4}}", "0.75", True),
+        ("so \\dfrac{1}{2}", "1/2", True),
+        ("3/4", "3", False),
+        ("$18/hour", "18", True),
     ],
 )
 def test_exact_answer_matching(answer, gold, correct):

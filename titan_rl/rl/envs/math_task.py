@@ -29,8 +29,10 @@ PYTHON = ToolSpec(
     description="Run Python 3 code in a sandbox (no network, no files outside its folder); returns output.",
     parameters={"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
 )
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# a number: 1,234.5, .5, -3, or a fraction 3/4 (a/b, read whole: "3/4" is not 3 then 4)
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?")
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")  # one level of braces: \boxed{\frac{3}{4}}
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")  # LaTeX \frac{a}{b}
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,30 @@ def load_math_jsonl(path: str | Path) -> list[MathProblem]:
     return problems
 
 
+def _numbers(text: str) -> list[Fraction]:
+    """Every number in ``text``, in order: dollar signs and thousands separators dropped, ``a/b``
+    and ``\\frac{a}{b}`` as the fraction (a zero denominator is not a number)."""
+    text = _FRAC.sub(r"\1/\2", text.replace("$", ""))
+    found = []
+    for match in _NUMBER.findall(text):
+        try:
+            found.append(Fraction(match.replace(",", "")))
+        except (ValueError, ZeroDivisionError):
+            continue
+    return found
+
+
 def parse_number(text: str) -> Fraction | None:
-    """``"$1,234.50"`` -> 1234.5; None if there is no number."""
-    match = _NUMBER.search(text.replace("$", ""))
-    return Fraction(match.group().replace(",", "")) if match else None
+    """``"$1,234.50"`` -> 1234.5, ``"3/4"`` -> 3/4; the first number, None if there is none."""
+    numbers = _numbers(text)
+    return numbers[0] if numbers else None
 
 
 def extract_answer(text: str) -> Fraction | None:
     """The model's answer: the last ``\\boxed{..}`` if any, else the last number in the text."""
     boxed = _BOXED.findall(text)
-    if boxed:
-        return parse_number(boxed[-1])
-    numbers = _NUMBER.findall(text.replace("$", ""))
-    return Fraction(numbers[-1].replace(",", "")) if numbers else None
+    numbers = _numbers(boxed[-1] if boxed else text)
+    return (numbers[0] if boxed else numbers[-1]) if numbers else None
 
 
 def is_correct(final_answer: str | None, gold: str) -> bool:
