@@ -31,7 +31,7 @@ from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_
 from titan_rl.preflight import check_inputs
 from titan_rl.report import write_report
 from titan_rl.rl.advantages import group_advantages, informative_groups
-from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations
+from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, demonstrations, system_style
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine, RolloutEngine
 from titan_rl.rl.types import Trajectory
@@ -263,7 +263,7 @@ def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console:
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.sft.lr)
     trainer.model.train()
     for step in range(cfg.sft.steps):
-        demos = demonstrations(env, tokenizer, step, cfg.sft.batch_size)
+        demos = demonstrations(env, tokenizer, step, cfg.sft.batch_size, system_style(cfg))
         batch = pack_trajectories(demos, [0.0] * len(demos), cfg.training.seq_len)
         loss = trainer.sft_step(batch, optimizer)
         if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.sft.steps:

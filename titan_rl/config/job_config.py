@@ -228,6 +228,10 @@ class Env:
     """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
     tool_timeout_s: float = 10.0
     """Agentic episodes: wall-clock limit of one tool call."""
+    system_prompt: str = "auto"
+    """Agentic episodes: gpt-oss (the system message the released models were trained on; the
+    environment's instructions go in the developer message), minimal (the environment's messages as
+    they are: short prompts for models trained from scratch), or auto: gpt-oss with model.hf_path."""
 
 
 @dataclass

@@ -123,6 +123,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.kl_estimator": ("k1", "k2", "k3"),
     "rl.correction": ("none", "tis", "mis"),
     "rl.correction_level": ("token", "sequence"),
+    "env.system_prompt": ("auto", "gpt-oss", "minimal"),
     "rollout.engine": ("native", "vllm"),
     "rollout.decode": ("auto", "eager", "static", "cuda_graph"),
     "env.name": ("token_preference", "tool_lookup", "math"),

@@ -64,6 +64,9 @@ class AgentLoopConfig:
     """Longer tool results (and error texts) are truncated before they are tokenized."""
     max_concurrent_tools: int = 16
     """Tool calls running at once across all episodes."""
+    system_style: str = "minimal"
+    """How the conversation's system and developer messages render (``harmony.render_conversation``):
+    minimal, or gpt-oss for the released models."""
 
 
 @dataclass
@@ -105,13 +108,14 @@ class EpisodeRollout:
         )
 
 
-def start_episode(env: AgentEnvironment, index: int, group: int, tokenizer: Tokenizer) -> EpisodeRollout:
+def start_episode(
+    env: AgentEnvironment, index: int, group: int, tokenizer: Tokenizer, style: str = "minimal"
+) -> EpisodeRollout:
     """Reset task ``index``; the prompt (conversation + ``<|start|>assistant``) is context, mask 0."""
     start = env.reset(index)
     episode = EpisodeRollout(start, group, Transcript(state=start.state, messages=list(start.messages)))
-    episode.append(
-        render_conversation(start.messages, start.tools, tokenizer) + generation_prompt(tokenizer), False
-    )
+    conversation = render_conversation(start.messages, start.tools, tokenizer, style)
+    episode.append(conversation + generation_prompt(tokenizer), False)
     return episode
 
 
@@ -287,7 +291,7 @@ def run_episodes(
     tokens itself. Returns the trajectories (rewards from ``env.reward``) and summed / mean stats.
     """
     episodes = [
-        start_episode(env, index, group, tokenizer)
+        start_episode(env, index, group, tokenizer, config.system_style)
         for group, index in enumerate(task_indices)
         for _ in range(group_size)
     ]
@@ -356,13 +360,15 @@ def episode_stats(episodes: list[EpisodeRollout], trajectories: list[Trajectory]
     return stats
 
 
-def demonstration_trajectory(start: EpisodeStart, replies: list[Message], tokenizer: Tokenizer) -> Trajectory:
+def demonstration_trajectory(
+    start: EpisodeStart, replies: list[Message], tokenizer: Tokenizer, style: str = "minimal"
+) -> Trajectory:
     """A scripted episode laid out exactly as the loop lays out a sampled one (for SFT warm-up).
 
     ``replies`` alternate assistant messages (mask 1, stop ``<|call|>`` / ``<|return|>`` / ``<|end|>``)
     and environment messages (mask 0, each followed by ``<|start|>assistant``)."""
     prompt = generation_prompt(tokenizer)
-    tokens = render_conversation(start.messages, start.tools, tokenizer) + prompt
+    tokens = render_conversation(start.messages, start.tools, tokenizer, style) + prompt
     mask = [0] * len(tokens)
     for message in replies:
         if message.role == "assistant":

@@ -109,6 +109,7 @@ def collect_rollouts(
             max_episode_tokens=cfg.env.max_episode_tokens,
             max_new_tokens_per_turn=cfg.rollout.max_new_tokens,
             tool_timeout_s=cfg.env.tool_timeout_s,
+            system_style=system_style(cfg),
         )
         trajectories, stats = run_episodes(engine, tokenizer, env, indices, group, sampling_params(cfg), loop)
         return trajectories, {f"env/{k}": v for k, v in stats.items()}
@@ -134,14 +135,22 @@ def collect_rollouts(
     return trajectories, {"env/errors": errors, "env/reward_errors": errors}
 
 
-def demonstrations(env, tokenizer: Tokenizer | None, step: int, count: int) -> list[Trajectory]:
+def system_style(cfg: JobConfig) -> str:
+    """``env.system_prompt`` resolved: ``auto`` is gpt-oss for a released model (``model.hf_path``)."""
+    style = cfg.env.system_prompt
+    return ("gpt-oss" if cfg.model.hf_path else "minimal") if style == "auto" else style
+
+
+def demonstrations(
+    env, tokenizer: Tokenizer | None, step: int, count: int, style: str = "minimal"
+) -> list[Trajectory]:
     """Scripted correct episodes for the supervised warm-up (tasks from the end of the task list)."""
     if tokenizer is None or not hasattr(env, "demonstration"):
         raise ConfigError(
             f"sft.steps > 0 needs an environment with demonstrations (tool_lookup), not {env!r}"
         )
     indices = [len(env) - 1 - (step * count + i) % len(env) for i in range(count)]
-    return [demonstration_trajectory(env.reset(i), env.demonstration(i), tokenizer) for i in indices]
+    return [demonstration_trajectory(env.reset(i), env.demonstration(i), tokenizer, style) for i in indices]
 
 
 __all__ = [

@@ -25,6 +25,18 @@ CHANNELS = ("analysis", "commentary", "final")
 STOP_TOKENS = ("<|call|>", "<|return|>", "<|end|>")  # what ends a sampled assistant turn
 TOOL_NAMESPACE = "functions."
 TOOL_CHANNEL_NOTE = "Calls to these tools must go to the commentary channel: 'functions'."
+SYSTEM_STYLES = ("minimal", "gpt-oss")
+# The system message gpt-oss was trained with (openai/harmony docs/format.md, "Example system
+# message"; its renderer's defaults): identity, knowledge cutoff, a date, reasoning effort and the
+# valid channels; persona and task instructions go in the developer message under "# Instructions".
+# The date is fixed: a rollout must not depend on the day it runs.
+GPT_OSS_SYSTEM = (
+    "You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\n"
+    "Current date: 2025-06-28\n\n"
+    "Reasoning: medium\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+)
 
 
 def generation_prompt(tokenizer: Tokenizer) -> list[int]:
@@ -83,8 +95,21 @@ def render_tools(tools: list[ToolSpec]) -> str:
     return "\n".join(lines)
 
 
-def render_conversation(messages: list[Message], tools: list[ToolSpec], tokenizer: Tokenizer) -> list[int]:
-    """The whole conversation; tool schemas join the developer message (one is added if missing)."""
+def render_conversation(
+    messages: list[Message], tools: list[ToolSpec], tokenizer: Tokenizer, style: str = "minimal"
+) -> list[int]:
+    """The whole conversation; tool schemas join the developer message (one is added if missing).
+
+    ``style``: ``minimal`` renders the environment's messages as they are (for models trained from
+    scratch, such as the debug presets: short prompts); ``gpt-oss`` renders what the released
+    gpt-oss models were trained on: their own system message (``GPT_OSS_SYSTEM``), and the
+    environment's system and developer texts as the developer message's ``# Instructions``.
+    """
+    if style not in SYSTEM_STYLES:
+        raise ValueError(f"unknown system style {style!r}; valid: {', '.join(SYSTEM_STYLES)}")
+    if style == "gpt-oss":
+        messages = _gpt_oss_preamble(messages, tools)
+        return [token for message in messages for token in render_message(message, tokenizer)]
     messages = list(messages)
     if tools:
         section = render_tools(tools)
@@ -99,6 +124,19 @@ def render_conversation(messages: list[Message], tools: list[ToolSpec], tokenize
             if m.role == "system" and TOOL_CHANNEL_NOTE not in m.content:
                 messages[i] = Message("system", f"{m.content}\n{TOOL_CHANNEL_NOTE}")
     return [token for message in messages for token in render_message(message, tokenizer)]
+
+
+def _gpt_oss_preamble(messages: list[Message], tools: list[ToolSpec]) -> list[Message]:
+    """gpt-oss's system message, then a developer message of ``# Instructions`` (the environment's
+    system and developer texts) and the tools, then the rest of the conversation."""
+    system = GPT_OSS_SYSTEM + (f"\n{TOOL_CHANNEL_NOTE}" if tools else "")
+    instructions = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))
+    parts = ([f"# Instructions\n\n{instructions}"] if instructions else []) + (
+        [render_tools(tools)] if tools else []
+    )
+    developer = [Message("developer", "\n\n".join(parts))] if parts else []
+    rest = [m for m in messages if m.role not in ("system", "developer")]
+    return [Message("system", system), *developer, *rest]
 
 
 @dataclass

@@ -179,3 +179,54 @@ def test_tool_schema_rendering():
     assert "tags?: string[],\n}) => any;" in text
     assert "// The time.\ntype now = () => any;" in text
     assert text.endswith("} // namespace functions")
+
+
+def test_the_gpt_oss_style_renders_the_system_message_the_released_models_know():
+    """openai/harmony docs/format.md: the system message holds identity, knowledge cutoff, date,
+    reasoning effort and the valid channels (plus the tools' channel note when there are tools);
+    the environment's own system and developer texts go in the developer message, under
+    "# Instructions", before the tools."""
+    messages = [
+        Message("system", "You solve lookups."),
+        Message("developer", "Answer with the value only."),
+        Message("user", "What is fox?"),
+    ]
+    text = TOKENIZER.decode(render_conversation(messages, [LOOKUP], TOKENIZER, "gpt-oss"))
+    assert text.startswith(
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: medium\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.\n"
+        "Calls to these tools must go to the commentary channel: 'functions'.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nYou solve lookups.\n\nAnswer with the value only."
+        "\n\n# Tools\n\n## functions\n\nnamespace functions {"
+    ), text
+    assert text.endswith("} // namespace functions<|end|><|start|>user<|message|>What is fox?<|end|>")
+    plain = TOKENIZER.decode(render_conversation(messages[2:], [], TOKENIZER, "gpt-oss"))
+    assert plain.startswith("<|start|>system<|message|>You are ChatGPT") and "Calls to these" not in plain
+    assert "<|start|>developer" not in plain  # no instructions, no tools: no developer message
+    with pytest.raises(ValueError, match="system style"):
+        render_conversation(messages, [], TOKENIZER, "chatml")
+
+
+def test_system_prompt_auto_is_gpt_oss_for_a_released_model():
+    from titan_rl.config import load_config
+    from titan_rl.rl.collect import system_style
+
+    assert system_style(load_config(None, [])) == "minimal"
+    assert system_style(load_config(None, ["--model.hf_path=/models/gpt-oss-20b"])) == "gpt-oss"
+    assert system_style(load_config(None, ["--model.hf_path=/m", "--env.system_prompt=minimal"])) == "minimal"
+
+
+def test_episodes_and_demonstrations_render_the_configured_style():
+    from titan_rl.rl.agent_loop import demonstration_trajectory, start_episode
+    from titan_rl.rl.envs.tool_task import ToolLookupEnv
+
+    env = ToolLookupEnv(num_tasks=4)
+    for style, head in (
+        ("minimal", "<|start|>developer"),
+        ("gpt-oss", "<|start|>system<|message|>You are ChatGPT"),
+    ):
+        episode = start_episode(env, 1, 0, TOKENIZER, style)
+        assert TOKENIZER.decode(episode.tokens).startswith(head)
+        demo = demonstration_trajectory(env.reset(1), env.demonstration(1), TOKENIZER, style)
+        assert demo.tokens[: len(episode.tokens)] == episode.tokens  # SFT sees the prompts RL sees
