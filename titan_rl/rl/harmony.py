@@ -69,16 +69,23 @@ def _typescript_type(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return " | ".join(json.dumps(value) for value in schema["enum"])
     kind = schema.get("type", "any")
+    if isinstance(kind, list):  # JSON schema's union: "type": ["string", "null"]
+        return " | ".join(_typescript_type({**schema, "type": k}) for k in kind)
     if kind == "array":
         return f"{_typescript_type(schema.get('items', {}))}[]"
     return {"integer": "number", "object": "object"}.get(kind, kind)
+
+
+def _comment(text: str) -> list[str]:
+    """``text`` as ``//`` comment lines (every line of a multi-line description)."""
+    return [f"// {line}" for line in str(text).splitlines() or [""]]
 
 
 def render_tools(tools: list[ToolSpec]) -> str:
     """Tool schemas as the TypeScript-like ``namespace functions`` block of the developer message."""
     lines = ["# Tools", "", "## functions", "", "namespace functions {", ""]
     for tool in tools:
-        lines.append(f"// {tool.description}")
+        lines += _comment(tool.description)
         properties = tool.parameters.get("properties", {})
         if not properties:
             lines += [f"type {tool.name} = () => any;", ""]
@@ -87,7 +94,7 @@ def render_tools(tools: list[ToolSpec]) -> str:
         lines.append(f"type {tool.name} = (_: {{")
         for name, schema in properties.items():
             if "description" in schema:
-                lines.append(f"// {schema['description']}")
+                lines += _comment(schema["description"])
             optional = "" if name in required else "?"
             lines.append(f"{name}{optional}: {_typescript_type(schema)},")
         lines += ["}) => any;", ""]

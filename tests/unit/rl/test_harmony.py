@@ -230,3 +230,18 @@ def test_episodes_and_demonstrations_render_the_configured_style():
         assert TOKENIZER.decode(episode.tokens).startswith(head)
         demo = demonstration_trajectory(env.reset(1), env.demonstration(1), TOKENIZER, style)
         assert demo.tokens[: len(episode.tokens)] == episode.tokens  # SFT sees the prompts RL sees
+
+
+def test_tool_schemas_with_type_unions_and_multi_line_descriptions():
+    """A JSON-schema type union ("type": ["string", "null"]) crashed rendering (unhashable list);
+    every line of a multi-line description is a comment (openai/harmony's renderer)."""
+    spec = ToolSpec(
+        "note",
+        "Save a note.\nReturns its id.",
+        {"type": "object", "properties": {"text": {"type": ["string", "null"], "description": "the\ntext"}}},
+    )
+    text = render_tools([spec])
+    assert (
+        "// Save a note.\n// Returns its id.\ntype note = (_: {\n// the\n// text\ntext?: string | null,\n"
+        in text
+    )
