@@ -31,16 +31,15 @@ def peak_memory_gb() -> float:
     return kilobytes * 1024 / 1e9 if sys.platform != "darwin" else kilobytes / 1e9
 
 
+def _number(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
+    value = _number(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN / Inf
     return value
-
-
-def _number(value: Any) -> Any:
-    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 class MetricsLogger:

@@ -124,11 +124,10 @@ def kept_for_training(
     are all equal leaves the batch: its advantages are zero anyway, but its tokens would still count
     in the loss's normalizer (diluting the others' gradient) and carry KL / entropy terms. If no
     group is informative, all stay: there is nothing to learn from either way."""
-    group_size = advantages.shape[1]
-    if not drop or not informative.any():
-        return trajectories, advantages.flatten().tolist()
-    keep = [i for i in range(len(trajectories)) if informative[i // group_size]]
     flat = advantages.flatten().tolist()
+    if not drop or not informative.any():
+        return trajectories, flat
+    keep = [i for i in range(len(trajectories)) if informative[i // advantages.shape[1]]]
     return [trajectories[i] for i in keep], [flat[i] for i in keep]
 
 

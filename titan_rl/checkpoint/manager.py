@@ -219,17 +219,14 @@ class CheckpointManager:
         Returns ``(step, extra)``, or None when there is nothing to resume (or checkpointing is off
         and no ``path`` is given).
         """
-        if path is None:
-            folder = self._agreed_latest() if self.enable else None
-            if folder is None:
-                return None
-        else:
-            folder = Path(path)
-            if not is_complete(folder):
-                raise CheckpointError(
-                    f"{folder} is not a complete checkpoint (no {DCP_METADATA} or {TRAINER_STATE}); "
-                    f"pick one of {[str(p) for p in self.checkpoints()]}"
-                )
+        folder = self.resume_target(path)
+        if folder is None:
+            return None
+        if not is_complete(folder):
+            raise CheckpointError(
+                f"{folder} is not a complete checkpoint (no {DCP_METADATA} or {TRAINER_STATE}); "
+                f"pick one of {[str(p) for p in self.checkpoints()]}"
+            )
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         _dcp("load", state, folder)
