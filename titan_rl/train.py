@@ -131,6 +131,27 @@ def kept_for_training(
     return [trajectories[i] for i in keep], [flat[i] for i in keep]
 
 
+def kl_penalized(
+    trainer: Trainer, trajectories: list[Trajectory], rewards: torch.Tensor, cfg: JobConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The rewards the advantages are computed from, and their metrics. With ``rl.kl_penalty =
+    "reward"`` each trajectory's reward minus ``rl.kl_coef`` x its KL to the reference (the
+    estimator summed over its sampled tokens, ``Trainer.trajectory_kl``); else ``rewards`` as they
+    are. ``reward/*`` metrics stay the task's rewards; ``reward/penalized_mean`` is what was trained."""
+    if cfg.rl.kl_penalty != "reward":
+        return rewards, {}
+    zeros = [0.0] * len(trajectories)  # advantages do not exist yet; the reference needs none
+    kl, kl_per_token = trainer.trajectory_kl(
+        pack_trajectories(trajectories, zeros, cfg.training.seq_len), len(trajectories)
+    )
+    penalized = rewards - cfg.rl.kl_coef * kl.view_as(rewards).to(rewards.dtype)
+    return penalized, {
+        "kl/mean": kl_per_token,
+        "kl/trajectory_mean": kl.mean().item(),
+        "reward/penalized_mean": penalized.mean().item(),
+    }
+
+
 def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     """The layout for ``world_size`` processes; layout mistakes become one-line config errors."""
     try:
@@ -162,7 +183,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
-    from titan_rl.checkpoint.manager import CheckpointManager
+    from titan_rl.checkpoint.manager import CheckpointManager, has_reference
 
     # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
     manager = CheckpointManager.from_config(cfg.checkpoint, dump)
@@ -177,7 +198,20 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     )
 
     start_step = 0
-    resumed = None if resume is None else manager.load(model, trainer.optimizer, trainer.lr_scheduler, resume)
+    # the KL reference is the initial weights unless the supervised warmup moved the policy first:
+    # then checkpoints carry it (a resumed run does not repeat the warmup)
+    warmed_reference = trainer.reference if cfg.sft.steps > 0 else None
+    resumed = None
+    if resume is not None:
+        resumed = manager.load(
+            model, trainer.optimizer, trainer.lr_scheduler, resume, reference=warmed_reference
+        )
+        if warmed_reference is not None and not has_reference(resume):
+            console.print(
+                f"warning: {resume} holds no KL reference (saved without sft, or by an older "
+                "version): the reference is the initial weights, not the warmed-up policy",
+                style="yellow",
+            )
     if resumed is not None:
         start_step, extra = resumed
         if "engine_rng" in extra:  # absent when the saving engine had no state to give
@@ -204,10 +238,11 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         model.train()
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
-        advantages = group_advantages(rewards, cfg.rl.advantage)
-        informative = informative_groups(rewards)
+        informative = informative_groups(rewards)  # of the task's rewards: is there a signal to learn
+        trained_rewards, kl_metrics = kl_penalized(trainer, trajectories, rewards, cfg)
+        advantages = group_advantages(trained_rewards, cfg.rl.advantage)
         trained, trained_advantages = kept_for_training(
-            trajectories, advantages, informative, cfg.rl.drop_uninformative_groups
+            trajectories, advantages, informative_groups(trained_rewards), cfg.rl.drop_uninformative_groups
         )
         batch = pack_trajectories(trained, trained_advantages, cfg.training.seq_len)
         metrics = trainer.train_step(batch, len(trained))
@@ -227,6 +262,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
                 "mem/peak_gb": peak_memory_gb(),
+                **kl_metrics,
                 **env_metrics,
             }
         )
@@ -248,7 +284,15 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             engine_rng = engine.rng_state()
             extra = {} if engine_rng is None else {"engine_rng": engine_rng}
-            manager.save(step, model, trainer.optimizer, trainer.lr_scheduler, extra, config_to_dict(cfg))
+            manager.save(
+                step,
+                model,
+                trainer.optimizer,
+                trainer.lr_scheduler,
+                extra,
+                config_to_dict(cfg),
+                warmed_reference,
+            )
     if rank == 0:
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
     console.print(
@@ -267,6 +311,7 @@ def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console:
         loss = trainer.sft_step(batch, optimizer)
         if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.sft.steps:
             console.print(f"sft {step + 1:4d}/{cfg.sft.steps}  loss {loss:.4f}", highlight=False)
+    trainer.reset_reference()  # the KL reference is the policy RL starts from
 
 
 def start_wandb(cfg: JobConfig):

@@ -23,9 +23,10 @@ from torch.distributed.tensor import DTensor
 from titan_rl.config import JobConfig
 from titan_rl.model import GptOss
 from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, parallelize_gpt_oss
+from titan_rl.parallel.fsdp import reshard
 from titan_rl.parallel.parallelize import precision_summary, set_gemm_reductions
 from titan_rl.rl.collect import is_agentic
-from titan_rl.rl.losses import KEPT_COUNTS, OVER_KEPT_TOKENS, LossConfig, rl_loss
+from titan_rl.rl.losses import KEPT_COUNTS, OVER_KEPT_TOKENS, LossConfig, kl_estimate, rl_loss
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
 
@@ -62,7 +63,7 @@ def loss_config(cfg: JobConfig) -> LossConfig:
         gspo_eps_high=rl.gspo_eps_high,
         aggregation=rl.aggregation,
         norm_constant=float(most_trained_tokens(cfg)),
-        kl_coef=rl.kl_coef,
+        kl_coef=rl.kl_coef if rl.kl_penalty == "loss" else 0.0,  # else in the reward (trajectory_kl)
         kl_estimator=rl.kl_estimator,
         entropy_coef=rl.entropy_coef,
         correction=rl.correction,
@@ -312,7 +313,7 @@ class Trainer:
                         old[m, i], _, routing[m, i] = self._logprobs(
                             self.model, mb, mb.expert_indices, record=replay
                         )
-                    if self.reference is not None:
+                    if self.loss_cfg.kl_coef > 0:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
         for m, minibatch in enumerate(minibatches):
             global_tokens, global_seqs = self._global_counts(minibatch)
@@ -359,6 +360,42 @@ class Trainer:
         if replayed is not None:
             result["routing/replayed_frac"] = replayed
         return result
+
+    def reset_reference(self) -> None:
+        """The reference becomes a copy of the policy's current weights (after the supervised warmup:
+        the KL then holds RL near the warmed-up policy, not the weights before it). Both modules are
+        sharded alike, so each rank copies its own shards."""
+        if self.reference is None:
+            return
+        for module in (self.model, self.reference):  # sharded parameters, not gathered copies a
+            reshard(module)  # no-grad forward left (FSDP; a no-op without it)
+        policy = dict(self.model.named_parameters())  # by name: the two may list them in other orders
+        with torch.no_grad():
+            for name, ref in self.reference.named_parameters():
+                local = ref.to_local() if isinstance(ref, DTensor) else ref
+                source = policy[name]
+                local.copy_(source.to_local() if isinstance(source, DTensor) else source)
+
+    def trajectory_kl(self, batch: PackedBatch, num_seqs: int) -> tuple[torch.Tensor, float]:
+        """``rl.kl_penalty = "reward"``: each trajectory's KL to the frozen reference, the sum of the
+        estimator over its sampled tokens, with the rollout engine's log-probs as the policy's (the
+        policy that sampled them); ``[num_seqs]`` fp64 on the host, plus the mean per token. One
+        no-grad reference forward per micro-batch (every rank runs as many), one all-reduce."""
+        if self.reference is None:
+            raise ValueError("trajectory_kl needs a reference model (rl.kl_coef > 0)")
+        sums = torch.zeros(num_seqs + 1, dtype=torch.float64, device=self.device)  # last: tokens
+        with torch.no_grad():
+            for mb in self._micro_batches(self._local_rows(batch)):
+                if mb.num_tokens == 0 and not self.dims.distributed:
+                    continue
+                ref = self._logprobs(self.reference, mb)[0]
+                kl = kl_estimate(mb.rollout_logprobs.to(ref.dtype), ref, self.cfg.rl.kl_estimator)
+                sums.index_add_(0, mb.seq_ids, kl.double())
+                sums[num_seqs] += mb.num_tokens
+        if self.dims.distributed:  # rows over dp ranks, sequence shards over cp ranks
+            torch.distributed.all_reduce(sums, group=self.dims.get_mesh("dp_cp").get_group())
+        sums = sums.cpu()
+        return sums[:num_seqs], float(sums[:num_seqs].sum() / sums[num_seqs].clamp_min(1.0))
 
     def sft_step(self, batch: PackedBatch, optimizer: torch.optim.Optimizer) -> float:
         """One supervised step: mean negative log-likelihood of the demonstrations' trained tokens."""

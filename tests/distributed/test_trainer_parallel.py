@@ -21,6 +21,8 @@ LAYOUTS = [
     "cp=2",
     "cp=2,routing=1",  # the engine's routing replayed: sharded along the sequence like the tokens
     "dp_shard=2,ep=2,routing=1",
+    "dp_shard=2,ep=2,kl=reward",  # the KL to the reference: rows over ranks, experts sharded
+    "cp=2,kl=reward",  # ... sequence shards summed over cp ranks
 ]
 
 

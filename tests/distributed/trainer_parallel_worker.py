@@ -99,12 +99,37 @@ def run(trainer: Trainer, batches) -> list[tuple[dict[str, float], dict[str, tor
     return history
 
 
+def check_reference(layout: str, trainer: Trainer, single: Trainer, batches) -> None:
+    """Each trajectory's KL to the reference (``rl.kl_penalty = "reward"``) on the ranks equals one
+    process's: every rank's rows and sequence shards summed once. Then both references become their
+    trained policy (``reset_reference``, shard by shard on the ranks) and must agree again."""
+    single.model.load_state_dict(full_state(trainer.model))  # the trained policy, in one process
+    batch, num_seqs = batches[-1]
+    for when in ("initial", "reset"):
+        got, got_mean = trainer.trajectory_kl(batch, num_seqs)
+        want, want_mean = single.trajectory_kl(batch, num_seqs)
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        check(err < TOL, f"{layout} {when} reference: trajectory KL rel err {err:.1e}")
+        check(
+            abs(got_mean - want_mean) <= TOL * abs(want_mean), f"{layout} {when}: {got_mean} vs {want_mean}"
+        )
+        check(want.abs().min().item() > 1e-3, f"{layout} {when}: a trajectory KL ~ 0 ({want.tolist()})")
+        if when == "initial":
+            initial = want
+            trainer.reset_reference()
+            single.reset_reference()
+    moved = (want - initial).abs().max().item() / initial.abs().max().item()
+    check(moved > 1e-2, f"{layout}: reset_reference did not change the KL ({moved:.1e})")
+
+
 def run_layout(layout: str, batches: dict[bool, list]) -> None:
     spec = dict(item.split("=") for item in layout.split(","))
     extra = [f"--rl.aggregation={spec.pop('aggregation')}"] if "aggregation" in spec else []
     routing = spec.pop("routing", "0") == "1"
     batches = batches[routing]
     extra += ["--rl.rollout_routing_replay=true"] if routing else []
+    if "kl" in spec:  # a frozen reference: the KL in the reward (trajectory_kl), then reset_reference
+        extra += ["--rl.kl_coef=0.1", f"--rl.kl_penalty={spec.pop('kl')}"]
     parallel = [f"--parallelism.{key}={value}" for key, value in spec.items()]
     if tuple(extra) not in references:  # the one-process run, once per loss configuration
         references[tuple(extra)] = run(Trainer(make_model(), load_config(None, COMMON + extra)), batches)
@@ -112,6 +137,8 @@ def run_layout(layout: str, batches: dict[bool, list]) -> None:
     cfg = load_config(None, COMMON + extra + parallel)
     trainer = Trainer(make_model(), cfg, parallel_dims_for(cfg, dist.get_world_size()))
     got = run(trainer, batches)
+    if trainer.reference is not None:
+        check_reference(layout, trainer, Trainer(make_model(), load_config(None, COMMON + extra)), batches)
     before = [full_state(make_model())] + [state for _, state in got]
     for step, ((metrics, params), (ref_metrics, ref_params)) in enumerate(zip(got, reference)):
         check(abs(ref_metrics["loss"]) > 1e-3, f"{layout} step {step}: loss {ref_metrics['loss']} ~ 0")

@@ -146,6 +146,29 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path):
         assert {k: row_a[k] for k in DETERMINISTIC} == {k: row_b[k] for k in DETERMINISTIC}
 
 
+def test_resume_keeps_the_warmed_up_kl_reference(tmp_path):
+    """With a supervised warmup the KL reference is the warmed-up policy, which a resumed run cannot
+    rebuild (it does not repeat the warmup): the checkpoint carries it, and steps 3-4 are identical
+    (with the initial weights as reference the penalized rewards, hence the loss, would differ)."""
+    common = [
+        "--checkpoint.enable=true", "--checkpoint.interval=2", "--env.name=tool_lookup", "--sft.steps=3",
+        "--training.seq_len=256", "--env.max_episode_tokens=256", "--rollout.max_new_tokens=32",
+        "--rollout.prompts_per_step=2", "--rl.kl_coef=0.5", "--rl.kl_penalty=reward",
+    ]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = run_train("--training.steps=4", f"--job.dump_folder={straight}", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert run_train("--training.steps=2", f"--job.dump_folder={resumed}", *common).returncode == 0
+    second = run_train("--training.steps=4", f"--job.dump_folder={resumed}", *common)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from step 2" in second.stdout and "holds no KL reference" not in second.stdout
+    a, b = read_metrics(straight), read_metrics(resumed)
+    keys = [*DETERMINISTIC, "kl/mean", "reward/penalized_mean"]
+    assert all(row["kl/mean"] > 0 for row in a[1:])
+    for row_a, row_b in zip(a[2:], b[2:]):
+        assert {k: row_a[k] for k in keys} == {k: row_b[k] for k in keys}
+
+
 def test_agentic_tool_task_with_sft_warmup(tmp_path):
     """The multi-turn tool environment through run_train.sh: warm-up, then RL with env metrics."""
     dump = tmp_path / "tool"

@@ -1,7 +1,8 @@
 """Training-state checkpoints with torch.distributed.checkpoint (DCP), and model-only DCP folders.
 
 A training checkpoint ``folder/step-000004/`` holds the DCP shards of ``{"model", "optimizer"}``
-(any FSDP2 sharding; DCP reshards on load), ``trainer_state.pt`` (step, LR scheduler),
+(any FSDP2 sharding; DCP reshards on load; plus ``"reference"``, the KL reference, when it is not the
+run's initial weights), ``trainer_state.pt`` (step, LR scheduler),
 ``rank-00000.pt`` per rank (RNG states and that rank's ``extra`` dict) and ``config.json``.
 It is written as ``step-000004.tmp`` and renamed by rank 0 once every rank finished, so a folder
 without ``.tmp`` is always complete. A model-only DCP folder (``save_model_dcp``, the convert
@@ -24,7 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from titan_rl.checkpoint.hf import (
     CONFIG_FILE,
@@ -38,6 +44,7 @@ from titan_rl.model import GptOss, GptOssModelArgs
 TRAINER_STATE = "trainer_state.pt"
 MODEL_CONFIG_FILE = "model_config.json"  # the model's HF config.json, in training checkpoints
 DCP_METADATA = ".metadata"  # written last by dcp.save
+REFERENCE = "reference"  # the KL reference's entry, when saved
 _STEP_RE = re.compile(r"step-(\d+)")
 
 
@@ -137,11 +144,14 @@ class CheckpointManager:
         lr_scheduler: Any = None,
         extra: dict | None = None,
         config: dict | None = None,
+        reference: nn.Module | None = None,
     ) -> Path | None:
         """Write the whole training state for ``step``; every rank must call it. Returns the folder.
 
         ``extra`` is this rank's own (data / environment cursor), saved per rank with its RNG state;
-        ``config`` (rank 0's) is written as config.json for the record.
+        ``config`` (rank 0's) is written as config.json for the record. ``reference``: a frozen KL
+        reference that a resumed run could not rebuild from the initial weights (the supervised
+        warmup's result).
         """
         if not self.enable:
             return None
@@ -154,7 +164,10 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        _dcp("save", {"model": model_state, "optimizer": optim_state}, tmp)
+        state = {"model": model_state, "optimizer": optim_state}
+        if reference is not None:
+            state[REFERENCE] = get_model_state_dict(reference)
+        _dcp("save", state, tmp)
         torch.save({"rng": rng, "extra": dict(extra or {})}, _rank_file(tmp, rank))
         if rank == 0:
             scheduler_state = lr_scheduler.state_dict() if lr_scheduler is not None else None
@@ -213,8 +226,10 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any = None,
         path: str | Path | None = None,
+        reference: nn.Module | None = None,
     ) -> tuple[int, dict] | None:
-        """Restore model, optimizer, scheduler and RNG from ``path`` or the newest complete checkpoint.
+        """Restore model, optimizer, scheduler and RNG from ``path`` or the newest complete checkpoint,
+        and ``reference`` if the checkpoint holds one (``has_reference``; else it is left as it is).
 
         Returns ``(step, extra)``, or None when there is nothing to resume (or checkpointing is off
         and no ``path`` is given).
@@ -229,8 +244,12 @@ class CheckpointManager:
             )
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
+        if reference is not None and has_reference(folder):
+            state[REFERENCE] = get_model_state_dict(reference)
         _dcp("load", state, folder)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if REFERENCE in state:
+            set_model_state_dict(reference, state[REFERENCE])
         # our own files (RNG tuples, user extras): not loadable with weights_only
         trainer = torch.load(folder / TRAINER_STATE, weights_only=False)
         if lr_scheduler is not None:
@@ -250,6 +269,12 @@ class CheckpointManager:
             )
             per_rank = torch.load(_rank_file(folder, 0), weights_only=False)
         return trainer["step"], per_rank["extra"]
+
+
+def has_reference(folder: str | Path) -> bool:
+    """Whether the training checkpoint ``folder`` holds a KL reference model (``save(reference=...)``)."""
+    stored = dcp.FileSystemReader(Path(folder)).read_metadata().state_dict_metadata
+    return any(key.startswith(REFERENCE + ".") for key in stored)
 
 
 def verify_dcp_folder(folder: str | Path, shapes: dict[str, tuple[int, ...]], source: str) -> None:

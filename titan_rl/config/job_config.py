@@ -153,6 +153,10 @@ class RL:
     """Weight of the KL penalty to a frozen reference model; 0 runs no reference."""
     kl_estimator: str = "k3"
     """KL estimator: k1, k2 or k3."""
+    kl_penalty: str = "loss"
+    """Where the KL to the reference goes: loss (kl_coef x the per-token estimate, a loss term) or
+    reward (each trajectory's reward minus kl_coef x the sum of the estimate over its sampled tokens,
+    before the advantages; the policy's log-probs are the rollout engine's)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (entropy is always logged)."""
     correction: str = "none"

@@ -121,6 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.policy_loss": ("ppo", "gspo"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "rl.kl_estimator": ("k1", "k2", "k3"),
+    "rl.kl_penalty": ("loss", "reward"),
     "rl.correction": ("none", "tis", "mis"),
     "rl.correction_level": ("token", "sequence"),
     "env.system_prompt": ("auto", "gpt-oss", "minimal"),
@@ -159,6 +160,10 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
             f"{config.env.max_episode_tokens}: an episode must fit in one packed row; raise training.seq_len"
+        )
+    if config.rl.kl_penalty == "reward" and config.rl.kl_coef <= 0:
+        raise ConfigError(
+            "rl.kl_penalty = 'reward' needs rl.kl_coef > 0 (the weight of the penalty; 0 runs no reference)"
         )
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
