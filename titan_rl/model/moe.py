@@ -34,7 +34,9 @@ UNROUTED = -1  # a recorded routing's "nothing recorded here": the router choose
 
 
 class Router(nn.Module):
-    """``logits = x W^T + b``; top-k on the logits; weights = softmax over the k chosen logits."""
+    """``logits = x W^T + b``; top-k on the logits; weights = softmax over the k chosen logits, in
+    fp32 whatever the activation dtype (ARCHITECTURE.md invariant 7; rounded once, where they scale
+    the experts' outputs)."""
 
     def __init__(self, args: GptOssModelArgs) -> None:
         super().__init__()
@@ -55,10 +57,10 @@ class Router(nn.Module):
         logits = linear(x, self.weight, self.bias)  # [N, experts]
         chosen_logits, own = torch.topk(logits, self.top_k, dim=-1)
         if expert_indices is None:
-            return torch.softmax(chosen_logits, dim=-1), own
+            return torch.softmax(chosen_logits, dim=-1, dtype=torch.float32), own
         # elementwise, no host read of which tokens are recorded (a token's k are all -1 or none)
         expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
-        return torch.softmax(logits.gather(-1, expert_indices), dim=-1), expert_indices
+        return torch.softmax(logits.gather(-1, expert_indices), dim=-1, dtype=torch.float32), expert_indices
 
 
 class Experts(nn.Module):

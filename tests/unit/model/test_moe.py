@@ -146,3 +146,19 @@ def test_sorted_path_multiplies_each_token_by_its_chosen_experts_only():
     assert 0 in counts, "some expert should be idle for this test to mean anything"
     for rows in forward.group_rows + backward.group_rows:  # empty when grouped_mm is unavailable
         assert rows == counts
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_router_weights_are_fp32_in_a_bf16_model(replay):
+    """ARCHITECTURE.md invariant 7: the router's softmax stays fp32 when the module is bf16 (its
+    weights are rounded once, where they scale the experts' outputs)."""
+    moe = random_moe(5, num_local_experts=8).to(torch.bfloat16)
+    x = torch.randn(16, moe.router.weight.shape[1], dtype=torch.bfloat16)
+    logits = (x.float() @ moe.router.weight.float().T + moe.router.bias.float()).to(torch.bfloat16)
+    _, own = torch.topk(logits, moe.router.top_k)
+    forced = (own + 1) % moe.num_experts if replay else None
+    weights, used = moe.router(x, forced)
+    assert weights.dtype == torch.float32
+    expected = torch.softmax(logits.float().gather(1, used), dim=-1)  # of the same bf16 logits
+    assert (weights - expected).abs().max() <= 1e-6
+    assert weights.sum(-1).sub(1).abs().max() <= 1e-6  # a bf16 softmax is ~4e-3 from 1
