@@ -37,11 +37,15 @@ Parts, in order (seconds allowed; the default five fit one 10-minute device call
 - ``fp32_activations`` (300): what ``model.activation_dtype = "float32"`` costs: the training step
   (``bench_model``, T = 4,096) and CUDA-graph decoding (``bench_generate``, batches 32 and 128),
   each against HF in the same run as the default parts measure bf16; only with ``--only``.
-- ``bench_gemm_out`` (60): what fp32 outputs cost a bf16 GEMM (linears, LM head, grouped experts) at
+- ``bench_gemm_out`` (100): what fp32 outputs cost a bf16 GEMM (linears, LM head, grouped experts) at
   gpt-oss-20b shapes, and whether the overloads exist and differentiate; only with ``--only``.
 
 ``--only`` runs the parts it names in the order it names them (the most wanted first, so a run cut
-short by the device's time limit loses the least).
+short by the device's time limit loses the least). ``--budget SECONDS`` (a little under the device
+call's timeout) caps the whole run: each part gets at most what is left and one that would get
+under 30 s is skipped, so the call's own timeout never cuts a part off. A SIGTERM stops the running
+part's process group with this script; parts print unbuffered, so a part killed at its limit keeps
+the tables it printed.
 
 ``--python`` picks the interpreter for the parts (default: this one); the lent GPU machines keep
 torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it exists.
@@ -50,9 +54,11 @@ torch in ``/opt/torch/.venv/bin/python3``, which ``--python auto`` picks when it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -241,7 +247,8 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         if tiny
         else ["--decode", "cuda_graph", "--batch", "32", "128", "--sources", "32"]
     )
-    fp32_activations = shlex.join(mode_model) + " && " + shlex.join(mode_generate)
+    # independent halves: the decode table runs even if the training step's loss check fails
+    fp32_activations = f"{shlex.join(mode_model)}; r=$?; {shlex.join(mode_generate)} || r=$?; exit $r"
     gemm_out = [python, "benchmarks/bench_gemm_out.py", *(["--tiny", "--iters", "2"] if tiny else [])]
     env = [python, "-c", ENV]
     return [
@@ -256,34 +263,67 @@ def parts(tiny: bool, out: Path, python: str) -> list[tuple[str, int, list[str]]
         ("bench_agreement", 240, [*agreement, "--steps", "0", last]),  # only when named in --only
         ("bench_precision", 200, precision),  # only when named in --only
         ("bench_precision_trained", 300, ["bash", "-c", train_then_precision]),
-        ("bench_gemm_out", 60, gemm_out),
+        ("bench_gemm_out", 100, gemm_out),  # (first use compiles four Triton variants)
         ("fp32_activations", 300, ["bash", "-c", fp32_activations]),  # only when named in --only
     ]
 
 
+MIN_PART_S = 30  # with --budget: a part that would get fewer seconds is skipped, not started
+RUNNING: list[subprocess.Popen] = []  # the part running now (SIGTERM stops it too)
+
+
+def summarize(out: Path, line: str) -> None:
+    with (out / "summary.txt").open("a") as s:
+        s.write(line + "\n")
+    print(line, flush=True)
+
+
 def run_part(name: str, limit: int, cmd: list[str], out: Path, env: dict[str, str]) -> int:
     """Run one part under ``limit`` seconds; its output goes to ``out/<name>.txt``. Returns its exit
-    code (124 when it ran out of time, as coreutils ``timeout`` says)."""
+    code (124 when it ran out of time, as coreutils ``timeout`` says; 127 when it could not start)."""
     log = out / f"{name}.txt"
     start = time.monotonic()
     with log.open("w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
         try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the part and anything it started
-            proc.wait()
-            rc = 124
-            f.write(f"\n[gpu_checks] {name}: killed after {limit} s\n")
-    line = f"{name}: rc {rc}, {time.monotonic() - start:.0f} s (limit {limit} s), {log.name}"
-    with (out / "summary.txt").open("a") as s:
-        s.write(line + "\n")
-    print(line, flush=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        except OSError as e:  # the next parts still run
+            f.write(f"[gpu_checks] {name}: could not start: {e}\n")
+            rc = 127
+        else:
+            RUNNING.append(proc)
+            try:
+                rc = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)  # the part and anything it started
+                rc = 124
+                f.write(f"\n[gpu_checks] {name}: killed after {limit} s\n")
+            finally:
+                RUNNING.remove(proc)
+    summarize(out, f"{name}: rc {rc}, {time.monotonic() - start:.0f} s (limit {limit} s), {log.name}")
     return rc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop_on_sigterm(out: Path) -> None:
+    """When this script is stopped (the device call's own timeout), stop the running part's process
+    group too: it runs in a session of its own and would go on using the GPU after us."""
+
+    def handler(signum, frame):
+        for proc in list(RUNNING):
+            kill_group(proc)
+        summarize(out, f"gpu_checks: stopped by signal {signum}")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> int:
@@ -292,6 +332,13 @@ def main() -> int:
     p.add_argument("--only", nargs="+", help="run just these parts (names as listed above)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of every part on a CPU")
     p.add_argument("--python", default=sys.executable, help=f"interpreter for the parts; auto: {LENT_PYTHON}")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=0,
+        help="seconds for the whole run (below the device call's timeout): each part gets at most what "
+        f"is left, and one that would get under {MIN_PART_S} s is skipped; 0: each part's own limit",
+    )
     a = p.parse_args()
     python = a.python
     if python == "auto":
@@ -299,10 +346,13 @@ def main() -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.txt").write_text("")
+    stop_on_sigterm(out)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",  # a part killed at its limit keeps the tables it already printed
     }
+    deadline = time.monotonic() + a.budget if a.budget else None
     selected = parts(a.tiny, out, python)
     known = [name for name, _, _ in selected]
     unknown = sorted(set(a.only or []) - set(known))
@@ -316,6 +366,13 @@ def main() -> int:
         selected = [part for part in selected if part[0] not in OPT_IN]
     failed = []
     for name, limit, cmd in selected:
+        if deadline is not None:
+            left = int(deadline - time.monotonic())
+            if left < MIN_PART_S:
+                summarize(out, f"{name}: skipped, {max(left, 0)} s of --budget left")
+                failed.append(name)
+                continue
+            limit = min(limit, left)
         if run_part(name, limit, cmd, out, env) != 0:
             failed.append(name)
         if name == "env" and shutil.which("nvidia-smi"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -102,3 +103,85 @@ def test_the_default_parts_fit_one_device_call(tmp_path):
     default = [(name, limit) for name, limit in default if name not in gpu_checks.OPT_IN]
     assert sum(limit for _, limit in default) <= 540, default
     assert {name for name, _ in default} >= {"cuda_tests", "train", "bench_model", "bench_generate"}
+
+
+MAIN_WITH_PARTS = """
+import sys
+sys.path.insert(0, "benchmarks")
+import gpu_checks
+gpu_checks.MIN_PART_S = 2
+printer = "print('the table', flush=False); import time; time.sleep(60)"  # block-buffered to a file
+spawner = "import subprocess, sys, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+gpu_checks.parts = lambda tiny, out, python: [
+    ("printer", 100, [sys.executable, "-c", printer]),
+    ("spawner", 100, ["bash", "-c", f"{sys.executable} -c \\"{spawner}\\"; sleep 300"]),
+    ("last", 100, [sys.executable, "-c", "print('never')"]),
+]
+sys.argv = ["gpu_checks.py", "--out", *sys.argv[1:]]
+raise SystemExit(gpu_checks.main())
+"""
+PARTS = ["printer", "spawner", "last"]
+
+
+def sleepers(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return found
+
+
+def test_budget_caps_each_part_skips_the_rest_and_keeps_printed_output(tmp_path):
+    """--budget 4 with 2 s minimum: the first part gets what is left of 4 s (not its 100), is killed with what
+    it printed kept (parts run unbuffered), and the next parts, with under 2 s left, are skipped."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_WITH_PARTS, str(tmp_path), "--budget", "4", "--only", *PARTS],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # gpu_checks sets it
+    )  # fmt: skip
+    assert proc.returncode == 1 and time.monotonic() - start < 30, proc.stdout + proc.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("printer: rc 124"), summary
+    assert "(limit 3 s)" in summary[0] or "(limit 4 s)" in summary[0], summary  # what was left
+    assert summary[1].startswith("spawner: skipped") and summary[2].startswith("last: skipped"), summary
+    assert "the table" in (tmp_path / "printer.txt").read_text().splitlines()  # (line 1: the command)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and process groups")
+def test_sigterm_stops_the_running_part_and_what_it_started(tmp_path):
+    """The device call's timeout stops gpu_checks with SIGTERM; the part runs in a session of its own
+    and must not outlive it (it would hold the GPU into the next call)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN_WITH_PARTS.replace("300", "301"), str(tmp_path), "--only", "spawner"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(200):  # the spawner part has started its own child
+            if sleepers("^sleep 301"):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the spawner part did not start")
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15, out
+    deadline = time.monotonic() + 10
+    while sleepers("^sleep 301") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleepers("^sleep 301") == [], "the part's processes outlived gpu_checks"
+    assert "stopped by signal 15" in (tmp_path / "summary.txt").read_text()
+
+
+def test_the_fp32_activations_decode_half_runs_when_the_training_half_fails(tmp_path):
+    """Its two halves are independent: a failed loss check in bench_model must not skip the decode
+    table; the part still exits non-zero."""
+    fake = tmp_path / "python"
+    calls = tmp_path / "calls.txt"
+    fake.write_text(
+        f'#!/bin/bash\necho "$@" >> {calls}\ncase "$*" in *bench_model.py*) exit 3;; esac\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    named = {name: cmd for name, _, cmd in gpu_checks.parts(True, tmp_path, str(fake))}
+    rc = subprocess.run(named["fp32_activations"], capture_output=True, timeout=30).returncode
+    invoked = calls.read_text()
+    assert rc == 3 and "bench_model.py" in invoked and "bench_generate.py" in invoked, invoked
