@@ -159,13 +159,11 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if dims.cp_enabled:
-        rl, shard = cfg.rl, dims.cp * (2 if dims.cp_mode == "ring" else 1)
-        token_level = rl.aggregation == "token-mean" and rl.policy_loss == "ppo"
-        if not token_level or rl.correction_level != "token" or rl.old_logprob_mode != "unified":
+        shard = dims.cp * (2 if dims.cp_mode == "ring" else 1)
+        if cfg.rl.old_logprob_mode != "unified":
             raise ConfigError(
-                "parallelism.cp > 1 supports rl.aggregation = 'token-mean', rl.policy_loss = 'ppo', "
-                "rl.correction_level = 'token' and rl.old_logprob_mode = 'unified' (sequence-level "
-                "terms would span cp shards: each rank would see part of a sequence)"
+                "parallelism.cp > 1 needs rl.old_logprob_mode = 'unified' (recompute runs each "
+                "trajectory alone, unsharded, which context parallelism exists to avoid)"
             )
         if cfg.training.seq_len % shard:
             raise ConfigError(

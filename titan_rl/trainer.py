@@ -26,7 +26,15 @@ from titan_rl.parallel import ParallelConfig, ParallelDims, clip_grad_norm_, par
 from titan_rl.parallel.fsdp import reshard
 from titan_rl.parallel.parallelize import precision_summary, set_gemm_reductions
 from titan_rl.rl.collect import is_agentic
-from titan_rl.rl.losses import KEPT_COUNTS, OVER_KEPT_TOKENS, LossConfig, kl_estimate, rl_loss
+from titan_rl.rl.losses import (
+    KEPT_COUNTS,
+    OVER_KEPT_TOKENS,
+    WHOLE,
+    LossConfig,
+    SequenceShards,
+    kl_estimate,
+    rl_loss,
+)
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
 
 
@@ -240,6 +248,20 @@ class Trainer:
         torch.distributed.all_reduce(counts, group=self.dims.get_mesh("dp").get_group())
         return float(counts[0]), float(counts[1])
 
+    def _sequence_shards(self) -> SequenceShards:
+        """With context parallelism each cp rank holds a part of every sequence: the loss's
+        sequence-level terms add their per-sequence sums over the cp group (one all-reduce each)."""
+        if not self.dims.cp_enabled:
+            return WHOLE
+        group = self.dims.get_mesh("cp").get_group()
+
+        def total(per_seq: torch.Tensor) -> torch.Tensor:
+            per_seq = per_seq.clone()
+            torch.distributed.all_reduce(per_seq, group=group)
+            return per_seq
+
+        return SequenceShards(self.dims.cp, total)
+
     def _host_micro_batches(self, batch: PackedBatch) -> list[PackedBatch]:
         """Micro-batches of rows; with context parallelism each is this rank's sequence shard."""
         size = self.cfg.training.micro_batch_rows
@@ -294,6 +316,7 @@ class Trainer:
         needs_old_pass = not unified or len(minibatches) > 1
         replay = unified and cfg.rl.routing_replay and len(minibatches) > 1
         stats = StepStats()
+        shards = self._sequence_shards()
         grad_norms = []
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
         # Old (and reference) log-probs of every minibatch come from the policy that sampled the
@@ -340,6 +363,7 @@ class Trainer:
                     ref_logprobs=ref.get((m, i)),
                     global_tokens=global_tokens,
                     global_seqs=global_seqs,
+                    shards=shards,
                 )
                 loss.backward()
                 kept += torch.stack([metrics[k] for k in KEPT_COUNTS]).double()

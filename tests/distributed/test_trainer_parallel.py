@@ -23,6 +23,12 @@ LAYOUTS = [
     "dp_shard=2,ep=2,routing=1",
     "dp_shard=2,ep=2,kl=reward",  # the KL to the reference: rows over ranks, experts sharded
     "cp=2,kl=reward",  # ... sequence shards summed over cp ranks
+    # sequence-level terms over cp shards of each sequence: per-sequence token counts, GSPO's
+    # sequence ratio, a sequence-level MIS that drops whole trajectories (the kept-count rescale)
+    "cp=2,aggregation=seq-mean-token-mean,policy=gspo",
+    "cp=2,cp_mode=ring,aggregation=seq-mean-token-mean,policy=gspo",  # zig-zag shards
+    "cp=2,aggregation=seq-mean-token-mean,correction=mis-sequence",
+    "cp=2,aggregation=seq-mean-token-sum-norm,correction=tis-sequence",
 ]
 
 

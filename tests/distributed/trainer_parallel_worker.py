@@ -17,6 +17,7 @@ Exits non-zero with the mismatches.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -26,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from tests.conftest import randomize_biases, rel_err, tiny_model
 from tests.distributed.worker_checks import check, finish
 from titan_rl.config import load_config
-from titan_rl.rl.packing import pack_trajectories
+from titan_rl.rl.packing import PackedBatch, pack_trajectories
 from titan_rl.rl.types import Trajectory
 from titan_rl.train import parallel_dims_for
 from titan_rl.trainer import Trainer
@@ -42,6 +43,9 @@ COMMON = [
     "--optimizer.weight_decay=0",
 ]
 references: dict[tuple[str, ...], list] = {}
+# metrics of sequence-level terms, compared like the loss where a layout has them (ratio/seq_mean is
+# exactly 1 on-policy; the correction's fraction must be strictly between 0 and 1 in some step)
+SEQUENCE_LEVEL = ("correction/masked_frac", "correction/truncated_frac", "ratio/seq_mean")
 
 
 def make_model():
@@ -79,6 +83,15 @@ def make_batch(seed: int, vocab: int, routing: bool = False):
             t.routing = random_routing(len(t.tokens), route_gen)
     advantages = [t.reward - 0.3 for t in trajectories]
     return pack_trajectories(trajectories, advantages, SEQ_LEN), len(trajectories)
+
+
+def near_the_model(batch: PackedBatch, seed: int) -> PackedBatch:
+    """The batch with engine log-probs near the test model's (about -5.2 +- 1.1 per token): -5.2 +-
+    0.3, so a trajectory's summed log-weight is a few units either side of 0 and a sequence-level
+    correction with threshold 20 keeps (or leaves untruncated) some trajectories and not others."""
+    gen = torch.Generator().manual_seed(seed)
+    near = -5.2 + 0.3 * torch.randn(batch.rollout_logprobs.shape, generator=gen)
+    return dataclasses.replace(batch, rollout_logprobs=torch.where(batch.target_mask, near, 0.0))
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -125,8 +138,14 @@ def check_reference(layout: str, trainer: Trainer, single: Trainer, batches) -> 
 def run_layout(layout: str, batches: dict[bool, list]) -> None:
     spec = dict(item.split("=") for item in layout.split(","))
     extra = [f"--rl.aggregation={spec.pop('aggregation')}"] if "aggregation" in spec else []
+    extra += [f"--rl.policy_loss={spec.pop('policy')}"] if "policy" in spec else []
+    if "correction" in spec:  # e.g. mis-sequence: MIS on each trajectory's summed log-weight
+        mode, level = spec.pop("correction").split("-")
+        extra += [f"--rl.correction={mode}", f"--rl.correction_level={level}", "--rl.correction_threshold=20"]
     routing = spec.pop("routing", "0") == "1"
     batches = batches[routing]
+    if any(arg.startswith("--rl.correction=") for arg in extra):
+        batches = [(near_the_model(batch, seed), n) for seed, (batch, n) in enumerate(batches)]
     extra += ["--rl.rollout_routing_replay=true"] if routing else []
     if "kl" in spec:  # a frozen reference: the KL in the reward (trajectory_kl), then reset_reference
         extra += ["--rl.kl_coef=0.1", f"--rl.kl_penalty={spec.pop('kl')}"]
@@ -143,7 +162,7 @@ def run_layout(layout: str, batches: dict[bool, list]) -> None:
     for step, ((metrics, params), (ref_metrics, ref_params)) in enumerate(zip(got, reference)):
         check(abs(ref_metrics["loss"]) > 1e-3, f"{layout} step {step}: loss {ref_metrics['loss']} ~ 0")
         for key, value in ref_metrics.items():
-            if key in ("loss", "grad_norm", "entropy/mean"):
+            if key in ("loss", "grad_norm", "entropy/mean", *SEQUENCE_LEVEL):
                 err = abs(metrics[key] - value) / max(abs(value), 1e-12)
                 check(err < TOL, f"{layout} step {step}: {key} {metrics[key]} vs {value} (rel {err:.1e})")
         for name, param in params.items():
@@ -151,6 +170,14 @@ def run_layout(layout: str, batches: dict[bool, list]) -> None:
             check(err < TOL, f"{layout} step {step}: {name} rel err {err:.1e} after the step")
             moved = rel_err(param, before[step][name])  # the step changes more than the tolerance
             check(moved > 3 * TOL, f"{layout} step {step}: {name} did not move ({moved:.1e})")
+    acting = {
+        "--rl.correction=mis": "correction/masked_frac",
+        "--rl.correction=tis": "correction/truncated_frac",
+    }
+    for arg, key in acting.items():  # the layout's correction acted on some trajectories, not all
+        if arg in extra:
+            seen = [metrics[key] for metrics, _ in reference[1:]]
+            check(any(0 < v < 1 for v in seen), f"{layout}: {key} {seen}: all or nothing")
     if dist.get_rank() == 0:
         print(f"layout {layout}: compared {len(got)} steps", flush=True)
 

@@ -9,6 +9,7 @@ Every per-token tensor is 1-D ``[N]``: the tokens of several trajectories packed
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,32 @@ CORRECTIONS = ("none", "tis", "mis")
 CORRECTION_LEVELS = ("token", "sequence")
 
 Count = int | float | Tensor
+
+
+def _whole(per_seq: Tensor) -> Tensor:
+    return per_seq
+
+
+@dataclass(frozen=True)
+class SequenceShards:
+    """Where the tokens of each trajectory are. ``count`` ranks each hold a part of every sequence of
+    a micro-batch (context parallelism; 1: every sequence whole here) and ``sum`` adds a
+    per-trajectory tensor ``[num_seqs]`` over them (no gradient: it only feeds detached quantities
+    and counts). Sequence-level terms (GSPO's ratio, sequence-level correction, per-sequence means
+    and token counts) are then the whole sequence's on every rank; each rank's loss stays the sum
+    over its own tokens, so the ranks' losses (and gradients) add up to one process's."""
+
+    count: int = 1
+    sum: Callable[[Tensor], Tensor] = _whole
+
+
+WHOLE = SequenceShards()
+
+
+def _per_seq(values: Tensor, seq_ids: Tensor, num_seqs: int, shards: SequenceShards) -> Tensor:
+    """``sum`` of ``values [N]`` per trajectory over every shard of it -> ``[num_seqs]`` (no grad)."""
+    with torch.no_grad():
+        return shards.sum(values.new_zeros(num_seqs).index_add(0, seq_ids, values.detach()))
 
 
 @dataclass
@@ -83,10 +110,18 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
-def sequence_mean(values: Tensor, loss_mask: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
-    """Masked mean of ``values [N]`` per trajectory -> ``[num_seqs]``; 0 for a trajectory without tokens."""
+def sequence_mean(
+    values: Tensor, loss_mask: Tensor, seq_ids: Tensor, num_seqs: int, shards: SequenceShards = WHOLE
+) -> Tensor:
+    """Masked mean of ``values [N]`` per trajectory -> ``[num_seqs]``; 0 for a trajectory without tokens.
+    Differentiable for whole sequences; over ``shards`` of them the mean of every shard's tokens,
+    detached."""
     mask = loss_mask.bool()
-    sums = values.new_zeros(num_seqs).index_add(0, seq_ids, torch.where(mask, values, 0.0))
+    masked = torch.where(mask, values, 0.0)
+    if shards.count > 1:
+        sums = _per_seq(masked, seq_ids, num_seqs, shards)
+        return sums / _per_seq(mask.to(values.dtype), seq_ids, num_seqs, shards).clamp_min(1.0)
+    sums = values.new_zeros(num_seqs).index_add(0, seq_ids, masked)
     counts = values.new_zeros(num_seqs).index_add(0, seq_ids, mask.to(values.dtype))
     return sums / counts.clamp_min(1.0)
 
@@ -116,13 +151,15 @@ def gspo_token_loss(
     num_seqs: int,
     eps_low: float,
     eps_high: float,
+    shards: SequenceShards = WHOLE,
 ) -> tuple[Tensor, Tensor]:
     """GSPO-token loss ``[N]`` and ``clipped [N]``: the PPO clip applied to the sequence ratio.
 
-    ``s_i = exp(mean_{t in i, masked}(logp_t - old_logp_t))``; token t of trajectory i uses
-    ``sg(s_i) * exp(logp_t - sg(logp_t))``: its value is s_i and its gradient is ``s_i * grad logp_t``.
+    ``s_i = exp(mean_{t in i, masked}(logp_t - old_logp_t))`` (over every shard of i); token t of
+    trajectory i uses ``sg(s_i) * exp(logp_t - sg(logp_t))``: its value is s_i and its gradient is
+    ``s_i * grad logp_t``.
     """
-    log_seq_ratio = sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs)  # [num_seqs]
+    log_seq_ratio = sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs, shards)
     token_seq_ratio = torch.exp(log_seq_ratio.detach()[seq_ids] + logprobs - logprobs.detach())
     return _clipped_surrogate(token_seq_ratio, advantages, eps_low, eps_high, None)
 
@@ -152,6 +189,7 @@ def rollout_correction(
     mode: str,
     level: str,
     threshold: float,
+    shards: SequenceShards = WHOLE,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Importance weights for the trainer/engine mismatch: ``(weights [N] fp32, keep [N] bool, stats)``.
 
@@ -182,7 +220,7 @@ def rollout_correction(
         "correction/masked_frac": zero,
     }
     if level == "sequence":
-        log_w = log_w.new_zeros(num_seqs).index_add(0, seq_ids, log_w)[seq_ids]
+        log_w = _per_seq(log_w, seq_ids, num_seqs, shards)[seq_ids]  # over every shard of it
     w = torch.exp(log_w)
     weights, keep = torch.ones_like(w), torch.ones_like(mask)
     if mode == "tis":
@@ -203,6 +241,7 @@ def aggregate(
     global_tokens: Count | None = None,
     global_seqs: Count | None = None,
     norm_constant: float | None = None,
+    shards: SequenceShards = WHOLE,
 ) -> Tensor:
     """Reduce ``per_token_loss [N]`` over masked tokens to a scalar.
 
@@ -211,7 +250,9 @@ def aggregate(
     - ``seq-mean-token-sum-norm``: ``sum_i (sum_{t in i}(loss) / norm_constant) / global_seqs``.
 
     Pass the counts of the whole global batch (all data-parallel ranks and accumulation steps); the
-    sum of the per-micro-batch losses then equals the loss of the whole batch in one piece.
+    sum of the per-micro-batch losses then equals the loss of the whole batch in one piece. Over
+    ``shards`` of each sequence a trajectory's token count is its whole count, so the shards'
+    losses add up to the sequence's.
     """
     mask = loss_mask.bool()
     masked_loss = torch.where(mask, per_token_loss, 0.0)
@@ -220,6 +261,10 @@ def aggregate(
         return masked_loss.sum() / denominator
     seqs = num_seqs if global_seqs is None else global_seqs
     if mode == "seq-mean-token-mean":
+        if shards.count > 1:  # this shard's token sums over the whole sequences' counts
+            counts = _per_seq(mask.to(per_token_loss.dtype), seq_ids, num_seqs, shards).clamp_min(1.0)
+            sums = per_token_loss.new_zeros(num_seqs).index_add(0, seq_ids, masked_loss)
+            return (sums / counts).sum() / seqs
         return sequence_mean(per_token_loss, mask, seq_ids, num_seqs).sum() / seqs
     if mode == "seq-mean-token-sum-norm":
         if norm_constant is None or norm_constant <= 0:
@@ -241,8 +286,10 @@ def rl_loss(
     ref_logprobs: Tensor | None = None,
     global_tokens: Count | None = None,
     global_seqs: Count | None = None,
+    shards: SequenceShards = WHOLE,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss (scalar, differentiable in ``logprobs`` / ``entropy``) and detached metrics.
+    ``shards``: with context parallelism, the ranks that hold the other parts of these sequences.
 
     Rollout-correction weights and keep mask -> policy loss (ppo or gspo) times the weights -> plus
     ``kl_coef * KL`` -> minus ``entropy_coef * H`` -> aggregated over ``loss_mask & keep``. Metrics
@@ -263,6 +310,7 @@ def rl_loss(
             cfg.correction,
             cfg.correction_level,
             cfg.correction_threshold,
+            shards,
         )
         mask = mask & keep
     elif cfg.correction != "none":
@@ -289,10 +337,12 @@ def rl_loss(
             num_seqs,
             cfg.gspo_eps_low,
             cfg.gspo_eps_high,
+            shards,
         )
         with torch.no_grad():
-            has_tokens = sequence_mean(mask.float(), mask, seq_ids, num_seqs) > 0  # [num_seqs]
-            seq_ratio = torch.exp(sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs))
+            has_tokens = _per_seq(mask.float(), seq_ids, num_seqs, shards) > 0  # [num_seqs]
+            log_ratio = sequence_mean(logprobs - old_logprobs, loss_mask, seq_ids, num_seqs, shards)
+            seq_ratio = torch.exp(log_ratio)
             metrics["ratio/seq_mean"] = _masked_mean(seq_ratio, has_tokens)
     per_token = per_token * weights
     if cfg.kl_coef > 0:
@@ -300,7 +350,15 @@ def rl_loss(
     if cfg.entropy_coef != 0:
         per_token = per_token - cfg.entropy_coef * entropy
     loss = aggregate(
-        per_token, mask, seq_ids, num_seqs, cfg.aggregation, global_tokens, global_seqs, cfg.norm_constant
+        per_token,
+        mask,
+        seq_ids,
+        num_seqs,
+        cfg.aggregation,
+        global_tokens,
+        global_seqs,
+        cfg.norm_constant,
+        shards,
     )
 
     with torch.no_grad():
@@ -308,11 +366,9 @@ def rl_loss(
         # what the aggregation kept (MIS drops tokens or whole sequences): the trainer renormalizes
         # the step by these once it has them from every micro-batch and rank (KEPT_COUNTS)
         metrics["kept/tokens"] = mask.sum().float()
-        metrics["kept/seqs"] = (
-            (mask.new_zeros(num_seqs, dtype=torch.float32).index_add(0, seq_ids, mask.float()) > 0)
-            .sum()
-            .float()
-        )
+        # (each of the shards of a sequence counts its share of it: they add up to one over the ranks)
+        kept_seqs = (_per_seq(mask.float(), seq_ids, num_seqs, shards) > 0).sum().float()
+        metrics["kept/seqs"] = kept_seqs / shards.count
         metrics["loss"] = loss.detach()
         metrics["ratio/mean"] = _masked_mean(ratio, mask)
         metrics["ratio/min"] = _masked_extreme(ratio, mask, torch.amin)

@@ -93,21 +93,20 @@ def test_every_config_validates_for_its_stated_world_size(path):
 @pytest.mark.parametrize(
     "override",
     [
-        {"aggregation": "seq-mean-token-mean"},
-        {"policy_loss": "gspo"},
-        {"correction_level": "sequence"},
-        {"old_logprob_mode": "recompute"},
+        {"aggregation": "seq-mean-token-mean", "policy_loss": "gspo"},
+        {"aggregation": "seq-mean-token-sum-norm", "correction_level": "sequence", "correction": "mis"},
     ],
 )
-def test_context_parallelism_refuses_sequence_level_terms(override):
-    """With cp > 1 a rank sees part of each sequence: a sequence-level term (aggregation, GSPO's
-    ratio, a sequence-level correction weight) would be computed from a shard of it."""
+def test_context_parallelism_takes_sequence_level_terms_but_not_recompute(override):
+    """Sequence-level terms add their per-sequence sums over the cp ranks
+    (tests/distributed/test_trainer_parallel.py); recompute's per-trajectory pass is refused."""
     cfg = JobConfig()
     cfg.parallelism.cp = 2
-    parallel_dims_for(cfg, 2)  # token-level defaults: fine
     for key, value in override.items():
         setattr(cfg.rl, key, value)
-    with pytest.raises(ConfigError, match="cp > 1 supports"):
+    parallel_dims_for(cfg, 2)
+    cfg.rl.old_logprob_mode = "recompute"
+    with pytest.raises(ConfigError, match=r"cp > 1 needs rl\.old_logprob_mode = 'unified'"):
         parallel_dims_for(cfg, 2)
 
 
