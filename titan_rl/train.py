@@ -131,6 +131,16 @@ def kept_for_training(
     return [trajectories[i] for i in keep], [flat[i] for i in keep]
 
 
+def pass_rate(env: object, rewards: torch.Tensor) -> dict[str, float]:
+    """``reward/pass_rate``: the share of episodes whose reward reaches the environment's
+    ``pass_reward`` (an optional attribute: the reward of a solved task, where partial credit makes
+    the mean reward something else); nothing for an environment without one."""
+    threshold = getattr(env, "pass_reward", None)
+    if threshold is None:
+        return {}
+    return {"reward/pass_rate": (rewards >= threshold).float().mean().item()}
+
+
 def kl_penalized(
     trainer: Trainer, trajectories: list[Trajectory], rewards: torch.Tensor, cfg: JobConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -260,6 +270,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
                 "mem/peak_gb": peak_memory_gb(),
+                **pass_rate(env, rewards),
                 **kl_metrics,
                 **env_metrics,
             }

@@ -190,6 +190,7 @@ def test_agentic_tool_task_with_sft_warmup(tmp_path):
         assert row["ratio/min"] == 1.0 and row["ratio/max"] == 1.0
         assert_engine_agrees(row)  # multi-turn: tool output between the sampled turns
         assert {"env/turns_mean", "env/tool_calls", "env/tool_errors", "env/parse_errors"} <= set(row)
+        assert 0.0 <= row["reward/pass_rate"] <= 1.0 and row["reward/pass_rate"] <= row["reward/max"]
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,17 @@ def test_the_native_engine_takes_its_batching_keys_from_the_config():
     engine = train.build_engine(train.load_config(SMOKE), object())
     # all at once; by device; CUDA graphs where they can run, else rows leave as they finish
     assert (engine.max_batch_rows, engine.check_every, engine.decode) == (None, None, "auto")
+
+
+def test_pass_rate_counts_episodes_that_reach_the_environments_pass_reward():
+    """Partial credit (tool_lookup's 0.2 for a lookup without the answer) is not a pass; an
+    environment without ``pass_reward`` reports no pass rate."""
+    import torch
+
+    from titan_rl.rl.envs.math_task import MathEnv
+    from titan_rl.rl.envs.tool_task import FORMAT_CREDIT, ToolLookupEnv
+
+    rewards = torch.tensor([[1.0, FORMAT_CREDIT, 0.0, 1.0], [FORMAT_CREDIT, 1.0, 1.0, 0.0]])
+    for env in (ToolLookupEnv(num_tasks=4), MathEnv()):
+        assert train.pass_rate(env, rewards) == {"reward/pass_rate": 0.5}
+    assert train.pass_rate(object(), rewards) == {}

@@ -104,6 +104,8 @@ def is_correct(final_answer: str | None, gold: str) -> bool:
 class MathEnv:
     """One task per problem; ``python`` (a ``PythonSandbox``) adds the ``python`` tool."""
 
+    pass_reward = 1.0  # the right answer
+
     def __init__(
         self, problems: list[MathProblem] | None = None, python: PythonSandbox | None = None
     ) -> None:

@@ -52,6 +52,8 @@ class LookupTask:
 class ToolLookupEnv:
     """``num_tasks`` deterministic tasks (from ``seed``) of ``keys_per_task`` keys each."""
 
+    pass_reward = 1.0  # the right value (FORMAT_CREDIT is for a successful lookup alone)
+
     def __init__(self, num_tasks: int = 1000, keys_per_task: int = 3, seed: int = 0) -> None:
         if not 1 <= keys_per_task <= len(KEYS):
             raise ValueError(f"keys_per_task must be in 1..{len(KEYS)}, got {keys_per_task}")
