@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
+from titan_rl.config.loader import config_warnings
 from titan_rl.metrics import MetricsLogger, NoSignalWatch, peak_memory_gb
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.parallel import ParallelDims
@@ -194,6 +195,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     from titan_rl.checkpoint.manager import CheckpointManager, has_reference
 
     # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
+    if rank == 0:
+        for warning in config_warnings(cfg):
+            console.print(f"warning: {warning}", style="yellow", highlight=False)
     manager = CheckpointManager.from_config(cfg.checkpoint, dump)
     resume = manager.resume_target(cfg.checkpoint.load_path or None)  # every rank agrees
     model, materialize = build_model(cfg, init_device(dims), policy_weights=resume is None)

@@ -130,7 +130,8 @@ class RL:
     near-tie routes a token to other experts in the trainer than in the engine (vLLM: needs a release
     with enable_return_routed_experts)."""
     advantage: str = "grpo"
-    """Advantage estimator: grpo, dr_grpo or rloo."""
+    """Advantage estimator: grpo, dr_grpo (no std normalization; Dr.GRPO's loss is aggregation =
+    seq-mean-token-sum-norm, a warning says so) or rloo."""
     drop_uninformative_groups: bool = False
     """DAPO dynamic sampling: train without the groups whose rewards are all equal (their tokens would
     still count in the loss's normalizer); if every group is so, the step trains on all."""
@@ -141,7 +142,7 @@ class RL:
     clip_eps_high: float = 0.28
     """PPO upper clip (clip-higher): ratio <= 1 + clip_eps_high."""
     dual_clip: float = 0.0
-    """Dual-clip constant c > 1 for negative advantages; 0 disables."""
+    """Dual-clip constant c > 1 for negative advantages (policy_loss = ppo); 0 disables."""
     gspo_eps_low: float = 3e-4
     """GSPO lower clip of the sequence ratio."""
     gspo_eps_high: float = 4e-4

@@ -161,6 +161,11 @@ def validate(config: JobConfig) -> None:
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
             f"{config.env.max_episode_tokens}: an episode must fit in one packed row; raise training.seq_len"
         )
+    if config.rl.dual_clip and config.rl.policy_loss == "gspo":
+        raise ConfigError(
+            "rl.dual_clip applies to the PPO token ratio; rl.policy_loss = 'gspo' clips the sequence "
+            "ratio without it: set rl.dual_clip = 0 or rl.policy_loss = 'ppo'"
+        )
     if config.rl.kl_penalty == "reward" and config.rl.kl_coef <= 0:
         raise ConfigError(
             "rl.kl_penalty = 'reward' needs rl.kl_coef > 0 (the weight of the penalty; 0 runs no reference)"
@@ -179,6 +184,18 @@ def validate(config: JobConfig) -> None:
                 "own module: vLLM's rollouts stay bf16, and a near-fp32 trainer is further from them "
                 "than a bf16 one; set model.activation_dtype = 'auto' or rollout.engine = 'native'"
             )
+
+
+def config_warnings(config: JobConfig) -> list[str]:
+    """Settings that run but probably do not do what was meant (printed at the start of a run)."""
+    out = []
+    if config.rl.advantage == "dr_grpo" and config.rl.aggregation != "seq-mean-token-sum-norm":
+        out.append(
+            f"rl.advantage = 'dr_grpo' with rl.aggregation = {config.rl.aggregation!r}: Dr.GRPO also "
+            "sums each trajectory's token losses over a constant (rl.aggregation = "
+            "'seq-mean-token-sum-norm'); without it only the std normalization is gone"
+        )
+    return out
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> JobConfig:

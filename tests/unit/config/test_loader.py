@@ -93,3 +93,20 @@ def test_bad_configs_name_the_problem(tmp_path, toml, overrides, message):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_dual_clip_with_gspo_is_refused():
+    """GSPO clips the sequence ratio with no dual clip: the setting would be ignored silently."""
+    load_config(None, ["--rl.dual_clip=3"])  # ppo: fine
+    with pytest.raises(ConfigError, match="dual_clip"):
+        load_config(None, ["--rl.dual_clip=3", "--rl.policy_loss=gspo"])
+
+
+def test_dr_grpo_without_its_aggregation_is_warned_about():
+    from titan_rl.config.loader import config_warnings
+
+    assert config_warnings(load_config(None, [])) == []
+    half = config_warnings(load_config(None, ["--rl.advantage=dr_grpo"]))
+    assert len(half) == 1 and "seq-mean-token-sum-norm" in half[0]
+    whole = ["--rl.advantage=dr_grpo", "--rl.aggregation=seq-mean-token-sum-norm"]
+    assert config_warnings(load_config(None, whole)) == []
