@@ -23,8 +23,14 @@ CONSOLE_KEYS = [
 ]
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak for ``peak_memory_gb`` (GPU only: a process's peak RSS cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_gb() -> float:
-    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
+    """Peak GPU memory allocated since ``reset_peak_memory``, or the process's peak RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
 from titan_rl.config.loader import config_warnings
-from titan_rl.metrics import MetricsLogger, NoSignalWatch, peak_memory_gb
+from titan_rl.metrics import MetricsLogger, NoSignalWatch, peak_memory_gb, reset_peak_memory
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.parallel import ParallelDims
 from titan_rl.parallel.health import Heartbeat, describe_collective_failure, is_collective_failure
@@ -242,6 +242,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     )
     no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE)
     for step in range(start_step + 1, cfg.training.steps + 1):
+        reset_peak_memory()  # mem/peak_gb: this step's peak (on GPUs)
         t0 = time.perf_counter()
         model.eval()
         engine.wake_up()
@@ -258,8 +259,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         )
         batch = pack_trajectories(trained, trained_advantages, cfg.training.seq_len)
         metrics = trainer.train_step(batch, len(trained))
-        engine.update_weights(model)
         t2 = time.perf_counter()
+        engine.update_weights(model)
+        t3 = time.perf_counter()
         response = torch.tensor([float(t.response_len) for t in trajectories])
         metrics.update(
             {
@@ -273,6 +275,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 "tokens_per_s/train": sum(len(t.tokens) for t in trajectories) / (t2 - t1),  # no padding
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
+                "time/weight_sync_s": t3 - t2,
                 "mem/peak_gb": peak_memory_gb(),
                 **pass_rate(env, rewards),
                 **kl_metrics,

@@ -19,7 +19,7 @@ SCHEMA = [
     "step", "reward/mean", "reward/std", "loss", "ratio/mean", "ratio/min", "ratio/max", "clip_frac",
     "entropy/mean", "grad_norm", "mismatch/logp_abs_mean", "mismatch/logp_abs_max", "mismatch/k3",
     "response_len/mean", "tokens_per_s/train", "tokens_per_s/rollout", "time/rollout_s", "time/train_s",
-    "lr", "mem/peak_gb",
+    "time/weight_sync_s", "lr", "mem/peak_gb",
 ]  # fmt: skip
 
 
