@@ -195,6 +195,13 @@ def config_warnings(config: JobConfig) -> list[str]:
             "sums each trajectory's token losses over a constant (rl.aggregation = "
             "'seq-mean-token-sum-norm'); without it only the std normalization is gone"
         )
+    r = config.rollout
+    if r.engine == "vllm" and (r.top_p < 1.0 or r.top_k > 1):
+        out.append(
+            "rollout.engine = 'vllm' with top_p < 1 or top_k > 1: vLLM reports the log-probs of the "
+            "truncated distribution it sampled from, the trainer those of the whole tempered one, so "
+            "mismatch/* (and rl.correction's weights) include each token's log(1 / kept mass)"
+        )
     return out
 
 

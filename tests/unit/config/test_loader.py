@@ -110,3 +110,14 @@ def test_dr_grpo_without_its_aggregation_is_warned_about():
     assert len(half) == 1 and "seq-mean-token-sum-norm" in half[0]
     whole = ["--rl.advantage=dr_grpo", "--rl.aggregation=seq-mean-token-sum-norm"]
     assert config_warnings(load_config(None, whole)) == []
+
+
+def test_vllm_with_truncated_sampling_is_warned_about():
+    from titan_rl.config.loader import config_warnings
+
+    vllm = ["--rollout.engine=vllm"]
+    assert config_warnings(load_config(None, vllm)) == []
+    assert config_warnings(load_config(None, ["--rollout.top_p=0.9"])) == []  # native: unmasked
+    for sampling in ("--rollout.top_p=0.9", "--rollout.top_k=20"):
+        (warning,) = config_warnings(load_config(None, [*vllm, sampling]))
+        assert "kept mass" in warning
