@@ -75,16 +75,39 @@ def main(folder: Path) -> None:
     check(not torch.equal(quantized[name], expected[name]), "MXFP4 did not quantize")
     fresh = expert_parallel(12, dims)
     dequantized = []  # each rank dequantizes only the experts its shard holds
-    real = hf.dequantize_mxfp4
+    real, real_get, real_slice = hf.dequantize_mxfp4, hf._ShardReader.get, hf._ShardReader.slice
+    read_whole, rows_read = [], {}  # ... and reads only their rows of the MXFP4 tensors
+
+    class Rows:
+        def __init__(self, name, inner):
+            self.name, self.inner = name, inner
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def __getitem__(self, index):
+            rows_read.setdefault(self.name, []).append(index)
+            return self.inner[index]
+
     hf.dequantize_mxfp4 = lambda *a, **k: dequantized.append(1) or real(*a, **k)
-    load_hf_state_dict_into(fresh, folder / "mxfp4")
-    hf.dequantize_mxfp4 = real
+    hf._ShardReader.get = lambda self, name: read_whole.append(name) or real_get(self, name)
+    hf._ShardReader.slice = lambda self, name: Rows(name, real_slice(self, name))
+    try:
+        load_hf_state_dict_into(fresh, folder / "mxfp4")
+    finally:
+        hf.dequantize_mxfp4, hf._ShardReader.get, hf._ShardReader.slice = real, real_get, real_slice
     compare(fresh, quantized, "EP load of MXFP4")
     layers, local = len(fresh.layers), fresh.layers[0].mlp.experts.gate_up_proj.to_local().shape[0]
     check(
         len(dequantized) == 2 * layers * local,
         f"{len(dequantized)} experts dequantized, not {2 * layers * local}",
     )
+    whole = [name for name in read_whole if name.endswith(("_blocks", "_scales"))]
+    check(not whole, f"MXFP4 tensors read whole: {whole[:3]}")
+    mine = hf._local_experts(fresh.layers[0].mlp.experts.gate_up_proj)
+    check(len(rows_read) == 4 * layers, f"MXFP4 tensors sliced: {sorted(rows_read)}")
+    for name, rows in rows_read.items():
+        check(rows == mine, f"{name}: rows {rows} read, this rank holds experts {mine}")
     finish(20)
 
 

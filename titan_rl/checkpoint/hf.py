@@ -4,8 +4,9 @@ A folder holds ``config.json``, ``model.safetensors.index.json`` + shards (or on
 and tokenizer files. Tensors are read one at a time with ``safe_open``; MXFP4 experts are dequantized
 on load into the model's ``[E, in, out]`` layout. Sharded models (DTensor parameters: FSDP2, and
 expert parallelism's experts over the ep and expert-FSDP dims) work too: every rank reads the full
-tensor and keeps its part on load; on save every rank gathers each tensor in turn and rank 0
-writes (tests/distributed/test_checkpoint_fsdp.py, FSDP and dp_shard=2 x ep=2).
+tensor and keeps its part on load (MXFP4 experts: only its own experts' bytes); on save every rank
+gathers each tensor in turn and rank 0 writes (tests/distributed/test_checkpoint_fsdp.py, FSDP and
+dp_shard=2 x ep=2).
 """
 
 from __future__ import annotations
@@ -134,16 +135,36 @@ class _ShardReader:
     def __init__(self, folder: Path, file: str, where: dict[str, str]) -> None:
         self.folder, self.file, self.where = folder, file, where
         self.handle = _open_shard(folder / file)
+        self.others: dict[str, Any] = {}  # partner shards, opened once
+
+    def _handle(self, name: str):
+        file = self.where.get(name, self.file)
+        if file == self.file:
+            return self.handle
+        if file not in self.others:
+            self.others[file] = _open_shard(self.folder / file)
+        return self.others[file]
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.where.get(name, self.file)
         try:
-            if file == self.file:
-                return self.handle.get_tensor(name)
-            with safe_open(self.folder / file, framework="pt") as other:
-                return other.get_tensor(name)
+            return self._handle(name).get_tensor(name)
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.folder / file}: {e}") from e
+            raise CheckpointError(f"cannot read tensor {name!r} from {self._file(name)}: {e}") from e
+
+    def slice(self, name: str):
+        """A lazy view of tensor ``name``: indexing it reads only those rows from the file (each
+        rank reads its own experts of an MXFP4 tensor, not all of them)."""
+        try:
+            return self._handle(name).get_slice(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self._file(name)}: {e}") from e
+
+    def _file(self, name: str) -> Path:
+        return self.folder / self.where.get(name, self.file)
 
 
 @torch.no_grad()
@@ -216,19 +237,19 @@ def _local_experts(param: torch.Tensor) -> list[int] | None:
 def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path) -> torch.Tensor | None:
     """Dequantize ``stem_blocks`` / ``stem_scales`` into the layout ``[E, cols, rows]``.
 
-    A plain parameter is filled in place, and so is a DTensor's local shard, dequantizing only its
-    own experts (returns None: 2 of 128 per rank in the 120b recipe, where every rank used to
-    dequantize all 128); a DTensor split along another dim gets the full tensor returned.
+    A plain parameter is filled in place, and so is a DTensor's local shard, reading and dequantizing
+    only its own experts (returns None: 2 of 128 per rank in the 120b recipe, where every rank used
+    to read all 128 from disk); a DTensor split along another dim gets the full tensor returned.
     """
     if f"{stem}_scales" not in reader.where:
         raise CheckpointError(f"{file}: {stem}_blocks has no matching {stem}_scales tensor")
-    blocks, scales = reader.get(f"{stem}_blocks"), reader.get(f"{stem}_scales")
+    blocks, scales = reader.slice(f"{stem}_blocks"), reader.slice(f"{stem}_scales")  # read per expert
     experts, cols, rows = param.shape
     expected = (experts, rows, cols // BLOCK_SIZE, BLOCK_SIZE // 2)
-    if tuple(blocks.shape) != expected or tuple(scales.shape) != expected[:-1]:
+    if tuple(blocks.get_shape()) != expected or tuple(scales.get_shape()) != expected[:-1]:
         raise CheckpointError(
-            f"{file}: {stem}_blocks {tuple(blocks.shape)} / _scales {tuple(scales.shape)} do not match "
-            f"config.json, which implies {expected} / {expected[:-1]}"
+            f"{file}: {stem}_blocks {tuple(blocks.get_shape())} / _scales {tuple(scales.get_shape())} "
+            f"do not match config.json, which implies {expected} / {expected[:-1]}"
         )
     full = None  # returned for the caller to shard: only a DTensor split along another dim
     if not _is_dtensor(param):
