@@ -3,9 +3,9 @@
 Per step: prompts from the environment -> rollouts from the engine -> rewards and group
 advantages -> trajectories packed into rows -> ONE forward with grad giving log-probs and entropy
 (on-policy: ``old_logprobs = logprobs.detach()``, so the ratio is exactly 1 and MoE routing cannot
-drift) -> loss -> backward -> clip -> AdamW -> metrics -> checkpoint. With several minibatches per
-rollout batch, old log-probs come from a no-grad pass that records each token's experts, and the
-grad passes replay them (``rl.routing_replay``).
+drift) -> loss -> backward -> clip -> AdamW -> metrics -> checkpoint. With several minibatches or
+epochs per rollout batch, old log-probs come from a no-grad pass that records each token's experts,
+and the grad passes replay them (``rl.routing_replay``).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 On-policy (one optimizer step per rollout batch) the grad forward's own log-probs, detached, are
 the old log-probs: the importance ratio is exactly 1 and MoE routing cannot drift between passes.
-With several minibatches, one no-grad pass over the whole batch records old log-probs and each
-token's experts first, and the grad passes replay those experts (``rl.routing_replay``).
+With several minibatches (or PPO epochs, ``training.epochs``), one no-grad pass over the whole batch
+records old log-probs and each token's experts first, and the grad passes replay those experts
+(``rl.routing_replay``).
 
 A batch that carries the rollout engine's routing (``rl.rollout_routing_replay``) is run through
 those experts by every policy forward, the no-grad pass included (``titan_rl.rl.routing_replay``);
@@ -209,7 +210,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
         )
-        total_optimizer_steps = cfg.training.steps * cfg.training.minibatches
+        total_optimizer_steps = cfg.training.steps * cfg.training.minibatches * cfg.training.epochs
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, total_optimizer_steps)
         self.consecutive_skips = 0
         self.skipped_steps = 0
@@ -313,8 +314,9 @@ class Trainer:
             batch.rows(r) for r in rows.tensor_split(min(cfg.training.minibatches, batch.num_rows))
         ]
         unified = cfg.rl.old_logprob_mode == "unified"
-        needs_old_pass = not unified or len(minibatches) > 1
-        replay = unified and cfg.rl.routing_replay and len(minibatches) > 1
+        updates = len(minibatches) * cfg.training.epochs  # optimizer steps on this batch
+        needs_old_pass = not unified or updates > 1
+        replay = unified and cfg.rl.routing_replay and updates > 1
         stats = StepStats()
         shards = self._sequence_shards()
         grad_norms = []
@@ -338,8 +340,9 @@ class Trainer:
                         )
                     if self.loss_cfg.kl_coef > 0:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
-        for m, minibatch in enumerate(minibatches):
-            global_tokens, global_seqs = self._global_counts(minibatch)
+        counts = [self._global_counts(minibatch) for minibatch in minibatches]
+        for m in [m for _ in range(cfg.training.epochs) for m in range(len(minibatches))]:
+            global_tokens, global_seqs = counts[m]
             self.optimizer.zero_grad(set_to_none=True)
             kept = torch.zeros(2, dtype=torch.float64, device=self.device)  # tokens, trajectories
             minibatch_loss = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -398,3 +398,28 @@ def test_tokens_mis_rejects_leave_the_step_as_if_they_were_not_in_the_batch(aggr
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(mis.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_epochs_are_minibatches_over_copies_of_the_batch():
+    """Two PPO epochs over a batch take the optimizer steps that two minibatches over two copies of
+    it take: old log-probs and routing from one no-grad pass before any update, each pass normalized
+    by its own counts. The second pass is off-policy (its ratios leave 1)."""
+    import dataclasses
+
+    lr = ["--optimizer.lr=0.05", "--training.steps=1"]
+    epochs, batch, n = setup("--training.epochs=2", *lr)
+    copies, _, _ = setup("--training.minibatches=2", *lr)
+
+    def twice(t):
+        return None if t is None else torch.cat([t, t])
+
+    doubled = dataclasses.replace(
+        batch, **{f.name: twice(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    )
+    got, want = epochs.train_step(batch, n), copies.train_step(doubled, n)
+    for key in ("loss", "grad_norm", "ratio/mean", "ratio/min", "ratio/max", "clip_frac", "entropy/mean"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert got["ratio/max"] > 1 + 1e-3 or got["ratio/min"] < 1 - 1e-3  # the second epoch is off-policy
+    for a, b in zip(epochs.model.parameters(), copies.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert epochs.lr_scheduler.last_epoch == 2  # two optimizer steps

@@ -85,7 +85,11 @@ class Training:
     steps: int = 10
     """RL steps (one rollout batch each)."""
     minibatches: int = 1
-    """Optimizer steps per rollout batch; 1 is fully on-policy (old log-probs = new, detached)."""
+    """Optimizer steps per pass over a rollout batch; 1 with epochs = 1 is fully on-policy (old
+    log-probs = new, detached)."""
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs), each of minibatches optimizer steps; old
+    log-probs and the recorded routing come from one no-grad pass before the first."""
     micro_batch_rows: int = 8
     """Packed rows per forward/backward (gradient accumulation inside a minibatch)."""
     seq_len: int = 256
@@ -124,7 +128,8 @@ class RL:
     """unified: old log-probs are the grad forward's own (ratio exactly 1); recompute: a second
     no-grad forward over each trajectory unpacked, as other frameworks do (for comparison)."""
     routing_replay: bool = True
-    """With several minibatches, replay the experts recorded by the no-grad pass in the grad passes."""
+    """With several minibatches or epochs, replay the experts recorded by the no-grad pass in the
+    grad passes."""
     rollout_routing_replay: bool = False
     """The trainer's forwards use the experts the rollout engine chose at every position: no bf16
     near-tie routes a token to other experts in the trainer than in the engine (vLLM: needs a release

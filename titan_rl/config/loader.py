@@ -131,7 +131,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }
 NON_NEGATIVE = ("rollout.max_batch_rows", "rollout.check_every")
-POSITIVE = ("training.steps", "training.minibatches", "training.micro_batch_rows", "training.seq_len",
+POSITIVE = ("training.steps", "training.minibatches", "training.epochs", "training.micro_batch_rows",
+            "training.seq_len",
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
             "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq", "env.num_tasks",
