@@ -16,7 +16,9 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,19 +198,49 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def resume_target(self, path: str | Path | None = None) -> Path | None:
-        """What ``load(path=...)`` will restore, the same on every rank (a collective without
-        ``path``): ``path``, or with checkpointing on the newest complete checkpoint as rank 0 sees
-        it; None: nothing to resume. Known before the model is filled, so a resumed run need not
-        read the weights the checkpoint replaces."""
-        if path is not None:
-            return Path(path)
-        return self._agreed_latest() if self.enable else None
+        """What ``load(path=...)`` will restore, the same on every rank (a collective when
+        checkpointing is on): with checkpointing on, the newest complete checkpoint as rank 0 sees
+        it, or with ``path`` (``checkpoint.load_path``: a run branching from an earlier checkpoint)
+        ``branch_start(path)``; None: nothing to resume. Known before the model is filled, so a
+        resumed run need not read the weights the checkpoint replaces."""
+        if not self.enable:
+            return None if path is None else Path(path)
+        if path is None:
+            return self._agreed(self.latest)
+        return self._agreed(lambda: self.branch_start(Path(path)))
 
-    def _agreed_latest(self) -> Path | None:
-        """The newest complete checkpoint as rank 0 sees it, on every rank. Each rank listing the
-        shared folder itself could see another set (NFS caches directory listings for seconds after
-        a restart) and load another step's shards than its peers."""
-        latest = self.latest() if _rank() == 0 else None
+    def branch_start(self, path: Path) -> Path:
+        """Where a run started from ``path`` resumes, on rank 0. Its own later checkpoints (those
+        saved with this ``load_path``: a restart of the branch after a crash or preemption) take
+        over from ``path``; checkpoints of any other timeline (later than ``path`` when it is in this
+        folder: the run it branched from, typically past a collapse; all of them when it is not)
+        are moved to ``superseded/`` in the folder, so that neither a restart without ``load_path``
+        nor ``keep_last`` mistakes them for this run's newest."""
+        # from this folder: its earlier checkpoints are the branch's past; from elsewhere: none is
+        start = _step_of(path) if path.parent.resolve() == self.folder.resolve() else None
+        own, other = [], []
+        for found in self.checkpoints():
+            if found.resolve() == path.resolve() or (start is not None and _step_of(found) <= start):
+                continue
+            (own if _saved_load_path(found) == path.resolve() else other).append(found)
+        if other:
+            aside = self.folder / "superseded"
+            aside.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for found in other:
+                os.replace(found, aside / f"{found.name}-{stamp}")
+            print(
+                f"warning: resuming from {path}: set aside {len(other)} later checkpoint(s) of another "
+                f"run ({', '.join(p.name for p in other)}) in {aside}",
+                flush=True,
+            )
+        return own[-1] if own else path
+
+    def _agreed(self, choose: Callable[[], Path | None]) -> Path | None:
+        """``choose()`` as rank 0 sees it, on every rank. Each rank listing the shared folder itself
+        could see another set (NFS caches directory listings for seconds after a restart) and load
+        another step's shards than its peers."""
+        latest = choose() if _rank() == 0 else None
         if _dist() and dist.get_world_size() > 1:
             box = [None if latest is None else str(latest)]
             dist.broadcast_object_list(box, src=0)
@@ -228,13 +260,14 @@ class CheckpointManager:
         path: str | Path | None = None,
         reference: nn.Module | None = None,
     ) -> tuple[int, dict] | None:
-        """Restore model, optimizer, scheduler and RNG from ``path`` or the newest complete checkpoint,
+        """Restore model, optimizer, scheduler and RNG from ``path`` (``resume_target``'s answer) or the
+        newest complete checkpoint,
         and ``reference`` if the checkpoint holds one (``has_reference``; else it is left as it is).
 
         Returns ``(step, extra)``, or None when there is nothing to resume (or checkpointing is off
         and no ``path`` is given).
         """
-        folder = self.resume_target(path)
+        folder = Path(path) if path is not None else self.resume_target()
         if folder is None:
             return None
         if not is_complete(folder):
@@ -275,6 +308,20 @@ def has_reference(folder: str | Path) -> bool:
     """Whether the training checkpoint ``folder`` holds a KL reference model (``save(reference=...)``)."""
     stored = dcp.FileSystemReader(Path(folder)).read_metadata().state_dict_metadata
     return any(key.startswith(REFERENCE + ".") for key in stored)
+
+
+def _step_of(folder: Path) -> int | None:
+    match = _STEP_RE.fullmatch(folder.name)
+    return int(match[1]) if match else None
+
+
+def _saved_load_path(folder: Path) -> Path | None:
+    """``checkpoint.load_path`` of the run that saved the training checkpoint ``folder``, resolved."""
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text()).get("checkpoint", {}).get("load_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(saved).resolve() if saved else None
 
 
 def verify_dcp_folder(folder: str | Path, shapes: dict[str, tuple[int, ...]], source: str) -> None:

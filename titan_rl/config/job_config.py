@@ -48,7 +48,9 @@ class Checkpoint:
     keep_last: int = 2
     """How many complete checkpoints to keep."""
     load_path: str = ""
-    """Resume from this checkpoint folder instead of the newest one in `folder`."""
+    """Resume from this checkpoint folder instead of the newest one in `folder` (a branch: later
+    checkpoints of other runs in `folder` move to `folder`/superseded; a restart of this branch
+    with the same load_path resumes its own newest checkpoint)."""
 
 
 @dataclass

@@ -130,3 +130,43 @@ def test_a_resume_restores_the_cuda_generator_of_its_own_device_only():
     assert torch.equal(cuda_rng_to_restore(states, 2), states[2])
     assert cuda_rng_to_restore(states, 5) is None
     assert torch.equal(cuda_rng_to_restore(states[1], 3), states[1])
+
+
+def save_steps(manager: CheckpointManager, steps, load_path: str = "") -> None:
+    """Complete checkpoints at ``steps`` as a run with ``checkpoint.load_path = load_path`` saves them."""
+    model, optimizer, scheduler = make_training(0)
+    for step in steps:
+        config = {"checkpoint": {"load_path": load_path}}
+        manager.save(step, model, optimizer, scheduler, config=config)
+
+
+def test_a_branch_sets_aside_the_other_timelines_later_checkpoints_and_resumes_its_own(tmp_path, capsys):
+    """Resuming from step 4 of a run that went on to 8 (typically past a collapse, with a lower LR):
+    the old 6 and 8 must not be this run's newest (a restart without load_path, or keep_last,
+    would pick them); a restart of the branch with the same load_path resumes the branch's own
+    newest checkpoint instead of starting over from step 4."""
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=10)
+    save_steps(manager, [2, 4, 6, 8])
+    start = tmp_path / "step-000004"
+
+    assert manager.resume_target(start) == start
+    assert [p.name for p in manager.checkpoints()] == ["step-000002", "step-000004"]
+    aside = sorted(p.name.split("-2")[0] for p in (tmp_path / "superseded").iterdir())
+    assert aside == ["step-000006", "step-000008"]
+    assert "set aside 2 later checkpoint(s)" in capsys.readouterr().out
+
+    save_steps(manager, [5, 6], load_path=str(start))  # the branch, then a crash
+    assert manager.resume_target(start) == tmp_path / "step-000006"  # the same command again
+    assert [p.name for p in manager.checkpoints()][-2:] == ["step-000005", "step-000006"]
+    assert manager.resume_target() == tmp_path / "step-000006"  # and without load_path
+
+
+def test_a_load_path_outside_the_folder_sets_aside_what_the_folder_holds_from_other_runs(tmp_path):
+    elsewhere = CheckpointManager(tmp_path / "old_run", interval=1)
+    save_steps(elsewhere, [3])
+    manager = CheckpointManager(tmp_path / "new_run", interval=1)
+    save_steps(manager, [1, 7])  # an unrelated earlier run in the same dump folder
+    start = tmp_path / "old_run" / "step-000003"
+    assert manager.resume_target(start) == start
+    assert manager.checkpoints() == []  # none of them is this run's past
+    assert len(list((tmp_path / "new_run" / "superseded").iterdir())) == 2
