@@ -142,24 +142,30 @@ def pass_rate(env: object, rewards: torch.Tensor) -> dict[str, float]:
     return {"reward/pass_rate": (rewards >= threshold).float().mean().item()}
 
 
-def kl_penalized(
+def rl_advantages(
     trainer: Trainer, trajectories: list[Trajectory], rewards: torch.Tensor, cfg: JobConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The rewards the advantages are computed from, and their metrics. With ``rl.kl_penalty =
-    "reward"`` each trajectory's reward minus ``rl.kl_coef`` x its KL to the reference (the
-    estimator summed over its sampled tokens, ``Trainer.trajectory_kl``); else ``rewards`` as they
-    are. ``reward/*`` metrics stay the task's rewards; ``reward/penalized_mean`` is what was trained."""
+    """Advantages ``[groups, group_size]`` of the task's ``rewards`` and their metrics.
+
+    With ``rl.kl_penalty = "reward"`` each trajectory's reward is ``R - kl_coef * KL`` (KL: the
+    estimator summed over its sampled tokens, ``Trainer.trajectory_kl``). The penalty enters the
+    advantage through the estimator's baseline but never through GRPO's std, which stays the task
+    rewards': ``A(R) - kl_coef * (KL - baseline(KL))``, exactly ``A(R - kl_coef * KL)`` for dr_grpo
+    and rloo. Dividing KL differences by the std of rewards that hardly differ (a group that all
+    failed) would turn round-off between engine and trainer into advantages of +-1."""
+    advantages = group_advantages(rewards, cfg.rl.advantage)
     if cfg.rl.kl_penalty != "reward":
-        return rewards, {}
+        return advantages, {}
     zeros = [0.0] * len(trajectories)  # advantages do not exist yet; the reference needs none
     kl, kl_per_token = trainer.trajectory_kl(
         pack_trajectories(trajectories, zeros, cfg.training.seq_len), len(trajectories)
     )
-    penalized = rewards - cfg.rl.kl_coef * kl.view_as(rewards).to(rewards.dtype)
-    return penalized, {
+    kl = kl.view_as(rewards).to(advantages.dtype)
+    centered = group_advantages(kl, "rloo" if cfg.rl.advantage == "rloo" else "dr_grpo")
+    return advantages - cfg.rl.kl_coef * centered, {
         "kl/mean": kl_per_token,
         "kl/trajectory_mean": kl.mean().item(),
-        "reward/penalized_mean": penalized.mean().item(),
+        "reward/penalized_mean": (rewards - cfg.rl.kl_coef * kl).mean().item(),
     }
 
 
@@ -211,14 +217,16 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
 
     start_step = 0
     # the KL reference is the initial weights unless the supervised warmup moved the policy first:
-    # then checkpoints carry it (a resumed run does not repeat the warmup)
-    warmed_reference = trainer.reference if cfg.sft.steps > 0 else None
+    # then checkpoints carry it (a resumed run does not repeat the warmup, whatever sft.steps says now)
+    warmed_reference = trainer.reference if cfg.sft.steps > 0 and resume is None else None
     resumed = None
     if resume is not None:
         resumed = manager.load(
-            model, trainer.optimizer, trainer.lr_scheduler, resume, reference=warmed_reference
+            model, trainer.optimizer, trainer.lr_scheduler, resume, reference=trainer.reference
         )
-        if warmed_reference is not None and not has_reference(resume):
+        if trainer.reference is not None and has_reference(resume):
+            warmed_reference = trainer.reference  # loaded: keep saving it
+        elif trainer.reference is not None and cfg.sft.steps > 0:
             console.print(
                 f"warning: {resume} holds no KL reference (saved without sft, or by an older "
                 "version): the reference is the initial weights, not the warmed-up policy",
@@ -252,10 +260,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         t1 = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories]).view(-1, cfg.rollout.group_size)
         informative = informative_groups(rewards)  # of the task's rewards: is there a signal to learn
-        trained_rewards, kl_metrics = kl_penalized(trainer, trajectories, rewards, cfg)
-        advantages = group_advantages(trained_rewards, cfg.rl.advantage)
+        advantages, kl_metrics = rl_advantages(trainer, trajectories, rewards, cfg)
         trained, trained_advantages = kept_for_training(
-            trajectories, advantages, informative_groups(trained_rewards), cfg.rl.drop_uninformative_groups
+            trajectories, advantages, informative, cfg.rl.drop_uninformative_groups
         )
         batch = pack_trajectories(trained, trained_advantages, cfg.training.seq_len)
         metrics = trainer.train_step(batch, len(trained))

@@ -149,7 +149,8 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path):
 def test_resume_keeps_the_warmed_up_kl_reference(tmp_path):
     """With a supervised warmup the KL reference is the warmed-up policy, which a resumed run cannot
     rebuild (it does not repeat the warmup): the checkpoint carries it, and steps 3-4 are identical
-    (with the initial weights as reference the penalized rewards, hence the loss, would differ)."""
+    (with the initial weights as reference the penalized rewards, hence the loss, would differ).
+    The resumed run says --sft.steps=0 (the warmup is behind it): the reference still comes back."""
     common = [
         "--checkpoint.enable=true", "--checkpoint.interval=2", "--env.name=tool_lookup", "--sft.steps=3",
         "--training.seq_len=256", "--env.max_episode_tokens=256", "--rollout.max_new_tokens=32",
@@ -159,7 +160,7 @@ def test_resume_keeps_the_warmed_up_kl_reference(tmp_path):
     first = run_train("--training.steps=4", f"--job.dump_folder={straight}", *common)
     assert first.returncode == 0, first.stderr[-2000:]
     assert run_train("--training.steps=2", f"--job.dump_folder={resumed}", *common).returncode == 0
-    second = run_train("--training.steps=4", f"--job.dump_folder={resumed}", *common)
+    second = run_train("--training.steps=4", f"--job.dump_folder={resumed}", *common, "--sft.steps=0")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from step 2" in second.stdout and "holds no KL reference" not in second.stdout
     a, b = read_metrics(straight), read_metrics(resumed)

@@ -21,7 +21,7 @@ from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts
 from titan_rl.rl.losses import kl_estimate
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.train import kl_penalized, supervised_warmup
+from titan_rl.train import rl_advantages, supervised_warmup
 from titan_rl.trainer import Trainer
 
 COEF = 0.3
@@ -77,9 +77,11 @@ def train_a_step(trainer, engine, env, cfg):
     trainer.train_step(pack_trajectories(trajectories, advantages, cfg.training.seq_len), len(trajectories))
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_reward_penalty_is_each_trajectorys_kl_to_the_reference(estimator):
-    cfg = config("--rl.kl_penalty=reward", f"--rl.kl_estimator={estimator}")
+@pytest.mark.parametrize("estimator,advantage", [("k1", "grpo"), ("k3", "grpo"), ("k3", "rloo")])
+def test_reward_penalty_is_each_trajectorys_kl_to_the_reference(estimator, advantage):
+    """Advantages of R - kl_coef * KL: the KL through the estimator's baseline (the group mean; the
+    others' mean for rloo), GRPO's std from the task rewards alone."""
+    cfg = config("--rl.kl_penalty=reward", f"--rl.kl_estimator={estimator}", f"--rl.advantage={advantage}")
     trainer, engine, env = trainer_and_rollouts(cfg)
     reference = copy.deepcopy(trainer.reference)  # the weights before training, unwrapped
     train_a_step(trainer, engine, env, cfg)
@@ -87,21 +89,44 @@ def test_reward_penalty_is_each_trajectorys_kl_to_the_reference(estimator):
     want = one_at_a_time_kl(reference, trajectories, cfg.rollout.temperature, estimator)
     assert want.abs().min() > 1e-3  # the policy moved: every trajectory has a KL to speak of
 
-    penalized, metrics = kl_penalized(trainer, trajectories, rewards, cfg)
+    advantages, metrics = rl_advantages(trainer, trajectories, rewards, cfg)
 
-    assert torch.allclose(penalized.flatten().double(), rewards.flatten().double() - COEF * want, atol=1e-5)
+    kl = want.view_as(rewards)
+    size = kl.shape[1]
+    if advantage == "rloo":
+        baseline = (kl.sum(1, keepdim=True) - kl) / (size - 1)
+    else:
+        baseline = kl.mean(1, keepdim=True)
+    expected = group_advantages(rewards, advantage).double() - COEF * (kl - baseline)
+    assert torch.allclose(advantages.double(), expected, atol=1e-5)
     tokens = sum(sum(t.loss_mask) for t in trajectories)
     assert metrics["kl/mean"] == pytest.approx(float(want.sum()) / tokens, rel=1e-5)
     assert metrics["kl/trajectory_mean"] == pytest.approx(float(want.mean()), rel=1e-5)
-    assert metrics["reward/penalized_mean"] == pytest.approx(float(penalized.mean()), rel=1e-6)
+    penalized = rewards.double().flatten() - COEF * want
+    assert metrics["reward/penalized_mean"] == pytest.approx(float(penalized.mean()), rel=1e-5)
+
+
+def test_a_group_with_equal_task_rewards_gets_only_the_kl_term():
+    """All episodes of a group failed: the KL differences must stay kl_coef-sized, not be divided
+    by the group's (zero) reward std into advantages of +-1."""
+    cfg = config("--rl.kl_penalty=reward", "--rl.kl_coef=0.01")
+    trainer, engine, env = trainer_and_rollouts(cfg)
+    reference = copy.deepcopy(trainer.reference)
+    train_a_step(trainer, engine, env, cfg)
+    trajectories, rewards = rollouts(engine, env, cfg, 2)
+    advantages, _ = rl_advantages(trainer, trajectories, torch.zeros_like(rewards), cfg)
+    kl = one_at_a_time_kl(reference, trajectories, cfg.rollout.temperature, "k3").view_as(rewards)
+    expected = -0.01 * (kl - kl.mean(1, keepdim=True))  # GRPO of R - 0.01 KL: std 1 per group
+    assert torch.allclose(advantages.double(), expected, atol=1e-5)
+    assert (expected.std(1) < 0.9).all()  # (so the check above tells the two apart)
 
 
 def test_loss_mode_leaves_the_rewards_alone():
     cfg = config()  # rl.kl_penalty = "loss"
     trainer, engine, env = trainer_and_rollouts(cfg)
     trajectories, rewards = rollouts(engine, env, cfg, 1)
-    penalized, metrics = kl_penalized(trainer, trajectories, rewards, cfg)
-    assert penalized is rewards and metrics == {}
+    advantages, metrics = rl_advantages(trainer, trajectories, rewards, cfg)
+    assert torch.equal(advantages, group_advantages(rewards)) and metrics == {}
 
 
 def test_reward_mode_keeps_the_kl_out_of_the_loss():
