@@ -318,8 +318,9 @@ def stop_on_sigterm(out: Path) -> None:
     group too: it runs in a session of its own and would go on using the GPU after us."""
 
     def handler(signum, frame):
-        for proc in list(RUNNING):
-            kill_group(proc)
+        for proc in list(RUNNING):  # no wait(): the main thread may hold its lock, mid-wait
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         summarize(out, f"gpu_checks: stopped by signal {signum}")
         raise SystemExit(128 + signum)
 

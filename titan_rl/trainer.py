@@ -340,6 +340,8 @@ class Trainer:
                         )
                     if self.loss_cfg.kl_coef > 0:
                         ref[m, i] = self._logprobs(self.reference, mb)[0]
+        if self.loss_cfg.kl_coef > 0:
+            reshard(self.reference)  # its root's gathered weights would outlive the step
         counts = [self._global_counts(minibatch) for minibatch in minibatches]
         for m in [m for _ in range(cfg.training.epochs) for m in range(len(minibatches))]:
             global_tokens, global_seqs = counts[m]
@@ -381,6 +383,7 @@ class Trainer:
         if self.dims.distributed:
             stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
         result = stats.result()
+        result["loss"] /= updates  # the mean over the optimizer steps (each normalized on its own)
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
         result["train/skipped_steps"] = self.skipped_steps
@@ -419,6 +422,7 @@ class Trainer:
                 kl = kl_estimate(mb.rollout_logprobs.to(ref.dtype), ref, self.cfg.rl.kl_estimator)
                 sums.index_add_(0, mb.seq_ids, kl.double())
                 sums[num_seqs] += mb.num_tokens
+        reshard(self.reference)  # FSDP's root keeps its no-grad gathers (embeddings, LM head)
         if self.dims.distributed:  # rows over dp ranks, sequence shards over cp ranks
             torch.distributed.all_reduce(sums, group=self.dims.get_mesh("dp_cp").get_group())
         sums = sums.cpu()
@@ -451,7 +455,7 @@ class Trainer:
         Rejected tokens leave the loss as if they were not in the batch. None without MIS."""
         if self.loss_cfg.correction != "mis":
             return None
-        if self.dims.distributed:  # (cp ranks each count their shard's tokens; cp needs token-mean)
+        if self.dims.distributed:  # (cp ranks each count their shard's tokens, a share of each sequence)
             torch.distributed.all_reduce(kept, group=self.dims.get_mesh("dp_cp").get_group())
         if self.loss_cfg.aggregation == "token-mean":
             return global_tokens / kept[0].clamp_min(1.0)

@@ -260,7 +260,8 @@ def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path
         out = full = torch.empty(param.shape, dtype=param.dtype)
         mine = list(range(experts))
     for row, e in enumerate(mine):  # one expert at a time bounds the dequantization scratch memory
-        out[row].copy_(dequantize_mxfp4(blocks[e], scales[e], param.dtype).T)
+        # (a range, not an int: safetensors < 0.4.3 slices take no integer index)
+        out[row].copy_(dequantize_mxfp4(blocks[e : e + 1][0], scales[e : e + 1][0], param.dtype).T)
     return full
 
 

@@ -201,7 +201,13 @@ def config_warnings(config: JobConfig) -> list[str]:
         out.append(
             "rollout.engine = 'vllm' with top_p < 1 or top_k > 1: vLLM reports the log-probs of the "
             "truncated distribution it sampled from, the trainer those of the whole tempered one, so "
-            "mismatch/* (and rl.correction's weights) include each token's log(1 / kept mass)"
+            "mismatch/*, rl.correction's weights and a KL reward penalty include each token's "
+            "log(1 / kept mass)"
+        )
+    if r.engine == "vllm" and r.top_k == 1 and r.temperature != 1.0:
+        out.append(
+            "rollout.engine = 'vllm' with top_k = 1 runs as vLLM temperature 0, whose log-probs are "
+            f"untempered; the trainer's use rollout.temperature = {r.temperature}"
         )
     return out
 

@@ -35,8 +35,8 @@ UNROUTED = -1  # a recorded routing's "nothing recorded here": the router choose
 
 class Router(nn.Module):
     """``logits = x W^T + b``; top-k on the logits; weights = softmax over the k chosen logits, in
-    fp32 whatever the activation dtype (ARCHITECTURE.md invariant 7; rounded once, where they scale
-    the experts' outputs)."""
+    fp32 whatever the activation dtype (ARCHITECTURE.md invariant 7; ``MoE`` combines the experts'
+    outputs with them in fp32 and rounds the sum once)."""
 
     def __init__(self, args: GptOssModelArgs) -> None:
         super().__init__()
@@ -126,7 +126,9 @@ class MoE(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y_sorted.index_select(0, inverse)  # back to (token, slot) order: a gather, no atomics
-        out = (y.view(-1, top_k, shape[-1]) * weights[..., None].to(y.dtype)).sum(dim=1)
+        # fp32 weights times the experts' outputs, summed in fp32, rounded once (a bf16 model keeps
+        # only y and the weights for the backward; the fp32 product is a temporary)
+        out = (y.view(-1, top_k, shape[-1]) * weights[..., None]).sum(dim=1).to(y.dtype)
         return out.view(shape), expert_indices.view(*shape[:-1], top_k)
 
     def init_weights(self, std: float) -> None:

@@ -162,3 +162,18 @@ def test_router_weights_are_fp32_in_a_bf16_model(replay):
     expected = torch.softmax(logits.float().gather(1, used), dim=-1)  # of the same bf16 logits
     assert (weights - expected).abs().max() <= 1e-6
     assert weights.sum(-1).sub(1).abs().max() <= 1e-6  # a bf16 softmax is ~4e-3 from 1
+
+
+def test_a_bf16_moe_combines_the_experts_with_fp32_weights():
+    """Every expert outputs exactly 1.0 (zero weights, down_proj bias 1): a token's output is then
+    the sum of its routing weights, 1 to fp32 round-off, which rounds to exactly 1.0 in bf16 when
+    the fp32 weights scale the outputs and the sum is rounded once. With the weights rounded to
+    bf16 first (2^-9 each) some tokens' sums land a bf16 step away from 1."""
+    moe = random_moe(6, num_local_experts=8, num_experts_per_tok=3).to(torch.bfloat16)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj"):
+            getattr(moe.experts, name).zero_()
+        moe.experts.down_proj_bias.fill_(1.0)
+    x = torch.randn(256, moe.router.weight.shape[1], dtype=torch.bfloat16)
+    out, _ = moe(x)
+    assert (out == 1.0).all(), f"{int((out != 1.0).any(-1).sum())} of 256 tokens off 1.0"
