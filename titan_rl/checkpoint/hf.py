@@ -146,18 +146,16 @@ class _ShardReader:
         return self.others[file]
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self._file(name)}: {e}") from e
+        return self._read(name, "get_tensor")
 
     def slice(self, name: str):
         """A lazy view of tensor ``name``: indexing it reads only those rows from the file (each
         rank reads its own experts of an MXFP4 tensor, not all of them)."""
+        return self._read(name, "get_slice")
+
+    def _read(self, name: str, how: str):
         try:
-            return self._handle(name).get_slice(name)
+            return getattr(self._handle(name), how)(name)
         except CheckpointError:
             raise
         except Exception as e:
