@@ -284,7 +284,8 @@ class Trainer:
         A checkpoint stores the learning rate (and betas, eps, weight decay) in its optimizer and
         scheduler state; without this, ``--optimizer.lr`` on a resumed run would be silently
         ignored. The schedule's shape (warmup, decay) always comes from the config, its position
-        from the checkpoint. Returns one ``key: saved -> config`` line per changed value.
+        from the checkpoint (a changed ``training.steps``, warmup or floor re-times it from there).
+        Returns one ``key: saved -> config`` line per changed value.
         """
         opt, changes = self.cfg.optimizer, []
         wanted = {"betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
@@ -295,13 +296,20 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group[key] = value
         scheduler = self.lr_scheduler
-        if any(base != opt.lr for base in scheduler.base_lrs):
+        new_peak = any(base != opt.lr for base in scheduler.base_lrs)
+        if new_peak:
             changes.append(f"optimizer.lr: {scheduler.base_lrs[0]} -> {opt.lr}")
             scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
-            for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
-                group["initial_lr"] = opt.lr
-                group["lr"] = opt.lr * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        # always: the saved rate is the saved schedule's (another training.steps, warmup or floor
+        # gives another one at the same position)
+        saved_lr = self.optimizer.param_groups[0]["lr"]
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = opt.lr
+            group["lr"] = opt.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        now = self.optimizer.param_groups[0]["lr"]
+        if not new_peak and not math.isclose(now, saved_lr, rel_tol=1e-9, abs_tol=0.0):
+            changes.append(f"learning rate at this step: {saved_lr:.3g} -> {now:.3g} (the config's schedule)")
         return changes
 
     def train_step(self, batch: PackedBatch, num_seqs: int) -> dict[str, float]:

@@ -149,3 +149,19 @@ def test_pass_rate_counts_episodes_that_reach_the_environments_pass_reward():
     for env in (ToolLookupEnv(num_tasks=4), MathEnv()):
         assert train.pass_rate(env, rewards) == {"reward/pass_rate": 0.5}
     assert train.pass_rate(object(), rewards) == {}
+
+
+def test_a_resumed_run_with_more_steps_follows_the_longer_schedule(tmp_path, capsys):
+    """7 steps, then the same run extended to 10: steps 8-10 use the 10-step cosine, as a fresh
+    10-step run does (the saved optimizer held the 7-step schedule's rate for step 8)."""
+    args = ["--config", SMOKE, "--rollout.prompts_per_step=2", "--lr_scheduler.warmup_steps=0"]
+    args += ["--checkpoint.enable=true", "--checkpoint.interval=7"]
+    fresh = [*args, f"--job.dump_folder={tmp_path / 'fresh'}", "--training.steps=10"]
+    assert train.main(fresh) == 0
+    extended = [*args, f"--job.dump_folder={tmp_path / 'ext'}"]
+    assert train.main([*extended, "--training.steps=7"]) == 0
+    assert train.main([*extended, "--training.steps=10"]) == 0
+    assert "learning rate at this step" in capsys.readouterr().out
+    want = [row["lr"] for row in read_metrics(tmp_path / "fresh/metrics.jsonl")][7:]
+    got = [row["lr"] for row in read_metrics(tmp_path / "ext/metrics.jsonl")][7:]
+    assert got == pytest.approx(want, rel=1e-12)
