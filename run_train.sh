@@ -7,7 +7,16 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NGPU=8 ./run_train.sh   # multi-node
 #
 # NGPU / NPROC: processes per node (default 1; CPU works). LOG_RANK: ranks that print (default 0).
+# CONFIG_FILE: the TOML config. NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_BACKEND, RDZV_ID:
+# multi-node rendezvous. Every config key: README.md, "Config reference".
 set -euo pipefail
+for arg in "$@"; do
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        echo
+        exec python -m titan_rl.train --help
+    fi
+done
 # Paths (CONFIG_FILE, --job.dump_folder, data files) are relative to where you run this from.
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "--check-config", action="store_true", help="validate the config for $WORLD_SIZE processes and exit"
     )
     known, overrides = parser.parse_known_args(argv)
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
     finished, heartbeat = False, None  # finished: run() returned on this rank
     try:
         cfg = load_config(known.config, overrides)
@@ -370,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         # in --check-config before launching; each rank repeats it (cheap) for direct torchrun users
         check_inputs(cfg, dims)
         if known.check_config:
+            print(
+                f"config OK: {known.config}, {dims.world_size} process(es) = dp_replicate "
+                f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} (ep {dims.ep}), "
+                f"{cfg.training.steps} steps"
+            )
             return 0
         if dims.distributed and not torch.distributed.is_initialized():
             # on GPUs the process group is bound to this rank's device, made current first (object

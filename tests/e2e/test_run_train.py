@@ -82,6 +82,8 @@ def test_five_steps_on_cpu_write_metrics_and_config(tmp_path):
     dump = tmp_path / "run"
     result = run_train("--training.steps=5", f"--job.dump_folder={dump}")
     assert result.returncode == 0, result.stderr[-2000:]
+    # one line each, whatever the path's length (a log is not an 80-column terminal)
+    assert f"report {dump / 'report.html'}" in result.stdout and "config OK: " in result.stdout
     rows = read_metrics(dump)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for row in rows:
@@ -120,6 +122,15 @@ def test_bad_config_is_one_clear_line(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_prints_once_and_launches_nothing():
+    result = subprocess.run(
+        ["./run_train.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("usage: titan_rl.train") == 1 and "NPROC" in result.stdout
+    assert "rank" not in result.stderr and "torch.distributed" not in result.stderr
 
 
 def test_missing_config_file(tmp_path):
