@@ -297,9 +297,14 @@ def run_episodes(
     ]
     for number, episode in enumerate(episodes):
         episode.number = number
-    for episode in episodes:
-        if len(episode.tokens) >= config.max_episode_tokens:
-            episode.end = "budget"
+    for episode, index in zip(episodes, (i for i in task_indices for _ in range(group_size))):
+        if len(episode.tokens) >= config.max_episode_tokens:  # nothing could be sampled, ever
+            raise ValueError(
+                f"task {index}'s opening prompt is {len(episode.tokens)} tokens, which leaves no room "
+                f"in env.max_episode_tokens = {config.max_episode_tokens}: raise env.max_episode_tokens "
+                "(and training.seq_len), or shorten the prompt (env.system_prompt = 'minimal' drops "
+                "the gpt-oss system message)"
+            )
     stop_ids = tuple(tokenizer.special[name] for name in STOP_TOKENS)
     while active := [e for e in episodes if e.end is None]:
         room = [

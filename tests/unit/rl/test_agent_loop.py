@@ -323,3 +323,15 @@ def test_a_raising_reward_function_is_contained_and_counted():
         )
     assert [t.reward for t in trajectories] == [0.0] * 4
     assert stats["reward_errors"] == 4 and stats["errors"] >= 4
+
+
+def test_an_opening_prompt_over_the_episode_budget_is_a_clear_error():
+    """It could never sample a token; kept as an episode it failed later, in packing, with advice
+    about rollout.max_new_tokens that cannot help."""
+    env = ScriptedToolsEnv()
+    opening = len(start_episode(env, 0, 0, TOKENIZER).tokens)
+    engine = NativeEngine(tiny_model(seed=0, vocab_size=TOKENIZER.vocab_size), seed=0)
+    with pytest.raises(ValueError, match=r"raise env\.max_episode_tokens"):
+        run_episodes(
+            engine, TOKENIZER, env, [0], 1, SamplingParams(), AgentLoopConfig(max_episode_tokens=opening)
+        )
