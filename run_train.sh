@@ -35,7 +35,7 @@ else
 fi
 
 # Validate the config in one plain process first: a bad key or layout is one line, no launcher noise.
-WORLD_SIZE=$((NPROC * NNODES)) python -m titan_rl.train --check-config --config "$CONFIG_FILE" "$@"
+WORLD_SIZE=$((NPROC * NNODES)) python -m titan_rl.train --check-config --check-machine --config "$CONFIG_FILE" "$@"
 
 # titan_rl.launch is torchrun with a one-line failure report instead of the launcher's traceback.
 exec python -m titan_rl.launch "${rendezvous[@]}" --nproc-per-node="$NPROC" \

@@ -26,12 +26,36 @@ def model_args(cfg: JobConfig) -> GptOssModelArgs:
     return GptOssModelArgs.from_preset(cfg.model.preset)
 
 
-def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None) -> None:
+def check_machine(cfg: JobConfig, device_type: str) -> None:
+    """What the config asks of this machine (CUDA, packages), before any process starts."""
+    cpu = device_type != "cuda"
+    if cpu and cfg.model.attn_backend == "flash":
+        raise ConfigError("model.attn_backend = 'flash' needs CUDA, and this machine has none; use 'auto'")
+    if cpu and cfg.rollout.decode == "cuda_graph":
+        raise ConfigError("rollout.decode = 'cuda_graph' needs CUDA, and this machine has none; use 'auto'")
+    if cfg.rollout.engine == "vllm":
+        from titan_rl.rl.rollout.vllm_engine import VllmUnavailable, import_vllm
+
+        try:
+            import_vllm()
+        except VllmUnavailable as e:
+            raise ConfigError(str(e)) from None
+    if cfg.metrics.enable_wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("metrics.enable_wandb = true needs wandb: pip install -e '.[wandb]'")
+
+
+def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool = True) -> None:
     """Raise a one-line error (ConfigError, CheckpointError, ValueError, FileNotFoundError) for bad
-    inputs; with ``dims``, also a layout the model's shapes cannot split (e.g. ep not dividing experts)."""
+    inputs; with ``dims``, also a layout the model's shapes cannot split (e.g. ep not dividing experts)
+    and, with ``machine``, what this machine lacks for the config (``check_machine``)."""
     args = model_args(cfg)
     if dims is not None:
         dims.validate_model(args)
+        if machine:
+            check_machine(cfg, dims.device_type)
     if ":" in cfg.env.name:
         from titan_rl.rl.collect import load_user_env
 

@@ -360,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check-config", action="store_true", help="validate the config for $WORLD_SIZE processes and exit"
     )
+    parser.add_argument(
+        "--check-machine",
+        action="store_true",
+        help="with --check-config: also that this machine can run it (CUDA, vLLM, wandb); run_train.sh "
+        "passes it (without it a GPU layout can be checked from any machine)",
+    )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
     finished, heartbeat = False, None  # finished: run() returned on this rank
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         # shapes vs layout; files: HF folder, tokenizer, dataset, checkpoint. run_train.sh runs this
         # in --check-config before launching; each rank repeats it (cheap) for direct torchrun users
-        check_inputs(cfg, dims)
+        check_inputs(cfg, dims, machine=known.check_machine or not known.check_config)
         if known.check_config:
             print(
                 f"config OK: {known.config}, {dims.world_size} process(es) = dp_replicate "

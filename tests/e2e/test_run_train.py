@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from titan_rl import report
 
@@ -115,6 +116,8 @@ def test_kl_to_reference_is_logged(tmp_path):
         (["--training.stepz=5"], "unknown key training.stepz"),
         (["--training.steps=five"], "training.steps must be int"),
         (["--parallelism.dp_shard=2"], "!= world size 1; set parallelism.dp_shard = 1"),
+        (["--rl.clip_eps_low=1.5"], "rl.clip_eps_low = 1.5 must be in [0, 1)"),
+        (["--model.attn_backend=flash"], "model.attn_backend = 'flash' needs CUDA"),  # (this CPU)
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, args, message):
@@ -122,6 +125,19 @@ def test_bad_config_is_one_clear_line(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "[rank" not in result.stderr + result.stdout  # before the launch: no rank started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA-only setting on a machine without CUDA")
+def test_a_layout_check_without_check_machine_ignores_this_machine():
+    """The README's layout check of a GPU config from a login node: no CUDA needed."""
+    command = ["python", "-m", "titan_rl.train", "--check-config", "--config", SMOKE_CONFIG]
+    plain = subprocess.run([*command, "--model.attn_backend=flash"], cwd=ROOT, capture_output=True, text=True)
+    assert plain.returncode == 0 and "config OK" in plain.stdout, plain.stderr
+    machine = subprocess.run(
+        [*command, "--check-machine", "--model.attn_backend=flash"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert machine.returncode == 2 and "needs CUDA" in machine.stderr
 
 
 def test_help_prints_once_and_launches_nothing():

@@ -162,6 +162,7 @@ def validate(config: JobConfig) -> None:
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
             f"{config.env.max_episode_tokens}: an episode must fit in one packed row; raise training.seq_len"
         )
+    _check_ranges(config)
     if config.rl.dual_clip and config.rl.policy_loss == "gspo":
         raise ConfigError(
             "rl.dual_clip applies to the PPO token ratio; rl.policy_loss = 'gspo' clips the sequence "
@@ -185,6 +186,58 @@ def validate(config: JobConfig) -> None:
                 "own module: vLLM's rollouts stay bf16, and a near-fp32 trainer is further from them "
                 "than a bf16 one; set model.activation_dtype = 'auto' or rollout.engine = 'native'"
             )
+
+
+def _check_ranges(config: JobConfig) -> None:
+    """Values inside their type but outside what they can mean, checked before any process starts."""
+    from titan_rl.rl.losses import LossConfig
+
+    rl = config.rl
+    try:  # the loss's own checks (clip ranges, dual clip, thresholds), named as config keys
+        LossConfig(
+            policy_loss=rl.policy_loss,
+            clip_eps_low=rl.clip_eps_low,
+            clip_eps_high=rl.clip_eps_high,
+            dual_clip=rl.dual_clip or None,
+            gspo_eps_low=rl.gspo_eps_low,
+            gspo_eps_high=rl.gspo_eps_high,
+            aggregation=rl.aggregation,
+            norm_constant=1.0,  # (the trainer's is derived from the token limits)
+            kl_coef=rl.kl_coef,
+            kl_estimator=rl.kl_estimator,
+            correction=rl.correction,
+            correction_level=rl.correction_level,
+            correction_threshold=rl.correction_threshold,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e).replace("loss.", "rl.")) from None
+    r = config.rollout
+    checks = [
+        (config.optimizer.lr > 0, f"optimizer.lr must be > 0, got {config.optimizer.lr}"),
+        (0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1] (1 disables), got {r.top_p}"),
+        (r.top_k >= 0, f"rollout.top_k must be >= 0 (0 disables), got {r.top_k}"),
+        (
+            0 <= config.lr_scheduler.min_lr_ratio <= 1,
+            f"lr_scheduler.min_lr_ratio is the floor's share of optimizer.lr, in [0, 1]; got "
+            f"{config.lr_scheduler.min_lr_ratio}",
+        ),
+        (
+            r.group_size >= 2,
+            "rollout.group_size = 1: each group's baseline is its only reward, so every advantage is 0 "
+            "and nothing trains; use >= 2",
+        ),
+    ]
+    env = config.env
+    for key, value in (("python_tool", env.python_tool), ("data_path", env.data_path)):
+        checks.append(
+            (
+                not value or env.name == "math",
+                f"env.{key} is for env.name = 'math'; {env.name!r} does not use it (remove it)",
+            )
+        )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def config_warnings(config: JobConfig) -> list[str]:

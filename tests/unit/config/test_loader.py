@@ -121,3 +121,27 @@ def test_vllm_with_truncated_sampling_is_warned_about():
     for sampling in ("--rollout.top_p=0.9", "--rollout.top_k=20"):
         (warning,) = config_warnings(load_config(None, [*vllm, sampling]))
         assert "kept mass" in warning
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--optimizer.lr=-1", "optimizer.lr must be > 0"),
+        ("--rl.clip_eps_low=1.5", "rl.clip_eps_low = 1.5 must be in [0, 1)"),
+        ("--rl.kl_coef=-1", "rl.kl_coef = -1.0 must be >= 0"),
+        ("--rl.dual_clip=0.5", "rl.dual_clip = 0.5 must be > 1"),
+        ("--rl.correction_threshold=0.5", "rl.correction_threshold = 0.5 must be > 1"),
+        ("--rollout.top_p=2", "rollout.top_p must be in (0, 1]"),
+        ("--rollout.top_k=-5", "rollout.top_k must be >= 0"),
+        ("--lr_scheduler.min_lr_ratio=3", "lr_scheduler.min_lr_ratio is the floor's share"),
+        ("--rollout.group_size=1", "every advantage is 0"),
+        ("--env.python_tool=true", "env.python_tool is for env.name = 'math'"),
+        ("--env.data_path=x.jsonl", "env.data_path is for env.name = 'math'"),
+    ],
+)
+def test_values_that_cannot_be_meant_are_config_errors_naming_the_key(override, message):
+    """Checked by --check-config before any process starts (they used to fail after the launch with
+    the loss's own names, or train nothing)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
