@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(parse_args(argv))
+    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped too
+        name = signal.Signals(e.sigval).name
+        print(f"interrupted ({name}); the ranks were stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         first_rank, first = e.get_first_failure()
         others = sorted(set(e.failures) - {first_rank})

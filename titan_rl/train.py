@@ -396,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run(cfg, dims, console)
         finished = True
         return code
+    except KeyboardInterrupt:
+        if known.debug:
+            raise
+        print(
+            "interrupted (Ctrl-C); with checkpoint.enable the same command resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if known.debug:
             raise

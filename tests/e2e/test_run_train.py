@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -138,6 +139,22 @@ def test_a_layout_check_without_check_machine_ignores_this_machine():
         [*command, "--check-machine", "--model.attn_backend=flash"], cwd=ROOT, capture_output=True, text=True
     )
     assert machine.returncode == 2 and "needs CUDA" in machine.stderr
+
+
+def test_ctrl_c_ends_the_run_with_one_line_per_process_and_no_traceback(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher and the ranks (the process group): each says it was
+    interrupted, nobody prints a traceback."""
+    dump = tmp_path / "interrupted"
+    proc = start_run(["./run_train.sh", "--training.steps=200", f"--job.dump_folder={dump}"])
+    wait_for(lambda: steps_logged(dump) >= 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted" in out, out[-3000:]
 
 
 def test_help_prints_once_and_launches_nothing():
