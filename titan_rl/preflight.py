@@ -22,6 +22,8 @@ def model_args(cfg: JobConfig) -> GptOssModelArgs:
     if cfg.model.hf_path:
         from titan_rl.checkpoint.hf import verify_hf_folder
 
+        if not Path(cfg.model.hf_path).is_dir():
+            raise ConfigError(f"model.hf_path = {cfg.model.hf_path!r} does not exist (a HF GPT-OSS folder)")
         return verify_hf_folder(cfg.model.hf_path)
     return GptOssModelArgs.from_preset(cfg.model.preset)
 

@@ -12,6 +12,7 @@ dp_shard=2 x ep=2).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -75,6 +76,11 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def args_from_hf_folder(path: str | Path) -> GptOssModelArgs:
     """Model args from a folder's ``config.json``."""
+    if (Path(path) / ".metadata").is_file():  # DCP's, and a training checkpoint's config.json is the run's
+        raise CheckpointError(
+            f"{path} is a DCP checkpoint, not a HF folder: resume a training checkpoint with "
+            f"--checkpoint.load_path={path}, or make a HF folder of it with scripts/convert_dcp_to_hf.py"
+        )
     config = read_hf_config(path)
     try:
         return GptOssModelArgs.from_hf_config(config)
@@ -383,6 +389,14 @@ def _hf_config(model: nn.Module, mxfp4: bool, dtype: torch.dtype, source: Path |
     return config
 
 
+def _readable(file: Path) -> None:
+    """The permissions the umask gives a new file (safetensors writes 0600: another account, a vLLM
+    server's, could not read the shards next to a 0644 config.json)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    file.chmod(0o666 & ~mask)
+
+
 def save_hf_model(
     model: nn.Module,
     path: str | Path,
@@ -419,6 +433,7 @@ def save_hf_model(
                 bar.update()
             if writer:
                 save_file(tensors, folder / file, metadata={"format": "pt"})
+                _readable(folder / file)
             weight_map.update(dict.fromkeys(tensors, file))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
@@ -451,7 +466,7 @@ def verify_hf_folder(path: str | Path) -> GptOssModelArgs:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        raise CheckpointError(f"HF folder {folder} does not exist (model.hf_path, or the script's input)")
     args = args_from_hf_folder(folder)
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in GptOss(args).state_dict().items()}

@@ -393,7 +393,11 @@ def load_model_dcp(
     config_file = config_file / CONFIG_FILE if config_file.is_dir() else config_file
     for needed in (config_file, folder / DCP_METADATA):
         if not needed.is_file():
-            raise CheckpointError(f"{needed} not found; is {folder} a model DCP folder?")
+            steps = sorted(p.name for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+            hint = f"; pick a checkpoint in it: {', '.join(steps)}" if steps else ""
+            if not hint and any(folder.glob("*.safetensors")):
+                hint = "; it holds safetensors: a HF folder (scripts/convert_hf_to_dcp.py goes that way)"
+            raise CheckpointError(f"{needed} not found; is {folder} a model DCP folder?{hint}")
     try:
         args = GptOssModelArgs.from_hf_config(json.loads(config_file.read_text()))
     except (KeyError, TypeError, ValueError) as e:

@@ -47,7 +47,9 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(
                 f"no tokenizer.json in {path}: copy the checkpoint's tokenizer.json there "
-                "(gpt-oss ships it next to config.json), or build one with build_tiny_tokenizer() for tests"
+                "(gpt-oss ships it next to config.json); for a model of the debug preset, write the "
+                'built-in 512-token one: python -c "from titan_rl.rl.tokenizer import build_tiny_tokenizer; '
+                f"build_tiny_tokenizer().save('{path}')\""
             )
         try:
             hf = HFTokenizer.from_file(str(file))

@@ -160,3 +160,31 @@ def test_a_training_checkpoint_converts_without_a_config(tmp_path):
     assert script_main("convert_dcp_to_hf")([str(step), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     for name, tensor in load_hf_model(tmp_path / "hf").state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_inputs_given_to_the_wrong_tool_say_which_one_to_use(tmp_path, hf_folder, capsys):
+    """A training checkpoint where a HF folder is wanted, the checkpoint folder instead of one of its
+    step folders, and a HF folder given to the DCP -> HF script: each error names the way out."""
+    from titan_rl.checkpoint.hf import args_from_hf_folder
+    from titan_rl.checkpoint.manager import CheckpointManager
+
+    model = tiny_model(seed=2)
+    manager = CheckpointManager(tmp_path / "ckpt", interval=1)
+    step = manager.save(1, model, torch.optim.AdamW(model.parameters()), config={"job": {"seed": 0}})
+    with pytest.raises(CheckpointError, match=r"--checkpoint\.load_path"):
+        args_from_hf_folder(step)
+    to_hf = script_main("convert_dcp_to_hf")
+    assert to_hf([str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 1
+    assert "pick a checkpoint in it: step-000001" in capsys.readouterr().err
+    assert to_hf([str(hf_folder), str(tmp_path / "hf2")]) == 1
+    assert "convert_hf_to_dcp.py" in capsys.readouterr().err
+
+
+def test_saved_shards_are_as_readable_as_the_config(tmp_path):
+    """safetensors writes 0600; another account (a vLLM server's) must read the shards too."""
+    from titan_rl.checkpoint.hf import save_hf_model
+
+    save_hf_model(tiny_model(seed=3), tmp_path / "hf")
+    config_mode = (tmp_path / "hf" / "config.json").stat().st_mode & 0o777
+    for shard in (tmp_path / "hf").glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == config_mode, oct(shard.stat().st_mode)
