@@ -102,8 +102,8 @@ class NoSignalWatch:
     looks like; ``reward/informative_groups`` in metrics.jsonl is the fraction of groups with signal.
     """
 
-    def __init__(self, patience: int = 10) -> None:
-        self.patience = patience
+    def __init__(self, patience: int = 10, first_step: int = 1) -> None:
+        self.patience, self.first_step = patience, first_step  # first_step: this run's (a resume's)
         self.since: int | None = None  # first step of the current run of steps without signal
         self.warned = False
 
@@ -117,9 +117,19 @@ class NoSignalWatch:
         if self.warned or step - self.since + 1 < self.patience:
             return None
         self.warned = True
-        return (
+        head = (
             f"warning: steps {self.since}-{step} had no learning signal: in every group all episodes "
             f"got the same reward (mean {mean_reward:.3f}), so every advantage and the gradient are "
-            "zero and the policy cannot change. A collapsed policy (all 0) or a saturated task (all 1) "
-            "does this; resume from an earlier checkpoint with a lower learning rate, or change the task."
+            "zero and the policy cannot change. "
+        )
+        if self.since == self.first_step:  # never any signal: nothing to go back to
+            return head + (
+                "No step of this run had any: the policy cannot solve (or always solves) the task as "
+                "started. Start from a model that sometimes can (--model.hf_path, or a supervised warmup: "
+                "--sft.steps with an environment that has demonstration()), give partial credit, or make "
+                "the task easier (or harder)."
+            )
+        return head + (
+            "A collapsed policy (all 0) or a saturated task (all 1) does this; resume from an earlier "
+            "checkpoint with a lower learning rate, or change the task."
         )

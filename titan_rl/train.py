@@ -248,7 +248,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
         f"dump {dump}"
     )
-    no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE)
+    no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE, first_step=1 if start_step == 0 else -1)  # -1: resumed
     for step in range(start_step + 1, cfg.training.steps + 1):
         reset_peak_memory()  # mem/peak_gb: this step's peak (on GPUs)
         t0 = time.perf_counter()
@@ -316,11 +316,10 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 config_to_dict(cfg),
                 warmed_reference,
             )
-    if rank == 0:
+    if rank == 0:  # (the other ranks write neither file)
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
-    console.print(
-        f"done: {cfg.training.steps} steps; metrics {dump / 'metrics.jsonl'}, report {dump / 'report.html'}"
-    )
+        metrics_file, report = dump / "metrics.jsonl", dump / "report.html"
+        console.print(f"done: {cfg.training.steps} steps; metrics {metrics_file}, report {report}")
     return 0
 
 

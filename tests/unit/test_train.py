@@ -101,6 +101,17 @@ def test_a_run_without_learning_signal_says_so(tmp_path, monkeypatch, capsys, si
     else:
         assert fractions == [0.0, 0.0, 0.0]
         assert out.count("no learning signal") == 1 and "steps 1-2 had no learning signal" in out
+        assert "No step of this run had any" in out and "earlier checkpoint" not in out  # nothing to resume
+
+
+def test_a_run_that_lost_its_signal_is_told_to_go_back():
+    from titan_rl.metrics import NoSignalWatch
+
+    watch = NoSignalWatch(patience=2)
+    assert watch.update(1, 0.5, 0.4) is None  # signal at first
+    assert watch.update(2, 0.0, 0.0) is None
+    warning = watch.update(3, 0.0, 0.0)
+    assert "steps 2-3" in warning and "earlier checkpoint with a lower learning rate" in warning
 
 
 def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys):

@@ -4,7 +4,7 @@
     python -m titan_rl.config.reference --memory         # print the memory-estimate table
     python -m titan_rl.config.reference --write README.md  # rewrite both blocks between their markers
     python -m titan_rl.config.reference --check README.md  # exit 1 if README.md's blocks are stale
-    python -m titan_rl.config.reference --measure        # re-measure the activation constant (~30 s)
+    python -m titan_rl.config.reference --measure        # re-measure the activation constant (30-75 s)
 
 The config reference lists every section and key of ``JobConfig`` with its type, default and the
 one-line doc written right after the field in ``job_config.py`` (read with ``ast``). The memory
