@@ -8,6 +8,7 @@ gpt-oss-120b takes about a second.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,11 @@ def model_args(cfg: JobConfig) -> GptOssModelArgs:
     return GptOssModelArgs.from_preset(cfg.model.preset)
 
 
+def default_device_type() -> str:
+    """What ``ParallelDims`` picks by default."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_machine(cfg: JobConfig, device_type: str) -> None:
     """What the config asks of this machine (CUDA, packages), before any process starts."""
     cpu = device_type != "cuda"
@@ -35,13 +41,25 @@ def check_machine(cfg: JobConfig, device_type: str) -> None:
         raise ConfigError("model.attn_backend = 'flash' needs CUDA, and this machine has none; use 'auto'")
     if cpu and cfg.rollout.decode == "cuda_graph":
         raise ConfigError("rollout.decode = 'cuda_graph' needs CUDA, and this machine has none; use 'auto'")
-    if cfg.rollout.engine == "vllm":
+    if cfg.rollout.engine == "vllm" and "LOCAL_RANK" not in os.environ:
+        # (not on a launched rank: each imports vLLM itself, after selecting its GPU)
         from titan_rl.rl.rollout.vllm_engine import VllmUnavailable, import_vllm
 
         try:
             import_vllm()
         except VllmUnavailable as e:
             raise ConfigError(str(e)) from None
+    if cfg.env.name == "math" and cfg.env.python_tool and not cfg.env.allow_unisolated_python_tool:
+        from titan_rl.rl.envs.python_tool import IsolationUnavailable, PythonSandbox
+
+        try:
+            PythonSandbox(isolate=True)
+        except IsolationUnavailable as e:
+            raise ConfigError(
+                f"env.python_tool = true, but the Python sandbox cannot isolate the model's code here "
+                f"({e.reason}), so that code could read the task data with its answers; run as root on "
+                "Linux with namespaces, or set --env.allow_unisolated_python_tool=true to train anyway"
+            ) from None
     if cfg.metrics.enable_wandb:
         import importlib.util
 
@@ -56,8 +74,8 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool
     args = model_args(cfg)
     if dims is not None:
         dims.validate_model(args)
-        if machine:
-            check_machine(cfg, dims.device_type)
+    if machine:
+        check_machine(cfg, dims.device_type if dims is not None else default_device_type())
     if ":" in cfg.env.name:
         from titan_rl.rl.collect import load_user_env
 
@@ -81,17 +99,6 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool
                 f"{cfg.model.hf_path}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {args.vocab_size}; is the tokenizer from this checkpoint?"
             )
-    if cfg.env.name == "math" and cfg.env.python_tool and not cfg.env.allow_unisolated_python_tool:
-        from titan_rl.rl.envs.python_tool import IsolationUnavailable, PythonSandbox
-
-        try:
-            PythonSandbox(isolate=True)
-        except IsolationUnavailable as e:
-            raise ConfigError(
-                f"env.python_tool = true, but the Python sandbox cannot isolate the model's code here "
-                f"({e.reason}), so that code could read the task data with its answers; run as root on "
-                "Linux with namespaces, or set --env.allow_unisolated_python_tool=true to train anyway"
-            ) from None
     if cfg.env.name == "math" and cfg.env.data_path:
         from titan_rl.rl.envs.math_task import load_math_jsonl
 
@@ -116,6 +123,10 @@ def resume_folder(cfg: JobConfig) -> Path | None:
 
     if cfg.checkpoint.load_path:
         folder = Path(cfg.checkpoint.load_path)
+        manager = CheckpointManager.from_config(cfg.checkpoint, cfg.job.dump_folder)
+        own = manager.branch_checkpoints(folder)[0] if manager.enable else []
+        if own:  # a restart of the branch: its newest (keep_last may have pruned load_path itself)
+            return own[-1]
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint.load_path {folder} does not exist")
         if not is_complete(folder):

@@ -194,6 +194,8 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     """The whole run on this rank (the process group, if any, is already up)."""
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
+    if cfg.checkpoint.load_path:  # saved with the checkpoints: a restart from elsewhere finds its own
+        cfg.checkpoint.load_path = str(Path(cfg.checkpoint.load_path).resolve())
     if rank == 0:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))

@@ -11,6 +11,7 @@ dp_shard=2 x ep=2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,9 +78,14 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 def args_from_hf_folder(path: str | Path) -> GptOssModelArgs:
     """Model args from a folder's ``config.json``."""
     if (Path(path) / ".metadata").is_file():  # DCP's, and a training checkpoint's config.json is the run's
+        resume = (
+            f"resume it with --checkpoint.load_path={path}, or "
+            if (Path(path) / "trainer_state.pt").is_file()  # a training checkpoint, not model-only
+            else ""
+        )
         raise CheckpointError(
-            f"{path} is a DCP checkpoint, not a HF folder: resume a training checkpoint with "
-            f"--checkpoint.load_path={path}, or make a HF folder of it with scripts/convert_dcp_to_hf.py"
+            f"{path} is a DCP checkpoint, not a HF folder: {resume}make a HF folder of it with "
+            "scripts/convert_dcp_to_hf.py"
         )
     config = read_hf_config(path)
     try:
@@ -394,7 +400,8 @@ def _readable(file: Path) -> None:
     server's, could not read the shards next to a 0644 config.json)."""
     mask = os.umask(0)
     os.umask(mask)
-    file.chmod(0o666 & ~mask)
+    with contextlib.suppress(OSError):  # (some FUSE / object-store mounts refuse chmod)
+        file.chmod(0o666 & ~mask)
 
 
 def save_hf_model(

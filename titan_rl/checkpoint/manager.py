@@ -216,13 +216,7 @@ class CheckpointManager:
         folder: the run it branched from, typically past a collapse; all of them when it is not)
         are moved to ``superseded/`` in the folder, so that neither a restart without ``load_path``
         nor ``keep_last`` mistakes them for this run's newest."""
-        # from this folder: its earlier checkpoints are the branch's past; from elsewhere: none is
-        start = _step_of(path) if path.parent.resolve() == self.folder.resolve() else None
-        own, other = [], []
-        for found in self.checkpoints():
-            if found.resolve() == path.resolve() or (start is not None and _step_of(found) <= start):
-                continue
-            (own if _saved_load_path(found) == path.resolve() else other).append(found)
+        own, other = self.branch_checkpoints(path)
         if other:
             aside = self.folder / "superseded"
             aside.mkdir(exist_ok=True)
@@ -231,10 +225,31 @@ class CheckpointManager:
                 os.replace(found, aside / f"{found.name}-{stamp}")
             print(
                 f"warning: resuming from {path}: set aside {len(other)} later checkpoint(s) of another "
-                f"run ({', '.join(p.name for p in other)}) in {aside}",
+                f"run ({', '.join(p.name for p in other)}) in {aside} (not pruned: delete them when "
+                "you no longer need them)",
+                flush=True,
+            )
+        if own:
+            print(
+                f"resuming {own[-1].name}, the newest checkpoint of the run started from {path} (a "
+                f"restart of it); to start over from {path}, move {', '.join(p.name for p in own)} "
+                "out of the folder",
                 flush=True,
             )
         return own[-1] if own else path
+
+    def branch_checkpoints(self, path: Path) -> tuple[list[Path], list[Path]]:
+        """The folder's checkpoints saved by runs started from ``path`` (own, oldest first) and those
+        of other timelines: later than ``path`` when it is in this folder (its earlier ones are the
+        branch's past), all of them when it is not. Reads only."""
+        start = _step_of(path) if _same(path.parent, self.folder) else None
+        own, other = [], []
+        for found in self.checkpoints():
+            if _same(found, path) or (start is not None and _step_of(found) <= start):
+                continue
+            saved = _saved_load_path(found)
+            (own if saved is not None and _same(saved, path) else other).append(found)
+        return own, other
 
     def _agreed(self, choose: Callable[[], Path | None]) -> Path | None:
         """``choose()`` as rank 0 sees it, on every rank. Each rank listing the shared folder itself
@@ -313,6 +328,14 @@ def has_reference(folder: str | Path) -> bool:
 def _step_of(folder: Path) -> int | None:
     match = _STEP_RE.fullmatch(folder.name)
     return int(match[1]) if match else None
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file system object (bind mounts, automount aliases), else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone (e.g. a pruned load_path)
+        return a.resolve() == b.resolve()
 
 
 def _saved_load_path(folder: Path) -> Path | None:

@@ -232,7 +232,8 @@ def _check_ranges(config: JobConfig) -> None:
         checks.append(
             (
                 not value or env.name == "math",
-                f"env.{key} is for env.name = 'math'; {env.name!r} does not use it (remove it)",
+                f"env.{key} is for env.name = 'math'; {env.name!r} does not use it (remove it from the "
+                f"config, or --env.{key}={'false' if key == 'python_tool' else ''})",
             )
         )
     for ok, message in checks:

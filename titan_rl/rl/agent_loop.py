@@ -297,14 +297,26 @@ def run_episodes(
     ]
     for number, episode in enumerate(episodes):
         episode.number = number
-    for episode, index in zip(episodes, (i for i in task_indices for _ in range(group_size))):
-        if len(episode.tokens) >= config.max_episode_tokens:  # nothing could be sampled, ever
+    full = [  # opening prompts that leave no room to sample anything
+        (index, len(e.tokens))
+        for e, index in zip(episodes, (i for i in task_indices for _ in range(group_size)))
+        if len(e.tokens) >= config.max_episode_tokens
+    ]
+    if full:
+        index, length = full[0]
+        what = (
+            f"task {index}'s opening prompt is {length} tokens, which leaves no room in "
+            f"env.max_episode_tokens = {config.max_episode_tokens}"
+        )
+        if len(full) == len(episodes):  # every task: the settings, not one long task
             raise ValueError(
-                f"task {index}'s opening prompt is {len(episode.tokens)} tokens, which leaves no room "
-                f"in env.max_episode_tokens = {config.max_episode_tokens}: raise env.max_episode_tokens "
-                "(and training.seq_len), or shorten the prompt (env.system_prompt = 'minimal' drops "
-                "the gpt-oss system message)"
+                f"{what} (nor does any other task's): raise env.max_episode_tokens (and training.seq_len), "
+                "or shorten the prompt (env.system_prompt = 'minimal' drops the gpt-oss system message)"
             )
+        warnings.warn(f"{what}: its episodes end before sampling (reward as scored)", stacklevel=2)
+        for episode in episodes:
+            if len(episode.tokens) >= config.max_episode_tokens:
+                episode.end = "budget"
     stop_ids = tuple(tokenizer.special[name] for name in STOP_TOKENS)
     while active := [e for e in episodes if e.end is None]:
         room = [

@@ -170,3 +170,23 @@ def test_a_load_path_outside_the_folder_sets_aside_what_the_folder_holds_from_ot
     assert manager.resume_target(start) == start
     assert manager.checkpoints() == []  # none of them is this run's past
     assert len(list((tmp_path / "new_run" / "superseded").iterdir())) == 2
+
+
+def test_a_branch_restarts_after_keep_last_pruned_its_start(tmp_path):
+    """keep_last = 2: the branch's own step 5 and 6 prune step 4, its load_path. Restarting with the
+    same command (preflight included) resumes step 6 instead of failing on the missing step 4."""
+    from titan_rl.config import load_config
+    from titan_rl.preflight import resume_folder
+
+    manager = CheckpointManager(tmp_path / "checkpoint", interval=1, keep_last=2)
+    save_steps(manager, [2, 4, 6, 8])
+    start = tmp_path / "checkpoint" / "step-000004"
+    assert manager.resume_target(start) == start
+    save_steps(manager, [5, 6], load_path=str(start))
+    assert not start.exists()  # pruned
+    cfg = load_config(
+        None,
+        [f"--job.dump_folder={tmp_path}", "--checkpoint.enable=true", f"--checkpoint.load_path={start}"],
+    )
+    assert resume_folder(cfg) == tmp_path / "checkpoint" / "step-000006"
+    assert manager.resume_target(start) == tmp_path / "checkpoint" / "step-000006"

@@ -325,13 +325,22 @@ def test_a_raising_reward_function_is_contained_and_counted():
     assert stats["reward_errors"] == 4 and stats["errors"] >= 4
 
 
-def test_an_opening_prompt_over_the_episode_budget_is_a_clear_error():
-    """It could never sample a token; kept as an episode it failed later, in packing, with advice
-    about rollout.max_new_tokens that cannot help."""
-    env = ScriptedToolsEnv()
-    opening = len(start_episode(env, 0, 0, TOKENIZER).tokens)
+class LongFirstTaskEnv(ScriptedToolsEnv):
+    def reset(self, index: int) -> EpisodeStart:
+        start = super().reset(index)
+        return EpisodeStart([Message("user", "word " * (300 if index == 0 else 1))], start.tools, index)
+
+
+def test_opening_prompts_over_the_episode_budget():
+    """Every task's: the settings cannot work, a clear error naming them (such episodes failed later,
+    in packing, with advice about rollout.max_new_tokens). One long task among others: a warning,
+    its episodes end before sampling, the run goes on."""
+    env = LongFirstTaskEnv()
+    budget = len(start_episode(env, 1, 0, TOKENIZER).tokens) + 40  # task 1 fits, task 0 does not
     engine = NativeEngine(tiny_model(seed=0, vocab_size=TOKENIZER.vocab_size), seed=0)
+    config = AgentLoopConfig(max_episode_tokens=budget, max_new_tokens_per_turn=8, max_turns=1)
     with pytest.raises(ValueError, match=r"raise env\.max_episode_tokens"):
-        run_episodes(
-            engine, TOKENIZER, env, [0], 1, SamplingParams(), AgentLoopConfig(max_episode_tokens=opening)
-        )
+        run_episodes(engine, TOKENIZER, env, [0, 0], 1, SamplingParams(), config)
+    with pytest.warns(UserWarning, match="task 0's opening prompt"):
+        trajectories, _ = run_episodes(engine, TOKENIZER, env, [0, 1], 2, SamplingParams(), config)
+    assert [sum(t.loss_mask) == 0 for t in trajectories] == [True, True, False, False]
