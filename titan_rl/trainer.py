@@ -34,6 +34,7 @@ from titan_rl.rl.losses import (
     LossConfig,
     SequenceShards,
     kl_estimate,
+    loss_config_from,
     rl_loss,
 )
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
@@ -62,23 +63,8 @@ def most_trained_tokens(cfg: JobConfig) -> int:
 
 
 def loss_config(cfg: JobConfig) -> LossConfig:
-    rl = cfg.rl
-    return LossConfig(
-        policy_loss=rl.policy_loss,
-        clip_eps_low=rl.clip_eps_low,
-        clip_eps_high=rl.clip_eps_high,
-        dual_clip=rl.dual_clip or None,
-        gspo_eps_low=rl.gspo_eps_low,
-        gspo_eps_high=rl.gspo_eps_high,
-        aggregation=rl.aggregation,
-        norm_constant=float(most_trained_tokens(cfg)),
-        kl_coef=rl.kl_coef if rl.kl_penalty == "loss" else 0.0,  # else in the reward (trajectory_kl)
-        kl_estimator=rl.kl_estimator,
-        entropy_coef=rl.entropy_coef,
-        correction=rl.correction,
-        correction_level=rl.correction_level,
-        correction_threshold=rl.correction_threshold,
-    )
+    """The loss of ``cfg``: a KL in the reward (``rl.kl_penalty``) is not a loss term."""
+    return loss_config_from(cfg.rl, float(most_trained_tokens(cfg)), cfg.rl.kl_penalty == "loss")
 
 
 @dataclass

@@ -190,25 +190,10 @@ def validate(config: JobConfig) -> None:
 
 def _check_ranges(config: JobConfig) -> None:
     """Values inside their type but outside what they can mean, checked before any process starts."""
-    from titan_rl.rl.losses import LossConfig
+    from titan_rl.rl.losses import loss_config_from
 
-    rl = config.rl
     try:  # the loss's own checks (clip ranges, dual clip, thresholds), named as config keys
-        LossConfig(
-            policy_loss=rl.policy_loss,
-            clip_eps_low=rl.clip_eps_low,
-            clip_eps_high=rl.clip_eps_high,
-            dual_clip=rl.dual_clip or None,
-            gspo_eps_low=rl.gspo_eps_low,
-            gspo_eps_high=rl.gspo_eps_high,
-            aggregation=rl.aggregation,
-            norm_constant=1.0,  # (the trainer's is derived from the token limits)
-            kl_coef=rl.kl_coef,
-            kl_estimator=rl.kl_estimator,
-            correction=rl.correction,
-            correction_level=rl.correction_level,
-            correction_threshold=rl.correction_threshold,
-        )
+        loss_config_from(config.rl, norm_constant=1.0)  # (the trainer's comes from the token limits)
     except ValueError as e:
         raise ConfigError(str(e).replace("loss.", "rl.")) from None
     r = config.rollout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,6 +97,28 @@ class LossConfig:
                 "loss.aggregation = 'seq-mean-token-sum-norm' needs loss.norm_constant > 0 "
                 f"(got {self.norm_constant}); set it to the max response tokens"
             )
+
+
+def loss_config_from(rl: Any, norm_constant: float, kl_in_loss: bool = True) -> LossConfig:
+    """``LossConfig`` from a config's ``[rl]`` section (``titan_rl.config.job_config.RL``): what the
+    trainer uses, and what ``--check-config`` validates (its errors say ``loss.``; the config's keys
+    are ``rl.``). ``norm_constant``: Dr.GRPO's; ``kl_in_loss`` False leaves the KL to the reward."""
+    return LossConfig(
+        policy_loss=rl.policy_loss,
+        clip_eps_low=rl.clip_eps_low,
+        clip_eps_high=rl.clip_eps_high,
+        dual_clip=rl.dual_clip or None,
+        gspo_eps_low=rl.gspo_eps_low,
+        gspo_eps_high=rl.gspo_eps_high,
+        aggregation=rl.aggregation,
+        norm_constant=norm_constant,
+        kl_coef=rl.kl_coef if kl_in_loss else 0.0,
+        kl_estimator=rl.kl_estimator,
+        entropy_coef=rl.entropy_coef,
+        correction=rl.correction,
+        correction_level=rl.correction_level,
+        correction_threshold=rl.correction_threshold,
+    )
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
