@@ -21,7 +21,7 @@ from titan_rl.parallel import ParallelDims
 def model_args(cfg: JobConfig) -> GptOssModelArgs:
     """The shapes the run will build: the HF folder's config.json (verified) or the preset."""
     if cfg.model.hf_path:
-        from titan_rl.checkpoint.hf import verify_hf_folder
+        from titan_rl.checkpoint.verify import verify_hf_folder
 
         if not Path(cfg.model.hf_path).is_dir():
             raise ConfigError(f"model.hf_path = {cfg.model.hf_path!r} does not exist (a HF GPT-OSS folder)")
@@ -105,7 +105,7 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool
         load_math_jsonl(cfg.env.data_path)
     resume = resume_folder(cfg)
     if resume is not None:
-        from titan_rl.checkpoint.manager import verify_dcp_folder
+        from titan_rl.checkpoint.verify import verify_dcp_folder
 
         with torch.device("meta"):
             shapes = {name: tuple(t.shape) for name, t in GptOss(args).state_dict().items()}
@@ -119,7 +119,8 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool
 
 def resume_folder(cfg: JobConfig) -> Path | None:
     """The checkpoint the run will resume from: ``checkpoint.load_path`` or the newest complete one."""
-    from titan_rl.checkpoint.manager import DCP_METADATA, TRAINER_STATE, CheckpointManager, is_complete
+    from titan_rl.checkpoint.manager import TRAINER_STATE, CheckpointManager, is_complete
+    from titan_rl.checkpoint.verify import DCP_METADATA
 
     if cfg.checkpoint.load_path:
         folder = Path(cfg.checkpoint.load_path)

@@ -197,7 +197,7 @@ def load_hf_state_dict_into(model: nn.Module, path: str | Path, progress: bool =
         raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0])!r}")
 
 
-def _native_name(file: Path, name: str, known: dict[str, Any]) -> str:
+def native_name(file: Path, name: str, known: dict[str, Any]) -> str:
     """The native parameter a stored HF tensor (or MXFP4 blocks / scales) belongs to."""
     try:
         native = from_hf_name(name.removesuffix("_blocks").removesuffix("_scales"))
@@ -215,7 +215,7 @@ def _load_tensor(reader: _ShardReader, name: str, params: dict[str, torch.Tensor
     """Load HF tensor ``name`` (or an MXFP4 ``*_blocks`` pair) into its parameter; returns its name."""
     file = reader.folder / reader.file
     stem = name.removesuffix("_blocks")
-    native = _native_name(file, name, params)
+    native = native_name(file, name, params)
     param = params[native]
     if name.endswith("_blocks"):
         full = _read_mxfp4(reader, stem, param, file)
@@ -254,8 +254,8 @@ def _read_mxfp4(reader: _ShardReader, stem: str, param: torch.Tensor, file: Path
     if f"{stem}_scales" not in reader.where:
         raise CheckpointError(f"{file}: {stem}_blocks has no matching {stem}_scales tensor")
     blocks, scales = reader.slice(f"{stem}_blocks"), reader.slice(f"{stem}_scales")  # read per expert
-    experts, cols, rows = param.shape
-    expected = (experts, rows, cols // BLOCK_SIZE, BLOCK_SIZE // 2)
+    experts = param.shape[0]
+    expected = expected_hf_shape(f"{stem}_blocks", tuple(param.shape))
     if tuple(blocks.get_shape()) != expected or tuple(scales.get_shape()) != expected[:-1]:
         raise CheckpointError(
             f"{file}: {stem}_blocks {tuple(blocks.get_shape())} / _scales {tuple(scales.get_shape())} "
@@ -463,41 +463,3 @@ def expected_hf_shape(name: str, param_shape: tuple[int, ...]) -> tuple[int, ...
         blocks = (experts, rows, cols // BLOCK_SIZE, BLOCK_SIZE // 2)
         return blocks if name.endswith("_blocks") else blocks[:-1]
     return tuple(param_shape)
-
-
-def verify_hf_folder(path: str | Path) -> GptOssModelArgs:
-    """Check a HF folder without reading its tensors: config.json, shards, every name and shape.
-
-    Reads only the safetensors headers, so it is cheap for gpt-oss-120b too; raises CheckpointError
-    naming the first problem. Returns the model args of its config.json.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"HF folder {folder} does not exist (model.hf_path, or the script's input)")
-    args = args_from_hf_folder(folder)
-    with torch.device("meta"):
-        shapes = {name: tuple(p.shape) for name, p in GptOss(args).state_dict().items()}
-    found: set[str] = set()
-    for file, names in shard_names(folder).items():
-        try:
-            handle = safe_open(folder / file, framework="pt")
-        except Exception as e:
-            raise CheckpointError(f"cannot read {folder / file}: {e}") from e
-        stored = set(handle.keys())
-        for name in names:
-            if name not in stored:
-                raise CheckpointError(f"{folder / file} lacks tensor {name!r} listed in {INDEX_FILE}")
-            native = _native_name(folder / file, name, shapes)
-            shape, expected = (
-                tuple(handle.get_slice(name).get_shape()),
-                expected_hf_shape(name, shapes[native]),
-            )
-            if shape != expected:
-                raise CheckpointError(
-                    f"{folder / file}: tensor {name!r} has shape {shape} but config.json implies {expected}"
-                )
-            found.add(native)
-    missing = sorted(set(shapes) - found)
-    if missing:
-        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0])!r}")
-    return args

@@ -41,11 +41,11 @@ from titan_rl.checkpoint.hf import (
     load_hf_model,
     save_hf_model,
 )
+from titan_rl.checkpoint.verify import DCP_METADATA, verify_dcp_folder
 from titan_rl.model import GptOss, GptOssModelArgs
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_CONFIG_FILE = "model_config.json"  # the model's HF config.json, in training checkpoints
-DCP_METADATA = ".metadata"  # written last by dcp.save
 REFERENCE = "reference"  # the KL reference's entry, when saved
 _STEP_RE = re.compile(r"step-(\d+)")
 
@@ -345,46 +345,6 @@ def _saved_load_path(folder: Path) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     return Path(saved).resolve() if saved else None
-
-
-def verify_dcp_folder(folder: str | Path, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Check a DCP folder against the model's parameter ``shapes`` without reading tensor data.
-
-    Every ``model.*`` tensor must be a parameter of the config (``source`` names it in errors) with
-    the same shape, none may be missing, and every shard file the metadata points to must be there
-    and long enough (a copy that lost a file fails here, not halfway through loading).
-    """
-    folder = Path(folder)
-    if not (folder / DCP_METADATA).is_file():
-        raise CheckpointError(f"{folder / DCP_METADATA} not found; is {folder} a DCP checkpoint folder?")
-    try:
-        metadata = dcp.FileSystemReader(folder).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"cannot read {folder / DCP_METADATA}: {e}") from e
-    ends: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for file, end in sorted(ends.items()):
-        path = folder / file
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint {folder} is incomplete")
-        if path.stat().st_size < end:
-            raise CheckpointError(f"{path} is truncated ({path.stat().st_size} of {end} bytes)")
-    stored = metadata.state_dict_metadata
-    for key, meta in stored.items():
-        if not key.startswith("model."):
-            continue  # optimizer state is checked by DCP itself when it loads
-        name = key.removeprefix("model.")
-        if name not in shapes:
-            raise CheckpointError(f"{folder}: tensor {key!r} is not a GPT-OSS parameter of {source}")
-        shape = tuple(getattr(meta, "size", ()))
-        if shape != shapes[name]:
-            raise CheckpointError(
-                f"{folder}: tensor {key!r} has shape {shape} but {source} implies {shapes[name]}"
-            )
-    missing = sorted(f"model.{name}" for name in shapes if f"model.{name}" not in stored)
-    if missing:
-        raise CheckpointError(f"{folder} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
 
 
 def save_model_dcp(model: GptOss, folder: str | Path) -> None:

@@ -143,7 +143,8 @@ def test_save_mxfp4_is_read_back_by_transformers(tmp_path):
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_verify_hf_folder_reads_headers_only_and_catches_mismatches(tmp_path, mxfp4):
     """verify_hf_folder passes every folder load_hf_model loads, and names what load would trip on."""
-    from titan_rl.checkpoint.hf import CheckpointError, verify_hf_folder
+    from titan_rl.checkpoint.hf import CheckpointError
+    from titan_rl.checkpoint.verify import verify_hf_folder
 
     model = tiny_model(seed=int(torch.randint(0, 1000, ())), **MXFP4_DIMS)
     save_hf_model(model, tmp_path / "ok", mxfp4=mxfp4, max_shard_bytes=30_000)
