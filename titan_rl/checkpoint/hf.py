@@ -59,7 +59,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
-def _rank() -> int:
+def this_rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -424,7 +424,7 @@ def save_hf_model(
         raise CheckpointError(f"--source folder {source_dir} does not exist")
     groups = list(_tensor_groups(model, mxfp4, dtype))
     plan = _plan_shards(groups, max_shard_bytes)
-    writer = _rank() == 0
+    writer = this_rank() == 0
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
         for old in [*folder.glob("model-*-of-*.safetensors"), folder / SINGLE_FILE, folder / INDEX_FILE]:

@@ -40,6 +40,7 @@ from titan_rl.checkpoint.hf import (
     CheckpointError,
     load_hf_model,
     save_hf_model,
+    this_rank,
 )
 from titan_rl.checkpoint.verify import DCP_METADATA, verify_dcp_folder
 from titan_rl.model import GptOss, GptOssModelArgs
@@ -52,10 +53,6 @@ _STEP_RE = re.compile(r"step-(\d+)")
 
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
 
 
 def _barrier() -> None:
@@ -158,7 +155,7 @@ class CheckpointManager:
         if not self.enable:
             return None
         rng = _rng_state()  # before anything below could draw random numbers
-        rank = _rank()
+        rank = this_rank()
         final = self.folder / f"step-{step:06d}"
         tmp = self.folder / f"step-{step:06d}.tmp"
         if rank == 0:
@@ -255,14 +252,14 @@ class CheckpointManager:
         """``choose()`` as rank 0 sees it, on every rank. Each rank listing the shared folder itself
         could see another set (NFS caches directory listings for seconds after a restart) and load
         another step's shards than its peers."""
-        latest = choose() if _rank() == 0 else None
+        latest = choose() if this_rank() == 0 else None
         if _dist() and dist.get_world_size() > 1:
             box = [None if latest is None else str(latest)]
             dist.broadcast_object_list(box, src=0)
             latest = None if box[0] is None else Path(box[0])
             if latest is not None and not is_complete(latest):
                 raise CheckpointError(
-                    f"rank {_rank()} does not see {latest}, rank 0's newest checkpoint, as complete: is "
+                    f"rank {this_rank()} does not see {latest}, rank 0's newest checkpoint, as complete: is "
                     "the checkpoint folder on a filesystem every node shares?"
                 )
         return latest
@@ -304,7 +301,7 @@ class CheckpointManager:
             if trainer["lr_scheduler"] is None:
                 raise CheckpointError(f"{folder} was saved without an LR scheduler; pass lr_scheduler=None")
             lr_scheduler.load_state_dict(trainer["lr_scheduler"])
-        rank = _rank()
+        rank = this_rank()
         own = _rank_file(folder, rank)
         if own.is_file():
             per_rank = torch.load(own, weights_only=False)
@@ -351,7 +348,7 @@ def save_model_dcp(model: GptOss, folder: str | Path) -> None:
     """A model-only DCP folder (``{"model": state_dict}``) plus the HF config.json of its shapes."""
     folder = Path(folder)
     _dcp("save", {"model": model.state_dict()}, folder)
-    if _rank() == 0:
+    if this_rank() == 0:
         (folder / CONFIG_FILE).write_text(json.dumps(model.args.to_hf_config(), indent=2) + "\n")
 
 
