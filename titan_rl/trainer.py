@@ -80,11 +80,9 @@ class StepStats:
     mins: dict[str, torch.Tensor] = field(default_factory=dict)
     maxs: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, loss: torch.Tensor | None, metrics: dict[str, torch.Tensor], tokens: int) -> None:
-        """One micro-batch's ``rl_loss`` metrics over its ``tokens`` trained tokens; ``loss`` None: the
-        caller adds the loss itself (``add_loss``)."""
-        if loss is not None:
-            self.add_loss(loss)
+    def add(self, metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        """One micro-batch's ``rl_loss`` metrics over its ``tokens`` trained tokens (its loss goes in
+        with ``add_loss``: the trainer adds a minibatch's once it is rescaled)."""
         self.tokens += tokens
         kept = metrics.get("kept/tokens")
         kept = float(tokens) if kept is None else torch.as_tensor(kept).detach().double()
@@ -367,7 +365,7 @@ class Trainer:
                 loss.backward()
                 kept += torch.stack([metrics[k] for k in KEPT_COUNTS]).double()
                 minibatch_loss += loss.detach().double()
-                stats.add(None, metrics, mb.num_tokens)
+                stats.add(metrics, mb.num_tokens)
             scale = self._kept_scale(kept, global_tokens, global_seqs)
             if scale is not None:
                 self._scale_gradients(scale)

@@ -265,7 +265,8 @@ def test_a_micro_batch_never_waits_on_the_device():
             mb.seq_ids, n, trainer.loss_cfg, entropy=entropy, global_tokens=100.0, global_seqs=float(n),
         )  # fmt: skip
         loss.backward()
-        stats.add(loss, metrics, mb.num_tokens)
+        stats.add_loss(loss)
+        stats.add(metrics, mb.num_tokens)
     assert syncs.calls == []
     assert stats.result()["loss"] == pytest.approx(loss.item())
 
@@ -326,7 +327,8 @@ def test_an_empty_micro_batch_changes_no_ratio_extreme():
         loss, metrics = rl_loss(
             logprobs, old, old, advantages, mask, seq_ids, 2, cfg, global_tokens=5.0, global_seqs=2.0
         )
-        stats.add(loss, metrics, int(mask.sum()))
+        stats.add_loss(loss)
+        stats.add(metrics, int(mask.sum()))
     ratios = torch.exp(logprobs - old)[torch.tensor([0, 1, 2, 3, 5])]
     result = stats.result()
     assert result["ratio/min"] == pytest.approx(ratios.min().item())
