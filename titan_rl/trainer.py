@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -311,8 +312,9 @@ class Trainer:
         replay = unified and cfg.rl.routing_replay and updates > 1
         stats = StepStats()
         shards = self._sequence_shards()
-        grad_norms = []
+        grad_norms, skipped = [], False
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
+        schedule_end = self.lr_scheduler.last_epoch + cfg.training.minibatches * cfg.training.epochs
         # Old (and reference) log-probs of every minibatch come from the policy that sampled the
         # batch, i.e. before any update; the experts they used are recorded for replay.
         old, routing, ref = {}, {}, {}
@@ -371,7 +373,14 @@ class Trainer:
                 self._scale_gradients(scale)
                 minibatch_loss = minibatch_loss * scale
             stats.add_loss(minibatch_loss)
-            grad_norms.append(self._optimizer_step())
+            grad_norm, stepped = self._optimizer_step()
+            grad_norms.append(grad_norm)
+            skipped |= not stepped
+        # training.max_skipped_steps counts RL steps, the schedule training.minibatches x epochs
+        # updates per RL step, whether a batch with fewer rows took fewer or an update was skipped
+        self.skipped_steps += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        self._advance_schedule(schedule_end)
         if self.dims.distributed:
             stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
         result = stats.result()
@@ -379,6 +388,7 @@ class Trainer:
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
         result["train/skipped_steps"] = self.skipped_steps
+        result["train/updates"] = updates
         if replayed is not None:
             result["routing/replayed_frac"] = replayed
         return result
@@ -461,16 +471,24 @@ class Trainer:
                 grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                 grad.mul_(scale.to(grad.dtype))
 
-    def _optimizer_step(self) -> float:
+    def _advance_schedule(self, position: int) -> None:
+        """Move the LR schedule to ``position`` (optimizer steps) without stepping the optimizer."""
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
+            warnings.filterwarnings(
+                "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+            )
+            while self.lr_scheduler.last_epoch < position:
+                self.lr_scheduler.step()
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step (and the schedule with it); a non-finite gradient norm skips the update.
+        Returns the norm and whether the optimizer stepped."""
         clip = self.cfg.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            return float(grad_norm)
-        self.consecutive_skips = 0
+            return float(grad_norm), False
         self.optimizer.step()
         self.lr_scheduler.step()
-        return float(grad_norm)
+        return float(grad_norm), True

@@ -87,8 +87,9 @@ class Training:
     steps: int = 10
     """RL steps (one rollout batch each)."""
     minibatches: int = 1
-    """Optimizer steps per pass over a rollout batch; 1 with epochs = 1 is fully on-policy (old
-    log-probs = new, detached)."""
+    """Optimizer steps per pass over a rollout batch (at most one per packed row per data-parallel
+    rank; the LR schedule counts steps x minibatches x epochs); 1 with epochs = 1 is fully on-policy
+    (old log-probs = new, detached)."""
     epochs: int = 1
     """Passes over each rollout batch (PPO epochs), each of minibatches optimizer steps; old
     log-probs and the recorded routing come from one no-grad pass before the first."""
@@ -99,7 +100,8 @@ class Training:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (<= 0 disables)."""
     max_skipped_steps: int = 3
-    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    """Stop after this many consecutive steps with a non-finite loss or gradient (in any of their
+    updates; such an update is skipped)."""
 
 
 @dataclass
