@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import resource
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _write_whole(path: Path, lines: list[str]) -> None:
+    """``lines`` as the whole of ``path``, replaced at once (a temporary file renamed over it)."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(line + "\n" for line in lines))
+    os.replace(partial, path)
+
+
 class MetricsLogger:
     """Writes on rank 0 only; ``log_freq`` throttles the console, never the JSONL file."""
 
@@ -62,19 +72,35 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self, resumed_step: int) -> None:
-        """Keep only records up to ``resumed_step`` (0 for a fresh run), so each step appears once."""
+        """Keep only records up to ``resumed_step`` (0 for a fresh run), so each step appears once.
+
+        The records past it (the steps of the run being resumed or restarted, e.g. the curves of a
+        collapse a branch restarts before) move to ``metrics.superseded-<time>.jsonl`` beside it,
+        never deleted; the file is replaced whole, so a kill during the rewrite loses nothing."""
         if not self.enabled or not self.path.exists():
             return
-        kept = []
+        kept, dropped = [], []
         for number, line in enumerate(self.path.read_text().splitlines(), 1):
             try:
                 record = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:  # a line cut short when the process died mid-append
                 warnings.warn(f"{self.path}:{number}: not a complete JSON record; dropped", stacklevel=2)
                 continue
-            if record is not None and record.get("step", 0) <= resumed_step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+            if record is not None:
+                (kept if record.get("step", 0) <= resumed_step else dropped).append(line)
+        if dropped:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.path.with_name(f"metrics.superseded-{stamp}.jsonl")
+            for n in itertools.count(2):  # two restarts in one second
+                if not aside.exists():
+                    break
+                aside = self.path.with_name(f"metrics.superseded-{stamp}-{n}.jsonl")
+            _write_whole(aside, dropped)
+            print(
+                f"{self.path.name}: {len(dropped)} record(s) after step {resumed_step} moved to {aside.name}",
+                flush=True,
+            )
+        _write_whole(self.path, kept)
 
     def log(self, step: int, metrics: dict[str, Any], console: Any = None) -> dict[str, Any]:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

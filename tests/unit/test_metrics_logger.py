@@ -40,3 +40,23 @@ def test_a_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
     with pytest.warns(UserWarning, match="metrics.jsonl:3: not a complete JSON record"):
         logger.start(resumed_step=2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_records_a_resume_or_fresh_start_drops_move_aside(tmp_path):
+    """Restarting from step 2 of a run that logged 4 steps (a branch before a collapse) keeps steps
+    1-2 in metrics.jsonl and the collapsed run's 3-4 beside it, not deleted; a fresh start keeps all
+    of them aside."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4)))
+    MetricsLogger(tmp_path).start(resumed_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    (aside,) = tmp_path.glob("metrics.superseded-*.jsonl")
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == [
+        {"step": 3, "loss": 0.3},
+        {"step": 4, "loss": 0.4},
+    ]
+    MetricsLogger(tmp_path).start(resumed_step=0)  # within the same second: a file of its own
+    assert path.read_text() == ""
+    (second,) = set(tmp_path.glob("metrics.superseded-*.jsonl")) - {aside}
+    assert [json.loads(line)["step"] for line in second.read_text().splitlines()] == [1, 2]
+    assert not list(tmp_path.glob("*.tmp"))
