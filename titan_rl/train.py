@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from titan_rl.config import ConfigError, JobConfig, config_to_dict, load_config, to_toml
-from titan_rl.config.loader import config_warnings
+from titan_rl.config.loader import config_changes, config_warnings
 from titan_rl.metrics import MetricsLogger, NoSignalWatch, peak_memory_gb, reset_peak_memory
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.parallel import ParallelDims
@@ -200,7 +200,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
-    from titan_rl.checkpoint.manager import CheckpointManager, has_reference
+    from titan_rl.checkpoint.manager import CheckpointManager, has_reference, saved_config
 
     # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
     if rank == 0:
@@ -240,6 +240,9 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
             engine.set_rng_state(extra["engine_rng"])
         changes = trainer.apply_optimizer_config()  # the config's lr etc., not the saved ones
         console.print(f"resumed from step {start_step}" + "".join(f"; {c}" for c in changes))
+        changed = config_changes(saved_config(resume), cfg)
+        if changed:
+            console.print("config changed since that checkpoint: " + "; ".join(changed), highlight=False)
 
     logger.start(start_step)
     if start_step == 0 and cfg.sft.steps > 0:

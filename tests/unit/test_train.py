@@ -126,10 +126,33 @@ def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys)
     assert train.main([*resumed, "--training.steps=4", "--optimizer.lr=1e-5", "--optimizer.eps=1e-6"]) == 0
     out = capsys.readouterr().out
     assert "resumed from step 2; optimizer.eps: 1e-08 -> 1e-06; optimizer.lr: 0.01 -> 1e-05" in out
+    # the other keys that differ from the checkpoint's config.json, once (not the optimizer's again)
+    (line,) = [line for line in out.splitlines() if line.startswith("config changed since that checkpoint")]
+    assert line == (
+        f'config changed since that checkpoint: job.dump_folder: "{tmp_path / "a"}" -> '
+        f'"{tmp_path / "b"}"; checkpoint.enable: true -> false; checkpoint.interval: 2 -> 10; '
+        "training.steps: 2 -> 4"
+    )
     rows = read_metrics(tmp_path / "b/metrics.jsonl")
     # cosine over 4 steps from 1e-5 to 1e-6: factors at optimizer steps 2 and 3
     factors = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)]
     assert [row["lr"] for row in rows] == pytest.approx([1e-5 * f for f in factors], rel=1e-12)
+
+
+def test_config_changes_name_each_key_a_resumed_run_changed():
+    from titan_rl.config import config_to_dict, load_config
+    from titan_rl.config.loader import config_changes
+
+    saved = config_to_dict(load_config(SMOKE, ["--rl.kl_coef=0.01", "--rollout.prompts_per_step=4"]))
+    saved["rl"].pop("entropy_coef")  # a key an older version did not save
+    now = load_config(SMOKE, ["--rl.kl_coef=0.02", "--rollout.prompts_per_step=8", "--rl.entropy_coef=0.1"])
+    changes = config_changes(saved, now)
+    assert len(changes) == 2 and "rl.kl_coef: 0.01 -> 0.02" in changes
+    assert "rollout.prompts_per_step: 4 -> 8 (the tasks a step samples follow it" in " ".join(changes)
+    assert (
+        config_changes(saved, load_config(SMOKE, ["--rl.kl_coef=0.01", "--rollout.prompts_per_step=4"])) == []
+    )
+    assert config_changes({}, now) == []  # a checkpoint without config.json
 
 
 def test_the_config_offers_exactly_the_engines_decode_modes():

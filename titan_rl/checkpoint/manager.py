@@ -316,6 +316,16 @@ class CheckpointManager:
         return trainer["step"], per_rank["extra"]
 
 
+def saved_config(folder: str | Path) -> dict:
+    """The run config a training checkpoint was saved with (its config.json; {} when it has none or
+    it cannot be read: the comparison is a courtesy, the checkpoint still loads)."""
+    try:
+        data = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def has_reference(folder: str | Path) -> bool:
     """Whether the training checkpoint ``folder`` holds a KL reference model (``save(reference=...)``)."""
     stored = dcp.FileSystemReader(Path(folder)).read_metadata().state_dict_metadata

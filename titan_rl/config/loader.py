@@ -289,6 +289,36 @@ def config_to_dict(config: JobConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# keys whose change a resumed run reports elsewhere (the optimizer's) or that say where it resumes from
+NOT_COMPARED_ON_RESUME = ("optimizer.", "checkpoint.load_path")
+# the task a step samples is (step, prompts_per_step): another value repeats or skips tasks
+TASK_ORDER = ("rollout.prompts_per_step",)
+
+
+def config_changes(saved: dict[str, Any], config: JobConfig) -> list[str]:
+    """``key: saved -> now`` for each config key that differs from ``saved`` (a checkpoint's
+    config.json) and that a resumed run takes from its config, said at startup; keys an older
+    version did not save are not compared."""
+    now = json.loads(json.dumps(config_to_dict(config), default=str))  # the saved file's types
+    changes = []
+    for section, values in now.items():
+        old_values = saved.get(section)
+        if not isinstance(old_values, dict):
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name.startswith(NOT_COMPARED_ON_RESUME) or key not in old_values:
+                continue
+            if old_values[key] != value:
+                note = (
+                    " (the tasks a step samples follow it: some repeat or are skipped)"
+                    if name in TASK_ORDER
+                    else ""
+                )
+                changes.append(f"{name}: {json.dumps(old_values[key])} -> {json.dumps(value)}{note}")
+    return changes
+
+
 def to_toml(config: JobConfig) -> str:
     """The resolved config as TOML text (written into the run's dump folder)."""
     lines = []
