@@ -242,6 +242,10 @@ class Env:
     """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
     tool_timeout_s: float = 10.0
     """Agentic episodes: wall-clock limit of one tool call."""
+    reward_timeout_s: float = 60.0
+    """Wall-clock limit of one reward call: past it the episode scores 0 and counts in
+    env/reward_errors (as a reward that raises or returns NaN does); 0 calls the reward on the main
+    thread with no limit (for reward code that uses signals, e.g. signal.alarm)."""
     system_prompt: str = "auto"
     """Agentic episodes: gpt-oss (the system message the released models were trained on; the
     environment's instructions go in the developer message), minimal (the environment's messages as

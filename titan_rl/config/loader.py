@@ -130,7 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "env.name": ("token_preference", "tool_lookup", "math"),
     "metrics.wandb_mode": ("offline", "online", "disabled"),
 }
-NON_NEGATIVE = ("rollout.max_batch_rows", "rollout.check_every")
+NON_NEGATIVE = ("rollout.max_batch_rows", "rollout.check_every", "env.reward_timeout_s")
 POSITIVE = ("training.steps", "training.minibatches", "training.epochs", "training.micro_batch_rows",
             "training.seq_len",
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
@@ -155,7 +155,8 @@ def validate(config: JobConfig) -> None:
             section, key = name.split(".")
             value = getattr(getattr(config, section), key)
             if value < least:
-                zero = " (0: the default)" if least == 0 else ""
+                default = getattr(JobConfig(), section).__dict__[key]
+                zero = " (0: the default)" if least == 0 and default == 0 else ""
                 raise ConfigError(f"{name} must be >= {least}{zero}, got {value}")
     if config.env.name != "token_preference" and config.training.seq_len < config.env.max_episode_tokens:
         raise ConfigError(

@@ -16,6 +16,7 @@ episode's tool calls and reward run on one rank and their results are shared
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import warnings
@@ -60,6 +61,8 @@ class AgentLoopConfig:
     """Longest single assistant turn; a turn cut off here ends the episode."""
     tool_timeout_s: float = 10.0
     """Wall-clock limit of one tool call; the model gets an error message after it."""
+    reward_timeout_s: float = 60.0
+    """Wall-clock limit of one reward call (``safe_reward``; 0: on the main thread, unlimited)."""
     max_tool_result_chars: int = 4000
     """Longer tool results (and error texts) are truncated before they are tokenized."""
     max_concurrent_tools: int = 16
@@ -330,7 +333,9 @@ def run_episodes(
         step_episodes(env, tokenizer, active, completions, config)
     rewards = computed_once(
         [e.number for e in episodes],
-        lambda mine: [safe_reward(env.reward, episodes[i].transcript) for i in mine],
+        lambda mine: [
+            safe_reward(env.reward, episodes[i].transcript, timeout_s=config.reward_timeout_s) for i in mine
+        ],
     )
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
     stats = episode_stats(episodes, trajectories)
@@ -350,13 +355,45 @@ def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
     )
 
 
-def safe_reward(reward: Callable[..., float], *args: Any) -> tuple[float, bool]:
-    """``reward(*args)``, or 0 (and ``True``: counted as an error) when it raises."""
-    try:
-        return float(reward(*args)), False
-    except Exception as e:  # a buggy reward function must not end the run
-        warnings.warn(f"reward function raised {type(e).__name__}: {e}; reward 0", stacklevel=2)
+def safe_reward(reward: Callable[..., float], *args: Any, timeout_s: float = 0.0) -> tuple[float, bool]:
+    """``reward(*args)``, or 0 and ``True`` (counted as a reward error, with a warning) when it raises
+    (``SystemExit`` too), returns a value that is not a finite number (a NaN would make its whole
+    group's advantages NaN and the step be skipped as the model's fault), or runs longer than
+    ``timeout_s`` (> 0: the call runs on a thread of its own, abandoned past the limit; 0: on this
+    thread, unlimited, for reward code that needs the main thread, such as ``signal.alarm``)."""
+    if timeout_s > 0:
+        thread = _ToolThread(lambda: reward(*args), threading.Semaphore(1))
+        thread.start()
+        thread.join(timeout_s)
+        with thread.lock:
+            if not thread.finished:
+                thread.abandoned = True
+                warnings.warn(
+                    f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
+                )
+                return 0.0, True
+        value, error = thread.value, thread.error
+    else:
+        value, error = None, None
+        try:
+            value = reward(*args)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # a buggy reward function must not end the run
+            error = e
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    if error is not None:
+        warnings.warn(f"reward function raised {type(error).__name__}: {error}; reward 0", stacklevel=2)
         return 0.0, True
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        warnings.warn(f"reward function returned {value!r}, not a finite number; reward 0", stacklevel=2)
+        return 0.0, True
+    return number, False
 
 
 def episode_stats(episodes: list[EpisodeRollout], trajectories: list[Trajectory]) -> dict[str, float]:

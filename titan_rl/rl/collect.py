@@ -109,6 +109,7 @@ def collect_rollouts(
             max_episode_tokens=cfg.env.max_episode_tokens,
             max_new_tokens_per_turn=cfg.rollout.max_new_tokens,
             tool_timeout_s=cfg.env.tool_timeout_s,
+            reward_timeout_s=cfg.env.reward_timeout_s,
             system_style=system_style(cfg),
         )
         trajectories, stats = run_episodes(engine, tokenizer, env, indices, group, sampling_params(cfg), loop)
@@ -118,7 +119,10 @@ def collect_rollouts(
     completions = engine.generate(repeated, sampling_params(cfg))
     rewards = computed_once(  # each on one rank, shared: a reward that samples cannot split the ranks
         list(range(len(repeated))),
-        lambda mine: [safe_reward(env.reward, repeated[i], completions[i].tokens) for i in mine],
+        lambda mine: [
+            safe_reward(env.reward, repeated[i], completions[i].tokens, timeout_s=cfg.env.reward_timeout_s)
+            for i in mine
+        ],
     )
     trajectories = [
         Trajectory(
@@ -131,7 +135,7 @@ def collect_rollouts(
         )
         for i, (prompt, c, (reward, _)) in enumerate(zip(repeated, completions, rewards))
     ]
-    errors = float(sum(failed for _, failed in rewards))  # a raising reward function scores 0
+    errors = float(sum(failed for _, failed in rewards))  # a raising (hung, NaN) reward scores 0
     return trajectories, {"env/errors": errors, "env/reward_errors": errors}
 
 

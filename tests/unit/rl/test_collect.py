@@ -33,3 +33,64 @@ def test_a_raising_single_turn_reward_is_contained_and_counted():
         response = t.tokens[len(t.tokens) - t.response_len :]
         expected = 0.0 if (i + 1) % 3 == 0 else honest(t.tokens[: len(t.tokens) - t.response_len], response)
         assert t.reward == expected
+
+
+def test_a_hung_nan_or_exiting_reward_scores_zero_and_is_counted():
+    """env.reward_timeout_s bounds each reward call (a hung reward blocked the run, and with several
+    ranks every other rank until the collective timeout); a NaN reward made its group's advantages NaN
+    and the step was skipped as the model's fault; sys.exit in a reward ended the rank."""
+    import math
+    import sys
+    import threading
+    import time
+
+    cfg = load_config(
+        None, ["--rollout.prompts_per_step=2", "--rollout.group_size=2", "--env.reward_timeout_s=0.5"]
+    )
+    torch.manual_seed(0)
+    model = GptOss(GptOssModelArgs.from_preset("debug"))
+    env = build_env(cfg, model.args.vocab_size)
+    release = threading.Event()
+    behaviours = [lambda: release.wait(), lambda: math.nan, lambda: sys.exit(3), lambda: 0.75]
+
+    def reward(prompt, response):
+        return behaviours[reward.calls.pop(0)]()
+
+    reward.calls = [0, 1, 2, 3]
+    env.reward = reward
+    start = time.monotonic()
+    try:
+        with pytest.warns(UserWarning) as caught:
+            trajectories, metrics = collect_rollouts(NativeEngine(model, seed=0), env, None, 1, cfg)
+    finally:
+        release.set()  # the abandoned call's thread ends
+    assert time.monotonic() - start < 10
+    assert [t.reward for t in trajectories] == [0.0, 0.0, 0.0, 0.75]
+    assert metrics == {"env/errors": 3.0, "env/reward_errors": 3.0}
+    text = " | ".join(str(w.message) for w in caught)
+    assert "ran past 0.5 s" in text and "returned nan" in text and "raised SystemExit" in text
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, 5.0])
+def test_safe_reward_on_or_off_the_main_thread(timeout_s):
+    import signal
+
+    from titan_rl.rl.agent_loop import safe_reward
+
+    assert safe_reward(lambda a, b: a + b, 1, 2.5, timeout_s=timeout_s) == (3.5, False)
+    with pytest.warns(UserWarning, match="returned 'x', not a finite number"):
+        assert safe_reward(lambda: "x", timeout_s=timeout_s) == (0.0, True)
+    with pytest.warns(UserWarning, match="returned inf"):
+        assert safe_reward(lambda: float("inf"), timeout_s=timeout_s) == (0.0, True)
+
+    def main_thread_only():  # what signal.alarm-based time limits in reward code need
+        signal.signal(signal.SIGUSR2, signal.getsignal(signal.SIGUSR2))
+        return 1.0
+
+    if timeout_s == 0:
+        assert safe_reward(main_thread_only, timeout_s=timeout_s) == (1.0, False)
+    else:
+        with pytest.warns(UserWarning, match="raised ValueError: signal only works in main thread"):
+            assert safe_reward(main_thread_only, timeout_s=timeout_s) == (0.0, True)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the run
+        safe_reward(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), timeout_s=0.0)
