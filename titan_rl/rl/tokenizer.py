@@ -69,7 +69,10 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary text to ids; a spelled-out special token is split so it stays text."""
+        """Ordinary text to ids; a spelled-out special token is split so it stays text. Text that is
+        not valid Unicode (lone surrogates: bytes a tool decoded with ``surrogateescape``) gets "?"
+        for them instead of the tokenizer's TypeError."""
+        text = text.encode("utf-8", "replace").decode("utf-8")
         ids: list[int] = []
         start = 0
         for match in _SPECIAL_PATTERN.finditer(text):

@@ -45,6 +45,14 @@ def test_text_that_spells_a_special_token_stays_text():
     assert tokenizer.decode(ids) == text
 
 
+def test_text_with_lone_surrogates_encodes_with_a_replacement():
+    """A tool that decodes bytes with surrogateescape returns such text; the tokenizers library raised
+    TypeError outside any tool error handling, ending every rank."""
+    tokenizer = build_tiny_tokenizer()
+    raw = b"ok \xff end".decode("utf-8", "surrogateescape")
+    assert tokenizer.decode(tokenizer.encode(raw)) == "ok ? end"
+
+
 def test_save_and_load_from_a_checkpoint_folder(tmp_path):
     tokenizer = build_tiny_tokenizer()
     tokenizer.save(tmp_path)
