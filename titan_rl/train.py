@@ -36,6 +36,7 @@ from titan_rl.rl.collect import build_env, build_tokenizer, collect_rollouts, de
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine, RolloutEngine
 from titan_rl.rl.types import Trajectory
+from titan_rl.run_folder import claim_run_folder
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
@@ -191,13 +192,22 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 
 def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
-    """The whole run on this rank (the process group, if any, is already up)."""
+    """The whole run on this rank (the process group, if any, is already up), holding its dump
+    folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``)."""
+    lock = claim_run_folder(Path(cfg.job.dump_folder), shared=cfg.checkpoint.enable)
+    try:
+        return _run(cfg, dims, console)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
     if cfg.checkpoint.load_path:  # saved with the checkpoints: a restart from elsewhere finds its own
         cfg.checkpoint.load_path = str(Path(cfg.checkpoint.load_path).resolve())
     if rank == 0:
-        dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
     from titan_rl.checkpoint.manager import CheckpointManager, has_reference, saved_config
