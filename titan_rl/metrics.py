@@ -109,7 +109,16 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:  # numbers as numbers: wandb takes NaN / inf, JSON does not
-            self.wandb_run.log({k: _number(v) for k, v in metrics.items()}, step=step)
+            try:
+                self.wandb_run.log({k: _number(v) for k, v in metrics.items()}, step=step)
+            except Exception as e:  # its service died, its disk filled: the run and metrics.jsonl go on
+                self.wandb_run = None
+                print(
+                    f"warning: wandb failed at step {step} ({type(e).__name__}: {e}); logging to wandb "
+                    f"stopped, {self.path} has every step",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if console is not None and (step % self.log_freq == 0 or step == 1):
             parts = [f"step {step:5d}"]
             for key, short, fmt in CONSOLE_KEYS:

@@ -60,3 +60,23 @@ def test_records_a_resume_or_fresh_start_drops_move_aside(tmp_path):
     (second,) = set(tmp_path.glob("metrics.superseded-*.jsonl")) - {aside}
     assert [json.loads(line)["step"] for line in second.read_text().splitlines()] == [1, 2]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failing_wandb_stops_wandb_not_the_run(tmp_path, capsys):
+    """wandb's service dying (BrokenPipeError from log) ended rank 0 and so the run."""
+
+    class DyingRun(RecordingRun):
+        def log(self, data: dict, step: int) -> None:
+            if step == 2:
+                raise BrokenPipeError("[Errno 32] Broken pipe")
+            super().log(data, step)
+
+    run = DyingRun()
+    logger = MetricsLogger(tmp_path, wandb_run=run)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 0.5})
+    assert [step for _, step in run.logged] == [1]  # not called again after it failed
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert err.count("warning: wandb failed at step 2 (BrokenPipeError") == 1
