@@ -425,35 +425,75 @@ def save_hf_model(
     groups = list(_tensor_groups(model, mxfp4, dtype))
     plan = _plan_shards(groups, max_shard_bytes)
     writer = this_rank() == 0
+    # written beside the folder and swapped in when complete: a failure part-way (memory, disk)
+    # leaves an existing folder as it was, never half old shards and half new
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     if writer:
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in [*folder.glob("model-*-of-*.safetensors"), folder / SINGLE_FILE, folder / INDEX_FILE]:
-            old.unlink(missing_ok=True)  # shards of an earlier save would confuse loaders
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    try:
+        weight_map, total = _write_shards(groups, plan, partial if writer else None, progress)
+        if writer:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            config = _hf_config(model, mxfp4, dtype, source_dir)
+            (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            if source_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (source_dir / name).is_file():
+                        shutil.copy2(source_dir / name, partial / name)
+    except BaseException:
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if writer:
+        _swap_in(partial, folder)
+
+
+def _write_shards(
+    groups: list, plan: list[list[int]], folder: Path | None, progress: bool
+) -> tuple[dict[str, str], int]:
+    """Gather each shard's tensors (every rank) and write them into ``folder`` (the writer's; None
+    on the others). Returns the weight map and the total bytes."""
     weight_map: dict[str, str] = {}
     total = 0
-    with tqdm(total=len(groups), desc="saving", unit="tensor", disable=not (progress and writer)) as bar:
+    with tqdm(total=len(groups), desc="saving", unit="tensor", disable=not (progress and folder)) as bar:
         for n, members in enumerate(plan, start=1):
             file = f"model-{n:05d}-of-{len(plan):05d}.safetensors"
             tensors: dict[str, torch.Tensor] = {}
             for i in members:
                 tensors.update(groups[i][1]())
                 bar.update()
-            if writer:
+            if folder is not None:
                 save_file(tensors, folder / file, metadata={"format": "pt"})
                 _readable(folder / file)
             weight_map.update(dict.fromkeys(tensors, file))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
-    if not writer:
-        return
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = _hf_config(model, mxfp4, dtype, source_dir)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    if source_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (source_dir / name).is_file() and (source_dir / name).resolve() != (folder / name).resolve():
-                shutil.copy2(source_dir / name, folder / name)
+    return weight_map, total
+
+
+def _is_model_file(name: str) -> bool:
+    """A file of an HF model folder that a save replaces: shards, index, config."""
+    return name in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE) or (
+        name.startswith("model-") and name.endswith(".safetensors")
+    )
+
+
+def _swap_in(partial: Path, folder: Path) -> None:
+    """``partial`` (a complete new model) becomes ``folder``. An existing folder's other entries
+    (tokenizer files the save did not bring, a README, ``original/``) move over; its old shards,
+    index and config go."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if not _is_model_file(entry.name) and not (partial / entry.name).exists():
+                os.replace(entry, partial / entry.name)
+        old = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
+        os.replace(folder, old)
+        os.replace(partial, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, folder)
 
 
 def expected_hf_shape(name: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:

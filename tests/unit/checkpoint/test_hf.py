@@ -165,3 +165,38 @@ def test_verify_hf_folder_reads_headers_only_and_catches_mismatches(tmp_path, mx
     )
     with pytest.raises(CheckpointError, match=r"lacks .* tensors, e.g. 'model.layers.3."):
         verify_hf_folder(tmp_path / "ok")
+
+
+def test_writing_over_a_folder_is_all_or_nothing(tmp_path, monkeypatch):
+    """A save that fails part-way (out of memory, a full disk) leaves the existing folder as it was:
+    the old code deleted its shards first. A save that completes replaces shards, index and config,
+    keeps the folder's other files, and leaves nothing beside it."""
+    import titan_rl.checkpoint.hf as hf
+
+    out = tmp_path / "export"
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    save_hf_model(first, out, max_shard_bytes=20_000)  # several shards
+    (out / "README.md").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save_file, calls = hf.save_file, []
+
+    def failing_save_file(tensors, file, metadata=None):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save_file(tensors, file, metadata=metadata)
+
+    monkeypatch.setattr(hf, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_model(second, out, max_shard_bytes=20_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial folder left
+    monkeypatch.setattr(hf, "save_file", real_save_file)
+
+    save_hf_model(second, out, max_shard_bytes=1_000_000)  # one shard now
+    assert (out / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+    reloaded = load_hf_model(out)
+    for (name, a), b in zip(second.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b.to(torch.bfloat16)), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
