@@ -69,6 +69,25 @@ def test_on_policy_step_has_ratio_exactly_one_and_one_forward():
     assert len(recorder.grad) == trainer.model.args.num_hidden_layers * len(trainer._micro_batches(batch))
 
 
+def test_on_policy_gradient_is_the_policy_gradient():
+    """Ratio 1 by construction must still carry -A grad log pi / tokens (token-mean): an old
+    log-prob that is not detached would give the same loss value and a zero gradient."""
+    import copy
+
+    trainer, batch, n = setup("--training.grad_clip=0")
+    twin = copy.deepcopy(trainer.model)
+    micro = trainer._micro_batches(batch)
+    tokens = sum(len(mb.advantages) for mb in micro)  # trained positions
+    for mb in micro:
+        logprobs, _, _ = trainer._logprobs(twin, mb)
+        (-(mb.advantages * logprobs).sum() / tokens).backward()
+    expected = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in twin.parameters() if p.grad is not None])
+    )
+    metrics = trainer.train_step(batch, n)
+    assert expected > 0 and metrics["grad_norm"] == pytest.approx(float(expected), rel=1e-4)
+
+
 @pytest.mark.parametrize("replay", [True, False])
 def test_minibatches_replay_recorded_experts(replay):
     trainer, batch, n = setup(

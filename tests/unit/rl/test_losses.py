@@ -204,6 +204,11 @@ def test_mis_threshold_edges():
         delta, torch.zeros(4), torch.ones(4), torch.arange(4), 4, "mis", "token", 2.0
     )
     assert keep.tolist() == [True, False, True, False]
+    # the interval [1/C, C] is closed: weights of exactly 1/2 and 2 (exp(log(w)) is exact here) stay
+    _, keep, _ = rollout_correction(
+        torch.tensor([0.5, 2.0]).log(), torch.zeros(2), torch.ones(2), torch.arange(2), 2, "mis", "token", 2.0
+    )
+    assert keep.tolist() == [True, True]
 
 
 # sequence level: seq 0 sums 0.5 + 0.5 (token 2 masked out) -> e; seq 1 -> e^0.1; seq 2 -> e^-1

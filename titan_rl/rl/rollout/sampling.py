@@ -23,7 +23,8 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
     """Set logits outside top-k / the top-p nucleus to -inf. ``logits [B, vocab]``.
 
     Top-p keeps the most probable tokens (of the top-k distribution) until their mass reaches
-    ``top_p``, the token that crosses it included. Both cut at a logit value, so tokens tied with the
+    ``top_p``, the token that crosses it included (one whose predecessors' mass is exactly ``top_p``
+    is not: vLLM's rule). Both cut at a logit value, so tokens tied with the
     last one kept are kept too: the result does not depend on the order of the vocabulary.
     """
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -33,7 +34,7 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
         sorted_logits = torch.sort(logits, dim=-1, descending=True).values
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(-1) - probs  # the first token is always kept
-        cutoff = sorted_logits.masked_fill(mass_before > top_p, float("inf")).amin(-1, keepdim=True)
+        cutoff = sorted_logits.masked_fill(mass_before >= top_p, float("inf")).amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
     return logits
 

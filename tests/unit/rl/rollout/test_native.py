@@ -566,6 +566,19 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
         assert kept.nonzero().flatten().tolist() == support, top_p
 
 
+def test_top_p_drops_a_token_whose_mass_before_is_exactly_top_p():
+    """The nucleus is complete once its mass reaches top_p: a token after it is out (vLLM's rule,
+    probs_sum <= 1 - p masked), also at exact equality (the sampler kept it)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    probs = torch.softmax(logits, dim=-1)
+    top_p = float((probs.cumsum(-1) - probs)[0, 2])  # in the sampler's own fp32 arithmetic
+    kept = filter_logits(logits, top_p, 0)[0] > float("-inf")
+    assert kept.tolist() == [True, True, False, False]
+    above = float(torch.nextafter(torch.tensor(top_p), torch.tensor(1.0)))  # the next fp32 value
+    kept = filter_logits(logits, above, 0)[0] > float("-inf")
+    assert kept.tolist() == [True, True, True, False]
+
+
 def test_filtered_support_does_not_depend_on_the_vocabulary_order():
     logits = random_logits(100, 40, seed=11)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
