@@ -210,7 +210,12 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     if rank == 0:
         (dump / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.job.seed)  # every rank builds the same initial weights
-    from titan_rl.checkpoint.manager import CheckpointManager, has_reference, saved_config
+    from titan_rl.checkpoint.manager import (
+        CheckpointManager,
+        CheckpointSaveError,
+        has_reference,
+        saved_config,
+    )
 
     # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
     if rank == 0:
@@ -322,15 +327,28 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             engine_rng = engine.rng_state()
             extra = {} if engine_rng is None else {"engine_rng": engine_rng}
-            manager.save(
-                step,
-                model,
-                trainer.optimizer,
-                trainer.lr_scheduler,
-                extra,
-                config_to_dict(cfg),
-                warmed_reference,
-            )
+            try:
+                manager.save(
+                    step,
+                    model,
+                    trainer.optimizer,
+                    trainer.lr_scheduler,
+                    extra,
+                    config_to_dict(cfg),
+                    warmed_reference,
+                )
+            except CheckpointSaveError as e:  # every rank: a full disk need not end a run that can go on
+                if step == cfg.training.steps:
+                    print(f"error: the final {e}", file=sys.stderr)
+                    return 1
+                latest = manager.latest()
+                console.print(
+                    f"warning: {e}; training goes on, the next checkpoint is due at step "
+                    f"{min(step + cfg.checkpoint.interval, cfg.training.steps)} (newest kept: "
+                    f"{latest.name if latest else 'none'})",
+                    style="yellow",
+                    highlight=False,
+                )
     if rank == 0:  # (the other ranks write neither file)
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
         metrics_file, report = dump / "metrics.jsonl", dump / "report.html"

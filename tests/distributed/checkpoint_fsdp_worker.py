@@ -59,6 +59,30 @@ def main(folder: Path) -> None:
     for name, tensor in full_params(again).items():
         check(torch.equal(tensor, expected[name]), f"parameter {name} differs after resuming the newest")
 
+    # a save that fails on one rank only (its disk full) raises on both, none waits in a barrier for
+    # it; the partial folder goes and the newest complete checkpoint stays the newest
+    import titan_rl.checkpoint.manager as checkpoint_manager
+
+    real_write = checkpoint_manager._write_synced
+
+    def full_disk_on_rank_1(file, content):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+        real_write(file, content)
+
+    checkpoint_manager._write_synced = full_disk_on_rank_1
+    try:
+        manager.save(6, model, optimizer, scheduler, {"cursor": 60})
+    except checkpoint_manager.CheckpointSaveError as e:
+        check("rank 1: OSError: [Errno 28]" in str(e) and "rank 0:" not in str(e), f"error: {e}")
+    else:
+        check(False, "a save that failed on rank 1 returned")
+    finally:
+        checkpoint_manager._write_synced = real_write
+    dist.barrier()
+    check(manager.checkpoints()[-1].name == "step-000004", f"newest {manager.checkpoints()}")
+    check(not list((folder / "ckpt").glob("*.tmp")), "the partial folder stayed")
+
     # HF save gathers one tensor at a time on every rank; loading keeps each rank's shard.
     save_hf_model(model, folder / "hf", dtype=torch.float32, max_shard_bytes=100_000)
     dist.barrier()

@@ -199,3 +199,41 @@ def test_a_resumed_run_with_more_steps_follows_the_longer_schedule(tmp_path, cap
     want = [row["lr"] for row in read_metrics(tmp_path / "fresh/metrics.jsonl")][7:]
     got = [row["lr"] for row in read_metrics(tmp_path / "ext/metrics.jsonl")][7:]
     assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("failing_step", [2, 3])
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_until_the_last(
+    tmp_path, capsys, monkeypatch, failing_step
+):
+    """A full disk at a save crashed the run, and a restart repeated the same steps into the same full
+    disk. Now the partial folder goes, the run goes on and saves at the next interval; only the final
+    checkpoint failing is an error (exit 1)."""
+    import titan_rl.checkpoint.manager as manager
+
+    real = manager._dcp
+
+    def full_disk(action, state, folder):
+        if action == "save" and folder.name == f"step-{failing_step:06d}.tmp":
+            raise OSError(28, "No space left on device")
+        real(action, state, folder)
+
+    monkeypatch.setattr(manager, "_dcp", full_disk)
+    dump = tmp_path / "run"
+    args = [
+        "--config",
+        SMOKE,
+        f"--job.dump_folder={dump}",
+        "--training.steps=3",
+        "--rollout.prompts_per_step=2",
+    ]
+    code = train.main([*args, "--checkpoint.enable=true", "--checkpoint.interval=1"])
+    out, err = capsys.readouterr()
+    saved = sorted(p.name for p in (dump / "checkpoint").iterdir())
+    assert [row["step"] for row in read_metrics(dump / "metrics.jsonl")] == [1, 2, 3]
+    if failing_step == 2:
+        assert code == 0 and saved == ["step-000001", "step-000003"]
+        assert "warning: checkpoint of step 2 not written (rank 0: OSError: [Errno 28] No space left" in out
+        assert "the next checkpoint is due at step 3 (newest kept: step-000001)" in out
+    else:
+        assert code == 1 and saved == ["step-000001", "step-000002"]
+        assert "error: the final checkpoint of step 3 not written" in err

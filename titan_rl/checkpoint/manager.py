@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -65,6 +66,47 @@ def _dcp(action: str, state: dict[str, Any], folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         getattr(dcp, action)(state, checkpoint_id=folder, no_dist=not _dist())
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written on some rank (a full disk, a lost mount); raised on every
+    rank, after the partial folder is removed. The training state in memory is intact."""
+
+
+def _gather_failures(error: str | None) -> list[str]:
+    """Every rank's error of a save (None: it succeeded), on every rank; one gather."""
+    if not _dist():
+        return [error] if error else []
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [e for e in errors if e]
+
+
+def _write_synced(file: Path, content: Any) -> None:
+    """``content`` (text, or an object for ``torch.save``) into ``file``, flushed to the disk before
+    the checkpoint's rename makes it count (DCP syncs its own files; a node crash after the rename
+    must not leave an empty trainer_state.pt in a folder that looks complete)."""
+    with open(file, "w" if isinstance(content, str) else "wb") as f:
+        if isinstance(content, str):
+            f.write(content)
+        else:
+            torch.save(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _rank_file(folder: Path, rank: int) -> Path:
@@ -166,22 +208,33 @@ class CheckpointManager:
         state = {"model": model_state, "optimizer": optim_state}
         if reference is not None:
             state[REFERENCE] = get_model_state_dict(reference)
-        _dcp("save", state, tmp)
-        torch.save({"rng": rng, "extra": dict(extra or {})}, _rank_file(tmp, rank))
-        if rank == 0:
-            scheduler_state = lr_scheduler.state_dict() if lr_scheduler is not None else None
-            world = dist.get_world_size() if _dist() else 1
-            torch.save(
-                {"step": step, "lr_scheduler": scheduler_state, "world_size": world}, tmp / TRAINER_STATE
-            )
-            (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, default=str) + "\n")
-            args = getattr(model, "args", None)  # the model's own HF config: conversion needs no --config
-            if args is not None:
-                (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
+        error = None
+        try:
+            _dcp("save", state, tmp)
+            _write_synced(_rank_file(tmp, rank), {"rng": rng, "extra": dict(extra or {})})
+            if rank == 0:
+                scheduler_state = lr_scheduler.state_dict() if lr_scheduler is not None else None
+                world = dist.get_world_size() if _dist() else 1
+                trainer_state = {"step": step, "lr_scheduler": scheduler_state, "world_size": world}
+                _write_synced(tmp / TRAINER_STATE, trainer_state)
+                _write_synced(tmp / CONFIG_FILE, json.dumps(config or {}, indent=2, default=str) + "\n")
+                args = getattr(model, "args", None)  # the model's HF config: conversion needs no --config
+                if args is not None:
+                    _write_synced(tmp / MODEL_CONFIG_FILE, json.dumps(args.to_hf_config(), indent=2) + "\n")
+        except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        failures = _gather_failures(error)  # every rank learns whether any failed
+        if failures:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # what was written: the disk is likely full
+            _barrier()
+            raise CheckpointSaveError(f"checkpoint of step {step} not written ({'; '.join(failures)[:2000]})")
         _barrier()  # every rank's files are in tmp
         if rank == 0:
+            _sync_folder(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            _sync_folder(self.folder)  # the rename itself survives a crash of the node
             self._prune()
         _barrier()
         return final
