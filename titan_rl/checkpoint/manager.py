@@ -145,6 +145,20 @@ def is_complete(folder: Path) -> bool:
     return (folder / DCP_METADATA).is_file() and (folder / TRAINER_STATE).is_file()
 
 
+def damage(folder: Path) -> str | None:
+    """What keeps a complete-looking checkpoint from loading, reading its small files only (the DCP
+    metadata and trainer state; the shards are checked as they load), or None."""
+    try:
+        dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:
+        return f"{DCP_METADATA} does not read ({type(e).__name__}: {e})"
+    try:
+        torch.load(folder / TRAINER_STATE, weights_only=False)
+    except Exception as e:
+        return f"{TRAINER_STATE} does not read ({type(e).__name__}: {e})"
+    return None
+
+
 class CheckpointManager:
     """Save every ``interval`` steps into ``folder``, keep the newest ``keep_last``, resume the newest."""
 
@@ -174,8 +188,17 @@ class CheckpointManager:
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The newest complete checkpoint whose small files read back; a damaged newer one (an
+        empty trainer_state.pt after a node crash) is skipped with a warning, not a crash loop."""
+        for folder in reversed(self.checkpoints()):
+            problem = damage(folder)
+            if problem is None:
+                return folder
+            warnings.warn(
+                f"skipping {folder}: {problem}; resuming an older checkpoint (move it out of the folder)",
+                stacklevel=2,
+            )
+        return None
 
     def save(
         self,

@@ -105,6 +105,21 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000004"]
 
 
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", ".metadata"])
+def test_a_damaged_newest_checkpoint_resumes_the_one_before(tmp_path, damaged):
+    """A node crash after the rename (before fsync) can leave empty files in a folder that looks
+    complete: resuming it failed with EOFError on every restart; the one before is resumed instead."""
+    manager = CheckpointManager(tmp_path, interval=2, keep_last=3)
+    model, optimizer, scheduler = make_training(0)
+    train(model, optimizer, scheduler, range(1, 5), manager)
+    (tmp_path / "step-000004" / damaged).write_bytes(b"")
+    with pytest.warns(UserWarning, match=f"skipping .*step-000004: {damaged} does not read"):
+        assert manager.latest() == tmp_path / "step-000002"
+    resumed, optimizer2, scheduler2 = make_training(1)
+    with pytest.warns(UserWarning, match="skipping"):
+        assert manager.load(resumed, optimizer2, scheduler2) == (2, {"cursor": 20})
+
+
 def test_training_checkpoint_converts_to_hf(tmp_path):
     from titan_rl.checkpoint.hf import load_hf_model, save_hf_model
     from titan_rl.checkpoint.manager import convert_dcp_to_hf
