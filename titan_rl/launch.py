@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped too
         name = signal.Signals(e.sigval).name
-        print(f"interrupted ({name}); the ranks were stopped", file=sys.stderr)
+        after = "the ranks were stopped"
+        if e.sigval != signal.SIGINT:  # titan_rl.stop: they end the step and checkpoint it first
+            after = "the ranks stopped after their step (their last line says whether it was saved)"
+        print(f"interrupted ({name}); {after}", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         first_rank, first = e.get_first_failure()

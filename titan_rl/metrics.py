@@ -137,8 +137,9 @@ class NoSignalWatch:
     looks like; ``reward/informative_groups`` in metrics.jsonl is the fraction of groups with signal.
     """
 
-    def __init__(self, patience: int = 10, first_step: int = 1) -> None:
+    def __init__(self, patience: int = 10, first_step: int = 1, regularizers: tuple[str, ...] = ()) -> None:
         self.patience, self.first_step = patience, first_step  # first_step: this run's (a resume's)
+        self.regularizers = regularizers  # what else moves the policy: "the KL penalty", ...
         self.since: int | None = None  # first step of the current run of steps without signal
         self.warned = False
 
@@ -152,10 +153,17 @@ class NoSignalWatch:
         if self.warned or step - self.since + 1 < self.patience:
             return None
         self.warned = True
+        if self.regularizers:
+            terms = " and ".join(self.regularizers)
+            effect = (
+                f"the task's reward no longer moves the policy (only {terms} can): it will not recover "
+                "by itself. "
+            )
+        else:
+            effect = "every advantage and the gradient are zero and the policy cannot change. "
         head = (
             f"warning: steps {self.since}-{step} had no learning signal: in every group all episodes "
-            f"got the same reward (mean {mean_reward:.3f}), so every advantage and the gradient are "
-            "zero and the policy cannot change. "
+            f"got the same reward (mean {mean_reward:.3f}), so {effect}"
         )
         if self.since == self.first_step:  # never any signal: nothing to go back to
             return head + (

@@ -37,6 +37,7 @@ from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine, RolloutEngine
 from titan_rl.rl.types import Trajectory
 from titan_rl.run_folder import claim_run_folder
+from titan_rl.stop import StopRequest
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
@@ -196,13 +197,14 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``)."""
     lock = claim_run_folder(Path(cfg.job.dump_folder), shared=cfg.checkpoint.enable)
     try:
-        return _run(cfg, dims, console)
+        with StopRequest() as stop:  # SIGTERM / SIGUSR1: end the step, checkpoint, exit
+            return _run(cfg, dims, console, stop)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
+def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest) -> int:
     rank = int(os.environ.get("RANK", "0"))
     dump = Path(cfg.job.dump_folder)
     if cfg.checkpoint.load_path:  # saved with the checkpoints: a restart from elsewhere finds its own
@@ -229,7 +231,10 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     env = build_env(cfg, model.args.vocab_size)
     tokenizer = build_tokenizer(cfg, model.args.vocab_size)
     logger = MetricsLogger(
-        dump, cfg.metrics.log_freq, rank=rank, wandb_run=start_wandb(cfg) if rank == 0 else None
+        dump,
+        cfg.metrics.log_freq,
+        rank=rank,
+        wandb_run=start_wandb(cfg, dump, resumed=resume is not None) if rank == 0 else None,
     )
 
     start_step = 0
@@ -268,7 +273,12 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
         f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
         f"dump {dump}"
     )
-    no_signal = NoSignalWatch(NO_SIGNAL_PATIENCE, first_step=1 if start_step == 0 else -1)  # -1: resumed
+    regularizers = (("the KL penalty",) if cfg.rl.kl_coef > 0 else ()) + (
+        ("the entropy bonus",) if cfg.rl.entropy_coef > 0 else ()
+    )
+    no_signal = NoSignalWatch(
+        NO_SIGNAL_PATIENCE, first_step=1 if start_step == 0 else -1, regularizers=regularizers
+    )
     for step in range(start_step + 1, cfg.training.steps + 1):
         reset_peak_memory()  # mem/peak_gb: this step's peak (on GPUs)
         t0 = time.perf_counter()
@@ -323,7 +333,8 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                 file=sys.stderr,
             )
             return 1
-        if manager.enable and (manager.should_save(step) or step == cfg.training.steps):
+        stop_on = stop.agreed(trainer.device)  # a scheduler's SIGTERM / SIGUSR1 on any rank
+        if manager.enable and (manager.should_save(step) or step == cfg.training.steps or stop_on):
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             engine_rng = engine.rng_state()
             extra = {} if engine_rng is None else {"engine_rng": engine_rng}
@@ -338,7 +349,7 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                     warmed_reference,
                 )
             except CheckpointSaveError as e:  # every rank: a full disk need not end a run that can go on
-                if step == cfg.training.steps:
+                if step == cfg.training.steps or stop_on:
                     print(f"error: the final {e}", file=sys.stderr)
                     return 1
                 latest = manager.latest()
@@ -349,6 +360,13 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
                     style="yellow",
                     highlight=False,
                 )
+        if stop_on:
+            saved = f"checkpoint {manager.latest()} saved" if manager.enable else "checkpoint.enable is off"
+            console.print(
+                f"stopped after step {step} on {stop_on.name}: {saved}; the same command resumes",
+                highlight=False,
+            )
+            return 128 + int(stop_on)
     if rank == 0:  # (the other ranks write neither file)
         write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
         metrics_file, report = dump / "metrics.jsonl", dump / "report.html"
@@ -369,16 +387,29 @@ def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console:
     trainer.reset_reference()  # the KL reference is the policy RL starts from
 
 
-def start_wandb(cfg: JobConfig):
+WANDB_RUN_ID = "wandb_run_id"  # in the dump folder: a restart logs on into the same wandb run
+
+
+def start_wandb(cfg: JobConfig, dump: Path, resumed: bool = False):
+    """The wandb run (metrics.enable_wandb), or None. A run resumed in its own folder (a restart after
+    a crash or preemption, no checkpoint.load_path) continues the wandb run the folder's first start
+    made; a fresh start or a branch (load_path: its steps go back) starts a new one."""
     if not cfg.metrics.enable_wandb:
         return None
     try:
         import wandb
     except ImportError:
         raise ConfigError("metrics.enable_wandb = true needs wandb: pip install -e '.[wandb]'") from None
-    return wandb.init(
-        project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg)
+    id_file = dump / WANDB_RUN_ID
+    kwargs = {}
+    if resumed and not cfg.checkpoint.load_path and id_file.is_file():
+        kwargs = {"id": id_file.read_text().strip(), "resume": "allow"}
+    run = wandb.init(
+        project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg), **kwargs
     )
+    if run is not None and getattr(run, "id", None):
+        id_file.write_text(f"{run.id}\n")
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

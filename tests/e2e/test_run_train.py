@@ -322,3 +322,29 @@ def test_vllm_where_it_cannot_run_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert "error: rollout.engine = 'vllm' needs" in result.stderr, result.stderr[-2000:]
     assert "rollout.engine = 'native'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_on_two_ranks_checkpoints_the_step_and_the_run_resumes(tmp_path):
+    """A scheduler's SIGTERM reaches the launcher and both ranks: they finish the step, save it
+    (checkpoints every 1000 steps otherwise) and stop; the same command resumes after it."""
+    dump = tmp_path / "preempted"
+    args = ["./run_train.sh", "--training.steps=200", f"--job.dump_folder={dump}", "--checkpoint.enable=true"]
+    args += ["--checkpoint.interval=1000", "--parallelism.dp_shard=2"]
+    proc = start_run(args, env={"NPROC": "2"})
+    wait_for(lambda: steps_logged(dump) >= 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    (saved,) = (dump / "checkpoint").glob("step-*")
+    step = int(saved.name.split("-")[1])
+    assert f"stopped after step {step} on SIGTERM: checkpoint {saved} saved" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert [r["step"] for r in read_metrics(dump)] == list(range(1, step + 1))
+    resumed = run_train(
+        "--training.steps=" + str(step + 1), f"--job.dump_folder={dump}", "--checkpoint.enable=true"
+    )
+    assert resumed.returncode == 0 and f"resumed from step {step}" in resumed.stdout, resumed.stderr[-2000:]

@@ -112,6 +112,11 @@ def test_a_run_that_lost_its_signal_is_told_to_go_back():
     assert watch.update(2, 0.0, 0.0) is None
     warning = watch.update(3, 0.0, 0.0)
     assert "steps 2-3" in warning and "earlier checkpoint with a lower learning rate" in warning
+    assert "every advantage and the gradient are zero" in warning
+    # with a KL penalty (in the loss or the reward) the gradient is not zero: the warning says what moves
+    watch = NoSignalWatch(patience=1, regularizers=("the KL penalty", "the entropy bonus"))
+    warning = watch.update(1, 0.0, 0.0)
+    assert "only the KL penalty and the entropy bonus can" in warning and "gradient are zero" not in warning
 
 
 def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys):
@@ -237,3 +242,67 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning_until_the_last(
     else:
         assert code == 1 and saved == ["step-000001", "step-000002"]
         assert "error: the final checkpoint of step 3 not written" in err
+
+
+def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
+    tmp_path, capsys, monkeypatch
+):
+    """SIGUSR1 (Slurm's --signal=USR1@600) or SIGTERM during step 2 of 4 with checkpoints every 100
+    steps: the run finishes step 2, checkpoints it and exits 128 + the signal (it was killed with
+    everything since the last checkpoint lost); the same command then resumes at step 3."""
+    import os
+    import signal
+
+    real = train.collect_rollouts
+
+    def signalled_at_step_2(engine, env, tokenizer, step, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(engine, env, tokenizer, step, cfg)
+
+    monkeypatch.setattr(train, "collect_rollouts", signalled_at_step_2)
+    dump = tmp_path / "run"
+    args = [
+        "--config",
+        SMOKE,
+        f"--job.dump_folder={dump}",
+        "--training.steps=4",
+        "--rollout.prompts_per_step=2",
+    ]
+    args += ["--checkpoint.enable=true", "--checkpoint.interval=100"]
+    assert train.main(args) == 128 + signal.SIGUSR1
+    out = capsys.readouterr().out
+    assert f"stopped after step 2 on SIGUSR1: checkpoint {dump / 'checkpoint/step-000002'} saved" in out
+    assert [row["step"] for row in read_metrics(dump / "metrics.jsonl")] == [1, 2]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is the run's only
+    monkeypatch.setattr(train, "collect_rollouts", real)
+    assert train.main(args) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert [row["step"] for row in read_metrics(dump / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_restart_logs_on_into_the_same_wandb_run_a_branch_into_a_new_one(tmp_path, monkeypatch):
+    """Each restart of a preempted job started another wandb run, splitting its curves."""
+    import sys
+    import types
+
+    inits = []
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return types.SimpleNamespace(id=kwargs.get("id", f"run{len(inits)}"), log=lambda data, step: None)
+
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")  # wandb itself is an optional dependency, not installed here
+    fake.__spec__, fake.init = importlib.machinery.ModuleSpec("wandb", None), init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    dump = tmp_path / "run"
+    args = ["--config", SMOKE, f"--job.dump_folder={dump}", "--rollout.prompts_per_step=2"]
+    args += ["--metrics.enable_wandb=true", "--checkpoint.enable=true", "--checkpoint.interval=1"]
+    assert train.main([*args, "--training.steps=1"]) == 0
+    assert train.main([*args, "--training.steps=2"]) == 0  # a restart in its folder
+    branch = f"--checkpoint.load_path={dump / 'checkpoint/step-000001'}"
+    assert train.main([*args, "--training.steps=2", branch]) == 0
+    assert [(i.get("id"), i.get("resume")) for i in inits] == [(None, None), ("run1", "allow"), (None, None)]
+    assert (dump / "wandb_run_id").read_text() == "run3\n"

@@ -67,6 +67,9 @@ class AgentLoopConfig:
     """Longer tool results (and error texts) are truncated before they are tokenized."""
     max_concurrent_tools: int = 16
     """Tool calls running at once across all episodes."""
+    max_stranded_calls: int = 256
+    """Abandoned tool / reward calls (past their time limit) still running, a thread each, past which
+    new calls fail at once instead of starting more threads."""
     system_style: str = "minimal"
     """How the conversation's system and developer messages render (``harmony.render_conversation``):
     minimal, or gpt-oss for the released models."""
@@ -161,9 +164,43 @@ class _ToolThread(threading.Thread):
                     self.slots.release()
 
 
+_stranded: list[_ToolThread] = []  # calls abandoned at their time limit that have not returned yet
+_stranded_lock = threading.Lock()
+
+
+def _strand(thread: _ToolThread) -> None:
+    with _stranded_lock:
+        _stranded.append(thread)
+
+
+def stranded_calls() -> int:
+    """Tool and reward calls abandoned at their time limit and still running (a thread each: Python
+    cannot stop a thread, so a tool that never returns keeps one for the process's life)."""
+    with _stranded_lock:
+        _stranded[:] = [t for t in _stranded if t.is_alive()]
+        return len(_stranded)
+
+
+def _too_many_stranded(limit: int, what: str) -> str | None:
+    """The error for calls not started because ``limit`` stranded calls are still running, or None."""
+    stranded = stranded_calls()
+    if stranded < limit:
+        return None
+    warnings.warn(
+        f"{stranded} tool / reward calls are still running past their time limit (the most kept is "
+        f"{limit}): {what} not run until some return; a tool or reward that never returns needs fixing",
+        stacklevel=3,
+    )
+    return f"{stranded} earlier calls are still running past their time limit"
+
+
 def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoopConfig) -> list[ToolOutcome]:
     """Run ``(name, zero-argument call)`` pairs concurrently; each is limited to ``tool_timeout_s`` from
-    the moment it starts. Raises, hangs, non-text and huge results all become an outcome."""
+    the moment it starts. Raises, hangs, non-text and huge results all become an outcome. With
+    ``max_stranded_calls`` abandoned calls still running, none starts (each gets an error)."""
+    busy = _too_many_stranded(config.max_stranded_calls, "tool calls") if calls else None
+    if busy is not None:
+        return [ToolOutcome(f"Error: {name} not run: {busy}", False) for name, _ in calls]
     slots = threading.Semaphore(config.max_concurrent_tools)
     threads = [_ToolThread(call, slots) for _, call in calls]
     for thread in threads:
@@ -179,6 +216,7 @@ def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoop
                 if thread.started is not None and now - thread.started > config.tool_timeout_s:
                     thread.abandoned = True
                     slots.release()
+                    _strand(thread)
                     continue
             still.append(thread)
         pending = still
@@ -334,7 +372,13 @@ def run_episodes(
     rewards = computed_once(
         [e.number for e in episodes],
         lambda mine: [
-            safe_reward(env.reward, episodes[i].transcript, timeout_s=config.reward_timeout_s) for i in mine
+            safe_reward(
+                env.reward,
+                episodes[i].transcript,
+                timeout_s=config.reward_timeout_s,
+                max_stranded=config.max_stranded_calls,
+            )
+            for i in mine
         ],
     )
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
@@ -355,19 +399,26 @@ def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
     )
 
 
-def safe_reward(reward: Callable[..., float], *args: Any, timeout_s: float = 0.0) -> tuple[float, bool]:
+def safe_reward(
+    reward: Callable[..., float], *args: Any, timeout_s: float = 0.0, max_stranded: int = 256
+) -> tuple[float, bool]:
     """``reward(*args)``, or 0 and ``True`` (counted as a reward error, with a warning) when it raises
     (``SystemExit`` too), returns a value that is not a finite number (a NaN would make its whole
     group's advantages NaN and the step be skipped as the model's fault), or runs longer than
-    ``timeout_s`` (> 0: the call runs on a thread of its own, abandoned past the limit; 0: on this
-    thread, unlimited, for reward code that needs the main thread, such as ``signal.alarm``)."""
+    ``timeout_s`` (> 0: the call runs on a thread of its own, abandoned past the limit, and not at all
+    while ``max_stranded`` abandoned calls still run; 0: on this thread, unlimited, for reward code
+    that needs the main thread, such as ``signal.alarm``)."""
     if timeout_s > 0:
+        busy = _too_many_stranded(max_stranded, "reward calls")
+        if busy is not None:
+            return 0.0, True
         thread = _ToolThread(lambda: reward(*args), threading.Semaphore(1))
         thread.start()
         thread.join(timeout_s)
         with thread.lock:
             if not thread.finished:
                 thread.abandoned = True
+                _strand(thread)
                 warnings.warn(
                     f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
                 )

@@ -212,6 +212,36 @@ def test_hung_tools_cannot_starve_the_concurrency_cap():
     assert [o.text for o in outcomes[3:]] == ["ok", "ok"]
 
 
+def test_calls_that_never_return_are_capped_not_piled_up():
+    """Each abandoned call keeps a thread (Python cannot stop one): a tool that never returns left a
+    thread per call, every step, until the process could start no more. Past max_stranded_calls new
+    calls fail at once (tools and rewards alike) and run again once the stranded ones return."""
+    from titan_rl.rl.agent_loop import safe_reward, stranded_calls
+
+    release = threading.Event()
+    config = AgentLoopConfig(tool_timeout_s=0.1, max_stranded_calls=stranded_calls() + 2)
+    try:
+        outcomes = run_tool_calls([("hang", lambda: release.wait(30) and "late")] * 2, config)
+        assert [o.timed_out for o in outcomes] == [True, True]
+        with pytest.warns(UserWarning, match="still running past their time limit"):
+            outcomes = run_tool_calls([("quick", lambda: "ok")], config)
+        assert (
+            outcomes[0].text
+            == "Error: quick not run: 2 earlier calls are still running past their time limit"
+        )
+        with pytest.warns(UserWarning, match="reward calls not run"):
+            assert safe_reward(lambda: 1.0, timeout_s=5.0, max_stranded=config.max_stranded_calls) == (
+                0.0,
+                True,
+            )
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while stranded_calls() >= config.max_stranded_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [o.text for o in run_tool_calls([("quick", lambda: "ok")], config)] == ["ok"]
+
+
 class RecordingEngine:
     """Passes every call to the real engine and keeps what went in and came out."""
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from titan_rl.rl.losses import (
+    WHOLE,
     LossConfig,
+    SequenceShards,
     aggregate,
     gspo_token_loss,
     kl_estimate,
@@ -600,3 +603,91 @@ def test_off_policy_inputs_reach_every_branch():
     assert (w > C).any() and (w < 1 / C).any() and ((w >= 1 / C) & (w <= C)).any()
     w_seq = torch.zeros(num_seqs).index_add(0, seq_ids[mask], log_w[mask]).exp()
     assert (w_seq > C).any() and ((w_seq >= 1 / C) & (w_seq <= C)).any()
+
+
+# ---------------------------------------------------------------- context-parallel shards
+
+
+class TwoShardSum:
+    """An in-process all-reduce of two threads: each calls ``sum`` with its per-sequence tensor at
+    the same point of the same computation and gets both added (what the cp group's sum does)."""
+
+    def __init__(self) -> None:
+        self.barrier, self.slots = threading.Barrier(2, timeout=30), [None, None]
+
+    def for_shard(self, k: int):
+        def total(per_seq: torch.Tensor) -> torch.Tensor:
+            self.slots[k] = per_seq.detach().clone()
+            self.barrier.wait()
+            both = self.slots[0] + self.slots[1]
+            self.barrier.wait()  # both read before either writes its next value
+            return both
+
+        return total
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(aggregation="token-mean"),
+        dict(aggregation="seq-mean-token-mean"),
+        dict(aggregation="seq-mean-token-sum-norm", norm_constant=8.0),
+        dict(policy_loss="gspo", aggregation="seq-mean-token-mean"),
+        dict(correction="mis", correction_level="sequence", correction_threshold=1.3),
+        dict(
+            correction="tis",
+            correction_level="sequence",
+            correction_threshold=1.1,
+            aggregation="seq-mean-token-mean",
+        ),
+        dict(kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean"),
+    ],
+    ids=lambda o: "-".join(f"{v}" for v in o.values()),
+)
+def test_two_sequence_shards_add_up_to_the_whole_sequences(overrides):
+    """Context parallelism without processes: each sequence's tokens split between two shards (every
+    other token, so both hold a part of every sequence), each shard's loss computed with a
+    SequenceShards(2) whose sum adds the other's per-sequence values. The two losses and their
+    gradients must add up to one call on whole sequences (a sequence-level term computed per shard,
+    or divided by the shard count twice, breaks it)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    lengths = torch.tensor([5, 8, 3, 6])
+    seq_ids = torch.repeat_interleave(torch.arange(4), lengths)
+    n = seq_ids.numel()
+    logprobs = (-torch.rand(n, generator=gen) * 2).requires_grad_(True)
+    old = (logprobs.detach() + 0.1 * torch.randn(n, generator=gen)).detach()
+    rollout = old + 0.2 * torch.randn(n, generator=gen)
+    advantages = torch.randn(4, generator=gen)[seq_ids]
+    mask = (torch.rand(n, generator=gen) > 0.2).float()
+    entropy = torch.rand(n, generator=gen).requires_grad_(True)
+    ref = old - 0.3 * torch.rand(n, generator=gen)
+    cfg = LossConfig(**overrides)
+    counts = dict(global_tokens=float(mask.sum()), global_seqs=4.0)
+
+    def loss_of(i, shards=WHOLE):
+        return rl_loss(
+            logprobs[i], old[i], rollout[i], advantages[i], mask[i], seq_ids[i], 4, cfg,
+            entropy=entropy[i], ref_logprobs=ref[i], shards=shards, **counts,
+        )[0]  # fmt: skip
+
+    def grads_of(loss):  # (the entropy's is None without an entropy bonus)
+        found = torch.autograd.grad(loss, (logprobs, entropy), allow_unused=True)
+        return [torch.zeros(n) if g is None else g for g in found]
+
+    whole = loss_of(torch.arange(n))
+    grads = grads_of(whole)
+    exchange, parts = TwoShardSum(), [None, None]
+    halves = [torch.arange(k, n, 2) for k in (0, 1)]
+
+    def shard(k):
+        parts[k] = loss_of(halves[k], SequenceShards(2, exchange.for_shard(k)))
+
+    threads = [threading.Thread(target=shard, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+    for got, want in zip(grads_of(parts[0] + parts[1]), grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
