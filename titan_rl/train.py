@@ -234,7 +234,7 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
         dump,
         cfg.metrics.log_freq,
         rank=rank,
-        wandb_run=start_wandb(cfg, dump, resumed=resume is not None) if rank == 0 else None,
+        wandb_run=start_wandb(cfg) if rank == 0 else None,
     )
 
     start_step = 0
@@ -387,29 +387,16 @@ def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console:
     trainer.reset_reference()  # the KL reference is the policy RL starts from
 
 
-WANDB_RUN_ID = "wandb_run_id"  # in the dump folder: a restart logs on into the same wandb run
-
-
-def start_wandb(cfg: JobConfig, dump: Path, resumed: bool = False):
-    """The wandb run (metrics.enable_wandb), or None. A run resumed in its own folder (a restart after
-    a crash or preemption, no checkpoint.load_path) continues the wandb run the folder's first start
-    made; a fresh start or a branch (load_path: its steps go back) starts a new one."""
+def start_wandb(cfg: JobConfig):
     if not cfg.metrics.enable_wandb:
         return None
     try:
         import wandb
     except ImportError:
         raise ConfigError("metrics.enable_wandb = true needs wandb: pip install -e '.[wandb]'") from None
-    id_file = dump / WANDB_RUN_ID
-    kwargs = {}
-    if resumed and not cfg.checkpoint.load_path and id_file.is_file():
-        kwargs = {"id": id_file.read_text().strip(), "resume": "allow"}
-    run = wandb.init(
-        project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg), **kwargs
+    return wandb.init(
+        project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode, config=config_to_dict(cfg)
     )
-    if run is not None and getattr(run, "id", None):
-        id_file.write_text(f"{run.id}\n")
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,30 +279,3 @@ def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
     assert train.main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert [row["step"] for row in read_metrics(dump / "metrics.jsonl")] == [1, 2, 3, 4]
-
-
-def test_a_restart_logs_on_into_the_same_wandb_run_a_branch_into_a_new_one(tmp_path, monkeypatch):
-    """Each restart of a preempted job started another wandb run, splitting its curves."""
-    import sys
-    import types
-
-    inits = []
-
-    def init(**kwargs):
-        inits.append(kwargs)
-        return types.SimpleNamespace(id=kwargs.get("id", f"run{len(inits)}"), log=lambda data, step: None)
-
-    import importlib.machinery
-
-    fake = types.ModuleType("wandb")  # wandb itself is an optional dependency, not installed here
-    fake.__spec__, fake.init = importlib.machinery.ModuleSpec("wandb", None), init
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    dump = tmp_path / "run"
-    args = ["--config", SMOKE, f"--job.dump_folder={dump}", "--rollout.prompts_per_step=2"]
-    args += ["--metrics.enable_wandb=true", "--checkpoint.enable=true", "--checkpoint.interval=1"]
-    assert train.main([*args, "--training.steps=1"]) == 0
-    assert train.main([*args, "--training.steps=2"]) == 0  # a restart in its folder
-    branch = f"--checkpoint.load_path={dump / 'checkpoint/step-000001'}"
-    assert train.main([*args, "--training.steps=2", branch]) == 0
-    assert [(i.get("id"), i.get("resume")) for i in inits] == [(None, None), ("run1", "allow"), (None, None)]
-    assert (dump / "wandb_run_id").read_text() == "run3\n"
