@@ -8,6 +8,8 @@ the training arguments keeps torchrun's full report.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 
@@ -26,8 +28,36 @@ def describe_exit(exitcode: int) -> str:
     return f"exited with code {exitcode}"
 
 
+def _children() -> list[int]:
+    """This process's child processes (torchrun's ranks: it runs them as subprocesses), from /proc."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            except OSError:
+                continue
+            if int(fields[1]) == me:
+                found.append(int(entry))
+    return found
+
+
+def _forward_stop(signum: int, frame: object) -> None:
+    """A scheduler's SIGUSR1 to the launcher reaches the ranks (torchrun forwards only SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT, and SIGUSR1's default would kill the launcher and orphan the ranks)."""
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+STOPPED = 128 + signal.SIGUSR1  # a rank's exit code after a SIGUSR1 stop (titan_rl.stop): checkpointed
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.path.isdir("/proc"):
+        signal.signal(signal.SIGUSR1, _forward_stop)
     if "--debug" in argv:
         from torch.distributed.run import main as torchrun
 
@@ -37,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped too
         name = signal.Signals(e.sigval).name
-        after = "the ranks were stopped"
-        if e.sigval != signal.SIGINT:  # titan_rl.stop: they end the step and checkpoint it first
-            after = "the ranks stopped after their step (their last line says whether it was saved)"
-        print(f"interrupted ({name}); {after}", file=sys.stderr)
+        print(f"interrupted ({name}); the ranks were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
+        if all(failure.exitcode == STOPPED for failure in e.failures.values()):
+            print("stopped on SIGUSR1 after a step (its checkpoint is named above)", file=sys.stderr)
+            return STOPPED
         first_rank, first = e.get_first_failure()
         others = sorted(set(e.failures) - {first_rank})
         print(

@@ -1,11 +1,12 @@
-"""Stopping a run cleanly on a scheduler's signal: finish the step, checkpoint, exit.
+"""Stopping a run cleanly on a scheduler's notice: finish the step, checkpoint, exit.
 
-A cluster scheduler preempting a job, or reaching its time limit, sends SIGTERM (torchrun forwards
-it to the ranks and kills them some 30 s later), and Slurm can send SIGUSR1 earlier
-(``--signal=USR1@600``). Killing the ranks at once loses every step since the last checkpoint.
-Instead each rank notes the signal; at the end of every step the ranks agree (one all-reduce of a
-flag: a rank that got no signal stops with the others) and the run saves a checkpoint of that
-step and exits with 128 + the signal's number. SIGINT (Ctrl-C) still stops at once.
+Slurm can send SIGUSR1 ahead of a job's time limit or a preemption (``--signal=USR1@600``: ten
+minutes' notice). Each rank notes it; at the end of every step the ranks agree (one all-reduce of
+a flag: a rank that got no signal stops with the others), save a checkpoint of that step and exit
+with 128 + SIGUSR1 (138). ``titan_rl.launch`` (run_train.sh) forwards a SIGUSR1 it receives to the
+ranks. SIGTERM keeps its default: it is also how torchrun stops the surviving ranks when one dies,
+and they must go at once; a scheduler's SIGTERM kills the run (torchrun gives the ranks 30 s, less
+than an RL step and a GPT-OSS checkpoint take). SIGINT (Ctrl-C) stops at once too.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGUSR1,)
 
 
 class StopRequest:
-    """Notes SIGTERM / SIGUSR1 while installed (``with StopRequest() as stop``); the first one wins."""
+    """Notes SIGUSR1 while installed (``with StopRequest() as stop``)."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None

@@ -197,7 +197,7 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
     folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``)."""
     lock = claim_run_folder(Path(cfg.job.dump_folder), shared=cfg.checkpoint.enable)
     try:
-        with StopRequest() as stop:  # SIGTERM / SIGUSR1: end the step, checkpoint, exit
+        with StopRequest() as stop:  # SIGUSR1: end the step, checkpoint, exit
             return _run(cfg, dims, console, stop)
     finally:
         if lock is not None:
@@ -333,7 +333,7 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
                 file=sys.stderr,
             )
             return 1
-        stop_on = stop.agreed(trainer.device)  # a scheduler's SIGTERM / SIGUSR1 on any rank
+        stop_on = stop.agreed(trainer.device)  # a scheduler's SIGUSR1 on any rank
         if manager.enable and (manager.should_save(step) or step == cfg.training.steps or stop_on):
             # environments pick their tasks from (seed, step): the sampler's RNG is the only cursor
             engine_rng = engine.rng_state()
