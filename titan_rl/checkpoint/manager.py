@@ -265,7 +265,9 @@ class CheckpointManager:
     def _prune(self) -> None:
         for stale in self.folder.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        complete = self.checkpoints()
+        # a damaged one (latest() skips it) must not count among the kept: with keep_last = 1 a damaged
+        # step-4 would delete every new checkpoint below it (step 4's save replaces it)
+        complete = [folder for folder in self.checkpoints() if damage(folder) is None]
         if self.keep_last > 0:
             for old in complete[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

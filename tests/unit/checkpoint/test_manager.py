@@ -118,6 +118,12 @@ def test_a_damaged_newest_checkpoint_resumes_the_one_before(tmp_path, damaged):
     resumed, optimizer2, scheduler2 = make_training(1)
     with pytest.warns(UserWarning, match="skipping"):
         assert manager.load(resumed, optimizer2, scheduler2) == (2, {"cursor": 20})
+    # the resumed run's next checkpoints are kept, not pruned as older than the damaged one
+    manager.keep_last = 1
+    manager.save(3, resumed, optimizer2, scheduler2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
+    with pytest.warns(UserWarning, match="skipping"):
+        assert manager.latest() == tmp_path / "step-000003"
 
 
 def test_training_checkpoint_converts_to_hf(tmp_path):
