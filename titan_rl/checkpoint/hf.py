@@ -418,7 +418,7 @@ def save_hf_model(
     ``mxfp4`` stores the expert weights as MXFP4 blocks/scales (as released); everything else is
     ``dtype``. With FSDP every rank must call this (tensors are gathered one at a time).
     """
-    folder = Path(path)
+    folder = Path(path).resolve()  # "." or a symlink: the real folder, whose parent gets the partial one
     source_dir = Path(source) if source is not None else None
     if source_dir is not None and not source_dir.is_dir():
         raise CheckpointError(f"--source folder {source_dir} does not exist")
@@ -426,28 +426,71 @@ def save_hf_model(
     plan = _plan_shards(groups, max_shard_bytes)
     writer = this_rank() == 0
     # written beside the folder and swapped in when complete: a failure part-way (memory, disk)
-    # leaves an existing folder as it was, never half old shards and half new
-    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    # leaves an existing folder as it was, never half old shards and half new. Where a swap cannot
+    # work (see _swappable) the folder is written in place, its old shards removed first.
+    swap = _swappable(folder)
+    target = folder.parent / f".{folder.name}.partial-{os.getpid()}" if swap else folder
     if writer:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        _remove_stale_partials(folder)
+        if swap:
+            shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True, exist_ok=not swap)
+        if not swap:
+            for old in [*folder.glob("model-*-of-*.safetensors"), folder / SINGLE_FILE, folder / INDEX_FILE]:
+                old.unlink(missing_ok=True)  # shards of an earlier save would confuse loaders
     try:
-        weight_map, total = _write_shards(groups, plan, partial if writer else None, progress)
+        weight_map, total = _write_shards(groups, plan, target if writer else None, progress)
         if writer:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = _hf_config(model, mxfp4, dtype, source_dir)
-            (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (target / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             if source_dir is not None:
                 for name in TOKENIZER_FILES:
-                    if (source_dir / name).is_file():
-                        shutil.copy2(source_dir / name, partial / name)
+                    if (source_dir / name).is_file() and (source_dir / name).resolve() != (
+                        target / name
+                    ).resolve():
+                        shutil.copy2(source_dir / name, target / name)
+            if swap:
+                _swap_in(target, folder)
     except BaseException:
-        if writer:
-            shutil.rmtree(partial, ignore_errors=True)
+        if writer and swap:
+            shutil.rmtree(target, ignore_errors=True)
         raise
-    if writer:
-        _swap_in(partial, folder)
+
+
+def _swappable(folder: Path) -> bool:
+    """Whether a complete new folder can be written beside ``folder`` and renamed over it: its parent
+    is writable, and an existing ``folder`` is on the parent's file system, not a mount point (a
+    container volume) and does not hold the working directory."""
+    parent = folder.parent
+    if not os.access(parent, os.W_OK) or folder == parent:
+        return False
+    if folder.exists():
+        cwd = Path.cwd().resolve()
+        if os.path.ismount(folder) or folder.stat().st_dev != parent.stat().st_dev:
+            return False
+        if cwd == folder or folder in cwd.parents:
+            return False
+    return True
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Partial folders of saves into ``folder`` whose process is gone (killed mid-save)."""
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_shards(

@@ -200,3 +200,36 @@ def test_writing_over_a_folder_is_all_or_nothing(tmp_path, monkeypatch):
     for (name, a), b in zip(second.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a.to(torch.bfloat16), b.to(torch.bfloat16)), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_saving_into_the_working_directory_writes_in_place_and_stale_partials_go(tmp_path, monkeypatch):
+    """ "." cannot be renamed over (the swap moved the directory's files into a partial folder and then
+    failed); it is written in place, as a folder on another file system or a mount point is. A
+    partial folder left by a killed save (its pid gone) is removed by the next save."""
+    model = tiny_model(seed=3)
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    dead = subprocess_pid_that_exited()
+    stale = tmp_path / f".work.partial-{dead}"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    monkeypatch.chdir(here)
+    save_hf_model(model, ".", max_shard_bytes=1_000_000)
+    assert Path.cwd() == here  # still there (a swap would leave the process in the removed old folder)
+    assert sorted(p.name for p in here.iterdir()) == sorted(
+        ["notes.txt", "config.json", "model-00001-of-00001.safetensors", INDEX_FILE]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # the stale partial folder went
+    reloaded = load_hf_model(here)
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b.to(torch.bfloat16)), name
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
