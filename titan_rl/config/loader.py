@@ -249,6 +249,13 @@ def config_warnings(config: JobConfig) -> list[str]:
             "rollout.engine = 'vllm' with top_k = 1 runs as vLLM temperature 0, whose log-probs are "
             f"untempered; the trainer's use rollout.temperature = {r.temperature}"
         )
+    timeout, collective = config.env.reward_timeout_s, config.parallelism.collective_timeout_s
+    if timeout >= collective:
+        out.append(
+            f"env.reward_timeout_s = {timeout:g} s >= parallelism.collective_timeout_s = {collective:g} s: "
+            "with several processes a reward that hangs on one rank makes the others' wait for its share "
+            "fail the run; keep the reward limit well below the collective one"
+        )
     return out
 
 

@@ -16,6 +16,7 @@ episode's tool calls and reward run on one rank and their results are shared
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -194,15 +195,25 @@ def _too_many_stranded(limit: int, what: str) -> str | None:
     return f"{stranded} earlier calls are still running past their time limit"
 
 
-def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoopConfig) -> list[ToolOutcome]:
-    """Run ``(name, zero-argument call)`` pairs concurrently; each is limited to ``tool_timeout_s`` from
-    the moment it starts. Raises, hangs, non-text and huge results all become an outcome. With
-    ``max_stranded_calls`` abandoned calls still running, none starts (each gets an error)."""
-    busy = _too_many_stranded(config.max_stranded_calls, "tool calls") if calls else None
-    if busy is not None:
-        return [ToolOutcome(f"Error: {name} not run: {busy}", False) for name, _ in calls]
-    slots = threading.Semaphore(config.max_concurrent_tools)
-    threads = [_ToolThread(call, slots) for _, call in calls]
+def _on_callers_device(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` for another thread, on the caller's current CUDA device (it is per thread: a new
+    thread starts on cuda:0, and a reward model or tool of rank k would run on GPU 0)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return call
+    device = torch.cuda.current_device()
+
+    def on_device() -> Any:
+        torch.cuda.set_device(device)
+        return call()
+
+    return on_device
+
+
+def _run_calls(calls: list[Callable[[], Any]], timeout_s: float, concurrency: int) -> list[_ToolThread]:
+    """Run zero-argument ``calls`` concurrently (at most ``concurrency`` at once), each limited to
+    ``timeout_s`` from the moment it starts; returns their finished or abandoned threads."""
+    slots = threading.Semaphore(concurrency)
+    threads = [_ToolThread(_on_callers_device(call), slots) for call in calls]
     for thread in threads:
         thread.start()
     pending = list(threads)
@@ -213,13 +224,24 @@ def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoop
             with thread.lock:
                 if thread.finished:
                     continue
-                if thread.started is not None and now - thread.started > config.tool_timeout_s:
+                if thread.started is not None and now - thread.started > timeout_s:
                     thread.abandoned = True
                     slots.release()
                     _strand(thread)
                     continue
             still.append(thread)
         pending = still
+    return threads
+
+
+def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoopConfig) -> list[ToolOutcome]:
+    """Run ``(name, zero-argument call)`` pairs concurrently; each is limited to ``tool_timeout_s`` from
+    the moment it starts. Raises, hangs, non-text and huge results all become an outcome. With
+    ``max_stranded_calls`` abandoned calls still running, none starts (each gets an error)."""
+    busy = _too_many_stranded(config.max_stranded_calls, "tool calls") if calls else None
+    if busy is not None:
+        return [ToolOutcome(f"Error: {name} not run: {busy}", False) for name, _ in calls]
+    threads = _run_calls([call for _, call in calls], config.tool_timeout_s, config.max_concurrent_tools)
     limit, outcomes = config.max_tool_result_chars, []
     for (name, _), thread in zip(calls, threads):
         if thread.abandoned:
@@ -371,15 +393,12 @@ def run_episodes(
         step_episodes(env, tokenizer, active, completions, config)
     rewards = computed_once(
         [e.number for e in episodes],
-        lambda mine: [
-            safe_reward(
-                env.reward,
-                episodes[i].transcript,
-                timeout_s=config.reward_timeout_s,
-                max_stranded=config.max_stranded_calls,
-            )
-            for i in mine
-        ],
+        lambda mine: safe_rewards(
+            [functools.partial(env.reward, episodes[i].transcript) for i in mine],
+            config.reward_timeout_s,
+            config.max_stranded_calls,
+            config.max_concurrent_tools,
+        ),
     )
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
     stats = episode_stats(episodes, trajectories)
@@ -402,47 +421,69 @@ def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
 def safe_reward(
     reward: Callable[..., float], *args: Any, timeout_s: float = 0.0, max_stranded: int = 256
 ) -> tuple[float, bool]:
-    """``reward(*args)``, or 0 and ``True`` (counted as a reward error, with a warning) when it raises
-    (``SystemExit`` too), returns a value that is not a finite number (a NaN would make its whole
-    group's advantages NaN and the step be skipped as the model's fault), or runs longer than
-    ``timeout_s`` (> 0: the call runs on a thread of its own, abandoned past the limit, and not at all
-    while ``max_stranded`` abandoned calls still run; 0: on this thread, unlimited, for reward code
-    that needs the main thread, such as ``signal.alarm``)."""
-    if timeout_s > 0:
-        busy = _too_many_stranded(max_stranded, "reward calls")
-        if busy is not None:
-            return 0.0, True
-        thread = _ToolThread(lambda: reward(*args), threading.Semaphore(1))
-        thread.start()
-        thread.join(timeout_s)
-        with thread.lock:
-            if not thread.finished:
-                thread.abandoned = True
-                _strand(thread)
-                warnings.warn(
-                    f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
-                )
-                return 0.0, True
-        value, error = thread.value, thread.error
-    else:
-        value, error = None, None
-        try:
-            value = reward(*args)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # a buggy reward function must not end the run
-            error = e
+    """``safe_rewards`` of the one call ``reward(*args)``."""
+    return safe_rewards([lambda: reward(*args)], timeout_s, max_stranded)[0]
+
+
+def safe_rewards(
+    calls: list[Callable[[], Any]], timeout_s: float = 0.0, max_stranded: int = 256, concurrency: int = 16
+) -> list[tuple[float, bool]]:
+    """Each zero-argument reward call's value, or 0 and ``True`` (counted as a reward error, with a
+    warning) when it raises (``SystemExit`` too), returns a value that is not a finite number (a NaN
+    would make its whole group's advantages NaN and the step be skipped as the model's fault), or
+    runs longer than ``timeout_s``.
+
+    ``timeout_s > 0``: the calls run on threads, ``concurrency`` at once, each limited from its own
+    start (so a hung judge service costs one time limit per ``concurrency`` calls, not one per call:
+    the other ranks wait for this one's share), none while ``max_stranded`` abandoned calls still run;
+    a call that raises "signal only works in main thread" (a ``signal.alarm`` time limit in the reward
+    code) is rerun on this thread, unlimited, with a warning. ``0``: one after another on this
+    thread, unlimited."""
+    if timeout_s <= 0:
+        return [_reward_score(*_call_here(call)) for call in calls]
+    if calls and _too_many_stranded(max_stranded, "reward calls") is not None:
+        return [(0.0, True)] * len(calls)
+    scores = []
+    for call, thread in zip(calls, _run_calls(calls, timeout_s, concurrency)):
+        if thread.abandoned:
+            warnings.warn(
+                f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
+            )
+            scores.append((0.0, True))
+        elif isinstance(thread.error, ValueError) and "main thread" in str(thread.error):
+            warnings.warn(
+                f"the reward function needs the main thread ({thread.error}): run there, without "
+                "env.reward_timeout_s (set it to 0 to say so)",
+                stacklevel=2,
+            )
+            scores.append(_reward_score(*_call_here(call)))
+        else:
+            scores.append(_reward_score(thread.value, thread.error))
+    return scores
+
+
+def _call_here(call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``call()`` on this thread: its value, or the exception it raised (not KeyboardInterrupt)."""
+    try:
+        return call(), None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a buggy reward function must not end the run
+        return None, e
+
+
+def _reward_score(value: Any, error: BaseException | None) -> tuple[float, bool]:
     if isinstance(error, KeyboardInterrupt):
         raise error
     if error is not None:
-        warnings.warn(f"reward function raised {type(error).__name__}: {error}; reward 0", stacklevel=2)
+        warnings.warn(f"reward function raised {type(error).__name__}: {error}; reward 0", stacklevel=3)
         return 0.0, True
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
-        warnings.warn(f"reward function returned {value!r}, not a finite number; reward 0", stacklevel=2)
+        warnings.warn(f"reward function returned {value!r}, not a finite number; reward 0", stacklevel=3)
         return 0.0, True
     return number, False
 

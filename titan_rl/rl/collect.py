@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
 from titan_rl.config import ConfigError, JobConfig
-from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes, safe_reward
+from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes, safe_rewards
 from titan_rl.rl.envs import (
     AgentEnvironment,
     Environment,
@@ -119,10 +120,10 @@ def collect_rollouts(
     completions = engine.generate(repeated, sampling_params(cfg))
     rewards = computed_once(  # each on one rank, shared: a reward that samples cannot split the ranks
         list(range(len(repeated))),
-        lambda mine: [
-            safe_reward(env.reward, repeated[i], completions[i].tokens, timeout_s=cfg.env.reward_timeout_s)
-            for i in mine
-        ],
+        lambda mine: safe_rewards(
+            [functools.partial(env.reward, repeated[i], completions[i].tokens) for i in mine],
+            cfg.env.reward_timeout_s,
+        ),
     )
     trajectories = [
         Trajectory(

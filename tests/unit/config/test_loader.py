@@ -106,6 +106,8 @@ def test_dr_grpo_without_its_aggregation_is_warned_about():
     from titan_rl.config.loader import config_warnings
 
     assert config_warnings(load_config(None, [])) == []
+    (slow,) = config_warnings(load_config(None, ["--env.reward_timeout_s=900"]))
+    assert "env.reward_timeout_s = 900 s >= parallelism.collective_timeout_s = 600 s" in slow
     half = config_warnings(load_config(None, ["--rl.advantage=dr_grpo"]))
     assert len(half) == 1 and "seq-mean-token-sum-norm" in half[0]
     whole = ["--rl.advantage=dr_grpo", "--rl.aggregation=seq-mean-token-sum-norm"]

@@ -218,8 +218,12 @@ def test_calls_that_never_return_are_capped_not_piled_up():
     calls fail at once (tools and rewards alike) and run again once the stranded ones return."""
     from titan_rl.rl.agent_loop import safe_reward, stranded_calls
 
+    deadline = time.monotonic() + 10
+    while stranded_calls() and time.monotonic() < deadline:  # earlier tests' released calls ending
+        time.sleep(0.01)
+    assert stranded_calls() == 0
     release = threading.Event()
-    config = AgentLoopConfig(tool_timeout_s=0.1, max_stranded_calls=stranded_calls() + 2)
+    config = AgentLoopConfig(tool_timeout_s=0.1, max_stranded_calls=2)
     try:
         outcomes = run_tool_calls([("hang", lambda: release.wait(30) and "late")] * 2, config)
         assert [o.timed_out for o in outcomes] == [True, True]
