@@ -71,10 +71,18 @@ def claim_run_folder(folder: Path, shared: bool) -> IO | None:
     if rank == 0:
         try:
             handle = lock_run_folder(folder)
+            if handle is None:
+                print(
+                    f"warning: {folder} cannot be locked on this file system: nothing stops a second "
+                    "run there",
+                    flush=True,
+                )
             if shared and distributed:
                 probe.write_text(token)
         except RunFolderError as e:
             problem = str(e)
+        except OSError as e:  # (not creatable, not writable, full): every rank stops with it
+            problem = f"cannot use job.dump_folder {folder}: {e}"
     if not distributed:
         if problem:
             raise RunFolderError(problem)

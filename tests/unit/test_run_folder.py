@@ -32,3 +32,10 @@ def test_a_run_in_a_folder_another_run_holds_stops_before_writing(tmp_path, caps
     assert "is in use by another run" in capsys.readouterr().err
     assert sorted(p.name for p in dump.iterdir()) == [".lock"]  # no config.toml, no metrics
     assert train.main(args) == 0  # released: the same command runs
+
+
+def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunFolderError, match=f"cannot use job.dump_folder {blocker / 'run'}"):
+        claim_run_folder(blocker / "run", shared=True)
