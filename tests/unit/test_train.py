@@ -47,6 +47,17 @@ class ProtocolOnlyEngine:
         self.inner.set_rng_state(state["native"])
 
 
+def smoke_args(dump: Path, steps: int) -> list[str]:
+    """The smoke config's small run into ``dump``."""
+    return [
+        "--config",
+        SMOKE,
+        f"--job.dump_folder={dump}",
+        f"--training.steps={steps}",
+        "--rollout.prompts_per_step=2",
+    ]
+
+
 @pytest.fixture
 def engines(monkeypatch) -> list[ProtocolOnlyEngine]:
     """Every engine train.py builds from now on is a ProtocolOnlyEngine; the list holds them."""
@@ -224,13 +235,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning_until_the_last(
 
     monkeypatch.setattr(manager, "_dcp", full_disk)
     dump = tmp_path / "run"
-    args = [
-        "--config",
-        SMOKE,
-        f"--job.dump_folder={dump}",
-        "--training.steps=3",
-        "--rollout.prompts_per_step=2",
-    ]
+    args = smoke_args(dump, steps=3)
     code = train.main([*args, "--checkpoint.enable=true", "--checkpoint.interval=1"])
     out, err = capsys.readouterr()
     saved = sorted(p.name for p in (dump / "checkpoint").iterdir())
@@ -247,9 +252,9 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning_until_the_last(
 def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
     tmp_path, capsys, monkeypatch
 ):
-    """SIGUSR1 (Slurm's --signal=USR1@600) or SIGTERM during step 2 of 4 with checkpoints every 100
-    steps: the run finishes step 2, checkpoints it and exits 128 + the signal (it was killed with
-    everything since the last checkpoint lost); the same command then resumes at step 3."""
+    """SIGUSR1 (Slurm's --signal=USR1@600) during step 2 of 4 with checkpoints every 100 steps: the
+    run finishes step 2, checkpoints it and exits 138 (it was killed with everything since the last
+    checkpoint lost); the same command then resumes at step 3."""
     import os
     import signal
 
@@ -262,13 +267,7 @@ def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
 
     monkeypatch.setattr(train, "collect_rollouts", signalled_at_step_2)
     dump = tmp_path / "run"
-    args = [
-        "--config",
-        SMOKE,
-        f"--job.dump_folder={dump}",
-        "--training.steps=4",
-        "--rollout.prompts_per_step=2",
-    ]
+    args = smoke_args(dump, steps=4)
     args += ["--checkpoint.enable=true", "--checkpoint.interval=100"]
     assert train.main(args) == 128 + signal.SIGUSR1
     out = capsys.readouterr().out
