@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({name}); the ranks were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        if all(failure.exitcode == STOPPED for failure in e.failures.values()):
+        # the first rank to stop "fails" the group: torchrun stops the others (SIGTERM, SIGKILL)
+        # while they leave; they had all passed the checkpoint's last barrier
+        first_rank, first = e.get_first_failure()
+        ends = (STOPPED, -signal.SIGTERM, -signal.SIGKILL)
+        if first.exitcode == STOPPED and all(f.exitcode in ends for f in e.failures.values()):
             print("stopped on SIGUSR1 after a step (its checkpoint is named above)", file=sys.stderr)
             return STOPPED
         first_rank, first = e.get_first_failure()

@@ -35,8 +35,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # after a stop, a second notice is ignored while
+            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)  # the rank exits
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:

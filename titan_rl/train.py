@@ -192,13 +192,13 @@ def parallel_dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     return dims
 
 
-def run(cfg: JobConfig, dims: ParallelDims, console: Console) -> int:
+def run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest) -> int:
     """The whole run on this rank (the process group, if any, is already up), holding its dump
-    folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``)."""
+    folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``);
+    ``stop`` notes a SIGUSR1 (end the step, checkpoint, exit)."""
     lock = claim_run_folder(Path(cfg.job.dump_folder), shared=cfg.checkpoint.enable)
     try:
-        with StopRequest() as stop:  # SIGUSR1: end the step, checkpoint, exit
-            return _run(cfg, dims, console, stop)
+        return _run(cfg, dims, console, stop)
     finally:
         if lock is not None:
             lock.close()
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
     finished, heartbeat = False, None  # finished: run() returned on this rank
+    stop = StopRequest().__enter__()  # from the start: a SIGUSR1 during start-up must not kill the rank
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 device_id=device if device.type == "cuda" else None,
             )
             heartbeat = Heartbeat().start()  # names the rank that died if a collective fails
-        code = run(cfg, dims, console)
+        code = run(cfg, dims, console, stop)
         finished = True
         return code
     except KeyboardInterrupt:
@@ -470,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     finally:
+        stop.__exit__()
         if heartbeat is not None:
             heartbeat.stop(10.0 if finished else 1.0)  # a failed run has already waited on suspects()
         # Leave together after a finished run, or gloo may abort a slower rank. Not after an error:

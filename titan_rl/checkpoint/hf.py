@@ -524,19 +524,28 @@ def _is_model_file(name: str) -> bool:
 
 
 def _swap_in(partial: Path, folder: Path) -> None:
-    """``partial`` (a complete new model) becomes ``folder``. An existing folder's other entries
-    (tokenizer files the save did not bring, a README, ``original/``) move over; its old shards,
-    index and config go."""
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            if not _is_model_file(entry.name) and not (partial / entry.name).exists():
-                os.replace(entry, partial / entry.name)
-        old = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
-        os.replace(folder, old)
+    """``partial`` (a complete new model) becomes ``folder``. Only after the swap do an existing
+    folder's other entries (tokenizer files the save did not bring, a README, ``original/``) move
+    over from the old folder, and its old shards, index and config go; a failure before the swap
+    leaves the old folder whole, one after it leaves the rest in ``.<name>.replaced-*`` (said)."""
+    if not folder.is_dir():
         os.replace(partial, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
+    os.replace(folder, old)  # (onto the empty folder mkdtemp made: a rename may replace it)
+    try:
         os.replace(partial, folder)
+    except BaseException:
+        os.replace(old, folder)  # put it back
+        raise
+    try:
+        for entry in old.iterdir():
+            if not _is_model_file(entry.name) and not (folder / entry.name).exists():
+                os.replace(entry, folder / entry.name)
+    except OSError as e:
+        print(f"warning: {folder} was written; some of its other files stay in {old} ({e})", flush=True)
+        return
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def expected_hf_shape(name: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:

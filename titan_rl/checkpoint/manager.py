@@ -265,12 +265,17 @@ class CheckpointManager:
     def _prune(self) -> None:
         for stale in self.folder.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        # a damaged one (latest() skips it) must not count among the kept: with keep_last = 1 a damaged
-        # step-4 would delete every new checkpoint below it (step 4's save replaces it)
-        complete = [folder for folder in self.checkpoints() if damage(folder) is None]
+        # the newest keep_last that read back are kept, and everything older goes, damaged or not: a
+        # damaged one (latest() skips it) counted among the kept would, with keep_last = 1, delete every
+        # new checkpoint below it (a damaged one above them stays: its own step's save replaces it)
         if self.keep_last > 0:
-            for old in complete[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            found = self.checkpoints()
+            kept = [folder for folder in reversed(found) if damage(folder) is None][: self.keep_last]
+            if kept:
+                oldest = _step_of(kept[-1])
+                for old in found:
+                    if _step_of(old) < oldest:
+                        shutil.rmtree(old, ignore_errors=True)
 
     def resume_target(self, path: str | Path | None = None) -> Path | None:
         """What ``load(path=...)`` will restore, the same on every rank (a collective when

@@ -246,6 +246,11 @@ class Env:
     """Wall-clock limit of one reward call: past it the episode scores 0 and counts in
     env/reward_errors (as a reward that raises or returns NaN does); 0 calls the reward on the main
     thread with no limit (for reward code that uses signals, e.g. signal.alarm)."""
+    reward_concurrency: int = 1
+    """Reward calls a rank runs at once, on worker threads (with reward_timeout_s > 0): more for
+    I/O-bound rewards (a judge service, where one that hangs then costs one limit per this many
+    calls); CPU-bound Python rewards share the GIL and would each take this many times as long. The
+    reward function must be thread-safe."""
     system_prompt: str = "auto"
     """Agentic episodes: gpt-oss (the system message the released models were trained on; the
     environment's instructions go in the developer message), minimal (the environment's messages as

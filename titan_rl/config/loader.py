@@ -136,7 +136,7 @@ POSITIVE = ("training.steps", "training.minibatches", "training.epochs", "traini
             "rollout.max_new_tokens", "rollout.group_size", "rollout.prompts_per_step",
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
             "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq", "env.num_tasks",
-            "env.max_turns", "env.max_episode_tokens", "sft.batch_size",
+            "env.max_turns", "env.max_episode_tokens", "env.reward_concurrency", "sft.batch_size",
             "rollout.vllm_tensor_parallel_size")  # fmt: skip
 
 

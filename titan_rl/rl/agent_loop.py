@@ -63,7 +63,9 @@ class AgentLoopConfig:
     tool_timeout_s: float = 10.0
     """Wall-clock limit of one tool call; the model gets an error message after it."""
     reward_timeout_s: float = 60.0
-    """Wall-clock limit of one reward call (``safe_reward``; 0: on the main thread, unlimited)."""
+    """Wall-clock limit of one reward call (``safe_rewards``; 0: on the main thread, unlimited)."""
+    reward_concurrency: int = 1
+    """Reward calls running at once on a rank (with a time limit)."""
     max_tool_result_chars: int = 4000
     """Longer tool results (and error texts) are truncated before they are tokenized."""
     max_concurrent_tools: int = 16
@@ -397,7 +399,7 @@ def run_episodes(
             [functools.partial(env.reward, episodes[i].transcript) for i in mine],
             config.reward_timeout_s,
             config.max_stranded_calls,
-            config.max_concurrent_tools,
+            config.reward_concurrency,
         ),
     )
     trajectories = [e.to_trajectory(reward) for e, (reward, _) in zip(episodes, rewards)]
@@ -425,21 +427,27 @@ def safe_reward(
     return safe_rewards([lambda: reward(*args)], timeout_s, max_stranded)[0]
 
 
+_MAIN_THREAD_ONLY = "signal only works in main thread"  # Python's ValueError from signal.signal
+_rewards_need_main_thread = False  # set once a reward raised it: later calls run there at once
+
+
 def safe_rewards(
-    calls: list[Callable[[], Any]], timeout_s: float = 0.0, max_stranded: int = 256, concurrency: int = 16
+    calls: list[Callable[[], Any]], timeout_s: float = 0.0, max_stranded: int = 256, concurrency: int = 1
 ) -> list[tuple[float, bool]]:
     """Each zero-argument reward call's value, or 0 and ``True`` (counted as a reward error, with a
     warning) when it raises (``SystemExit`` too), returns a value that is not a finite number (a NaN
     would make its whole group's advantages NaN and the step be skipped as the model's fault), or
     runs longer than ``timeout_s``.
 
-    ``timeout_s > 0``: the calls run on threads, ``concurrency`` at once, each limited from its own
-    start (so a hung judge service costs one time limit per ``concurrency`` calls, not one per call:
-    the other ranks wait for this one's share), none while ``max_stranded`` abandoned calls still run;
-    a call that raises "signal only works in main thread" (a ``signal.alarm`` time limit in the reward
-    code) is rerun on this thread, unlimited, with a warning. ``0``: one after another on this
-    thread, unlimited."""
-    if timeout_s <= 0:
+    ``timeout_s > 0``: the calls run on worker threads, ``concurrency`` at once (more than 1 for
+    I/O-bound rewards such as a judge service: CPU-bound Python ones share the GIL and each would
+    take ``concurrency`` times as long against its limit), each limited from its own start, none
+    while ``max_stranded`` abandoned calls still run. Reward code that raises "signal only works in
+    main thread" (a ``signal.alarm`` time limit in it) is rerun on this thread, unlimited, with a
+    warning, and from then on every reward runs there (the first such call ran twice). ``0``: one
+    after another on this thread, unlimited."""
+    global _rewards_need_main_thread
+    if timeout_s <= 0 or _rewards_need_main_thread:
         return [_reward_score(*_call_here(call)) for call in calls]
     if calls and _too_many_stranded(max_stranded, "reward calls") is not None:
         return [(0.0, True)] * len(calls)
@@ -450,12 +458,14 @@ def safe_rewards(
                 f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
             )
             scores.append((0.0, True))
-        elif isinstance(thread.error, ValueError) and "main thread" in str(thread.error):
-            warnings.warn(
-                f"the reward function needs the main thread ({thread.error}): run there, without "
-                "env.reward_timeout_s (set it to 0 to say so)",
-                stacklevel=2,
-            )
+        elif isinstance(thread.error, ValueError) and str(thread.error).startswith(_MAIN_THREAD_ONLY):
+            if not _rewards_need_main_thread:
+                warnings.warn(
+                    f"the reward function needs the main thread ({thread.error}): from now on rewards "
+                    "run there, without env.reward_timeout_s (set it to 0 to say so)",
+                    stacklevel=2,
+                )
+            _rewards_need_main_thread = True
             scores.append(_reward_score(*_call_here(call)))
         else:
             scores.append(_reward_score(thread.value, thread.error))

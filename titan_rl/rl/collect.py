@@ -111,6 +111,7 @@ def collect_rollouts(
             max_new_tokens_per_turn=cfg.rollout.max_new_tokens,
             tool_timeout_s=cfg.env.tool_timeout_s,
             reward_timeout_s=cfg.env.reward_timeout_s,
+            reward_concurrency=cfg.env.reward_concurrency,
             system_style=system_style(cfg),
         )
         trajectories, stats = run_episodes(engine, tokenizer, env, indices, group, sampling_params(cfg), loop)
@@ -123,6 +124,7 @@ def collect_rollouts(
         lambda mine: safe_rewards(
             [functools.partial(env.reward, repeated[i], completions[i].tokens) for i in mine],
             cfg.env.reward_timeout_s,
+            concurrency=cfg.env.reward_concurrency,
         ),
     )
     trajectories = [

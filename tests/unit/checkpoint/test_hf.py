@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,33 @@ def subprocess_pid_that_exited() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def test_a_swap_that_fails_keeps_the_folders_other_files(tmp_path, monkeypatch):
+    """The old swap moved the folder's other files (tokenizer, original/) into the new folder first
+    and deleted them with it when the rename then failed; now they move only after the swap."""
+    import titan_rl.checkpoint.hf as hf
+
+    out = tmp_path / "export"
+    save_hf_model(tiny_model(seed=1), out, max_shard_bytes=1_000_000)
+    (out / "tokenizer.json").write_text("{}")
+    (out / "original").mkdir()
+    (out / "original" / "weights.bin").write_bytes(b"w")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    real_replace = os.replace
+
+    def failing_swap(src, dst):
+        if Path(src).name.startswith(".export.partial-"):
+            raise OSError(16, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hf.os, "replace", failing_swap)
+    with pytest.raises(OSError, match="busy"):
+        save_hf_model(tiny_model(seed=2), out, max_shard_bytes=1_000_000)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    monkeypatch.setattr(hf.os, "replace", real_replace)
+    save_hf_model(tiny_model(seed=2), out, max_shard_bytes=1_000_000)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # the same names
+    assert (out / "original" / "weights.bin").read_bytes() == b"w"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -124,6 +124,8 @@ def test_a_damaged_newest_checkpoint_resumes_the_one_before(tmp_path, damaged):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
     with pytest.warns(UserWarning, match="skipping"):
         assert manager.latest() == tmp_path / "step-000003"
+    manager.save(5, resumed, optimizer2, scheduler2)  # past it: the damaged one is pruned like any other
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]
 
 
 def test_training_checkpoint_converts_to_hf(tmp_path):

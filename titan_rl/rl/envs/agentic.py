@@ -82,8 +82,8 @@ class Transcript:
 class AgentEnvironment(Protocol):
     """A multi-turn task. ``call_tool`` may raise or hang: the agent loop runs it in a worker
     thread with a timeout and turns failures into error messages, so it must be thread-safe.
-    ``reward`` too: a rank's episodes are scored on worker threads, several at once, each under
-    ``env.reward_timeout_s`` (0: one at a time on the main thread)."""
+    ``reward`` runs on a worker thread under ``env.reward_timeout_s`` (0: on the main thread),
+    ``env.reward_concurrency`` calls at once (1 by default; more needs it thread-safe too)."""
 
     def __len__(self) -> int:
         """Number of distinct tasks; ``reset`` accepts 0 .. len - 1."""

@@ -11,5 +11,6 @@ class Environment(Protocol):
         ...
 
     def reward(self, prompt: list[int], response: list[int]) -> float:
-        """Score one sampled response to ``prompt``."""
+        """Score one sampled response to ``prompt`` (on a worker thread under env.reward_timeout_s,
+        env.reward_concurrency at once: thread-safe when that is above 1)."""
         ...
