@@ -657,6 +657,8 @@ def test_two_sequence_shards_add_up_to_the_whole_sequences(overrides):
     logprobs = (-torch.rand(n, generator=gen) * 2).requires_grad_(True)
     old = (logprobs.detach() + 0.1 * torch.randn(n, generator=gen)).detach()
     rollout = old + 0.2 * torch.randn(n, generator=gen)
+    rollout[seq_ids == 0] = old[seq_ids == 0]  # kept whatever the draw (sequence-level MIS / TIS) ...
+    rollout[seq_ids == 1] = old[seq_ids == 1] - 1.0  # ... and rejected / truncated: both cases, always
     advantages = torch.randn(4, generator=gen)[seq_ids]
     mask = (torch.rand(n, generator=gen) > 0.2).float()
     entropy = torch.rand(n, generator=gen).requires_grad_(True)
