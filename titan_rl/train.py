@@ -250,8 +250,8 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
             warmed_reference = trainer.reference  # loaded: keep saving it
         elif trainer.reference is not None and cfg.sft.steps > 0:
             console.print(
-                f"warning: {resume} holds no KL reference (saved without sft, or by an older "
-                "version): the reference is the initial weights, not the warmed-up policy",
+                f"warning: {resume} holds no KL reference (saved with rl.kl_coef = 0, without sft, or "
+                "by an older version): the reference is the initial weights, not the warmed-up policy",
                 style="yellow",
             )
     if resumed is not None:
