@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from typing import Any
 
 import torch
 
+from titan_rl.rl.calls import run_calls, safe_rewards, too_many_stranded
 from titan_rl.rl.envs.agentic import (
     AgentEnvironment,
     EpisodeStart,
@@ -141,109 +139,14 @@ class ToolOutcome:
     timed_out: bool = False
 
 
-class _ToolThread(threading.Thread):
-    """Runs one tool call; ``slots`` caps concurrency and is released early if the call is abandoned."""
-
-    def __init__(self, call: Callable[[], Any], slots: threading.Semaphore) -> None:
-        super().__init__(daemon=True)
-        self.call, self.slots, self.lock = call, slots, threading.Lock()
-        self.started: float | None = None
-        self.finished = self.abandoned = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        self.slots.acquire()
-        with self.lock:
-            self.started = time.monotonic()
-        try:
-            self.value = self.call()
-        except BaseException as error:  # a tool must never end the episode, whatever it raises
-            self.error = error
-        finally:
-            with self.lock:
-                self.finished = True
-                if not self.abandoned:
-                    self.slots.release()
-
-
-_stranded: list[_ToolThread] = []  # calls abandoned at their time limit that have not returned yet
-_stranded_lock = threading.Lock()
-
-
-def _strand(thread: _ToolThread) -> None:
-    with _stranded_lock:
-        _stranded.append(thread)
-
-
-def stranded_calls() -> int:
-    """Tool and reward calls abandoned at their time limit and still running (a thread each: Python
-    cannot stop a thread, so a tool that never returns keeps one for the process's life)."""
-    with _stranded_lock:
-        _stranded[:] = [t for t in _stranded if t.is_alive()]
-        return len(_stranded)
-
-
-def _too_many_stranded(limit: int, what: str) -> str | None:
-    """The error for calls not started because ``limit`` stranded calls are still running, or None."""
-    stranded = stranded_calls()
-    if stranded < limit:
-        return None
-    warnings.warn(
-        f"{stranded} tool / reward calls are still running past their time limit (the most kept is "
-        f"{limit}): {what} not run until some return; a tool or reward that never returns needs fixing",
-        stacklevel=3,
-    )
-    return f"{stranded} earlier calls are still running past their time limit"
-
-
-def _on_callers_device(call: Callable[[], Any]) -> Callable[[], Any]:
-    """``call`` for another thread, on the caller's current CUDA device (it is per thread: a new
-    thread starts on cuda:0, and a reward model or tool of rank k would run on GPU 0)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return call
-    device = torch.cuda.current_device()
-
-    def on_device() -> Any:
-        torch.cuda.set_device(device)
-        return call()
-
-    return on_device
-
-
-def _run_calls(calls: list[Callable[[], Any]], timeout_s: float, concurrency: int) -> list[_ToolThread]:
-    """Run zero-argument ``calls`` concurrently (at most ``concurrency`` at once), each limited to
-    ``timeout_s`` from the moment it starts; returns their finished or abandoned threads."""
-    slots = threading.Semaphore(concurrency)
-    threads = [_ToolThread(_on_callers_device(call), slots) for call in calls]
-    for thread in threads:
-        thread.start()
-    pending = list(threads)
-    while pending:
-        time.sleep(0.002)
-        now, still = time.monotonic(), []
-        for thread in pending:
-            with thread.lock:
-                if thread.finished:
-                    continue
-                if thread.started is not None and now - thread.started > timeout_s:
-                    thread.abandoned = True
-                    slots.release()
-                    _strand(thread)
-                    continue
-            still.append(thread)
-        pending = still
-    return threads
-
-
 def run_tool_calls(calls: list[tuple[str, Callable[[], Any]]], config: AgentLoopConfig) -> list[ToolOutcome]:
     """Run ``(name, zero-argument call)`` pairs concurrently; each is limited to ``tool_timeout_s`` from
     the moment it starts. Raises, hangs, non-text and huge results all become an outcome. With
     ``max_stranded_calls`` abandoned calls still running, none starts (each gets an error)."""
-    busy = _too_many_stranded(config.max_stranded_calls, "tool calls") if calls else None
+    busy = too_many_stranded(config.max_stranded_calls, "tool calls") if calls else None
     if busy is not None:
         return [ToolOutcome(f"Error: {name} not run: {busy}", False) for name, _ in calls]
-    threads = _run_calls([call for _, call in calls], config.tool_timeout_s, config.max_concurrent_tools)
+    threads = run_calls([call for _, call in calls], config.tool_timeout_s, config.max_concurrent_tools)
     limit, outcomes = config.max_tool_result_chars, []
     for (name, _), thread in zip(calls, threads):
         if thread.abandoned:
@@ -418,84 +321,6 @@ def cut(completion: Completion, limit: int, prompt_len: int) -> Completion:
         "length",
         None if routing is None else routing[: prompt_len + limit - 1],
     )
-
-
-def safe_reward(
-    reward: Callable[..., float], *args: Any, timeout_s: float = 0.0, max_stranded: int = 256
-) -> tuple[float, bool]:
-    """``safe_rewards`` of the one call ``reward(*args)``."""
-    return safe_rewards([lambda: reward(*args)], timeout_s, max_stranded)[0]
-
-
-_MAIN_THREAD_ONLY = "signal only works in main thread"  # Python's ValueError from signal.signal
-_rewards_need_main_thread = False  # set once a reward raised it: later calls run there at once
-
-
-def safe_rewards(
-    calls: list[Callable[[], Any]], timeout_s: float = 0.0, max_stranded: int = 256, concurrency: int = 1
-) -> list[tuple[float, bool]]:
-    """Each zero-argument reward call's value, or 0 and ``True`` (counted as a reward error, with a
-    warning) when it raises (``SystemExit`` too), returns a value that is not a finite number (a NaN
-    would make its whole group's advantages NaN and the step be skipped as the model's fault), or
-    runs longer than ``timeout_s``.
-
-    ``timeout_s > 0``: the calls run on worker threads, ``concurrency`` at once (more than 1 for
-    I/O-bound rewards such as a judge service: CPU-bound Python ones share the GIL and each would
-    take ``concurrency`` times as long against its limit), each limited from its own start, none
-    while ``max_stranded`` abandoned calls still run. Reward code that raises "signal only works in
-    main thread" (a ``signal.alarm`` time limit in it) is rerun on this thread, unlimited, with a
-    warning, and from then on every reward runs there (the first such call ran twice). ``0``: one
-    after another on this thread, unlimited."""
-    global _rewards_need_main_thread
-    if timeout_s <= 0 or _rewards_need_main_thread:
-        return [_reward_score(*_call_here(call)) for call in calls]
-    if calls and _too_many_stranded(max_stranded, "reward calls") is not None:
-        return [(0.0, True)] * len(calls)
-    scores = []
-    for call, thread in zip(calls, _run_calls(calls, timeout_s, concurrency)):
-        if thread.abandoned:
-            warnings.warn(
-                f"reward function ran past {timeout_s:g} s (env.reward_timeout_s); reward 0", stacklevel=2
-            )
-            scores.append((0.0, True))
-        elif isinstance(thread.error, ValueError) and str(thread.error).startswith(_MAIN_THREAD_ONLY):
-            if not _rewards_need_main_thread:
-                warnings.warn(
-                    f"the reward function needs the main thread ({thread.error}): from now on rewards "
-                    "run there, without env.reward_timeout_s (set it to 0 to say so)",
-                    stacklevel=2,
-                )
-            _rewards_need_main_thread = True
-            scores.append(_reward_score(*_call_here(call)))
-        else:
-            scores.append(_reward_score(thread.value, thread.error))
-    return scores
-
-
-def _call_here(call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-    """``call()`` on this thread: its value, or the exception it raised (not KeyboardInterrupt)."""
-    try:
-        return call(), None
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # a buggy reward function must not end the run
-        return None, e
-
-
-def _reward_score(value: Any, error: BaseException | None) -> tuple[float, bool]:
-    if isinstance(error, KeyboardInterrupt):
-        raise error
-    if error is not None:
-        warnings.warn(f"reward function raised {type(error).__name__}: {error}; reward 0", stacklevel=3)
-        return 0.0, True
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        warnings.warn(f"reward function returned {value!r}, not a finite number; reward 0", stacklevel=3)
-        return 0.0, True
-    return number, False
 
 
 def episode_stats(episodes: list[EpisodeRollout], trajectories: list[Trajectory]) -> dict[str, float]:

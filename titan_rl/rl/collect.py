@@ -7,7 +7,8 @@ import importlib
 from collections.abc import Callable
 
 from titan_rl.config import ConfigError, JobConfig
-from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes, safe_rewards
+from titan_rl.rl.agent_loop import AgentLoopConfig, demonstration_trajectory, run_episodes
+from titan_rl.rl.calls import safe_rewards
 from titan_rl.rl.envs import (
     AgentEnvironment,
     Environment,

@@ -216,7 +216,7 @@ def test_calls_that_never_return_are_capped_not_piled_up():
     """Each abandoned call keeps a thread (Python cannot stop one): a tool that never returns left a
     thread per call, every step, until the process could start no more. Past max_stranded_calls new
     calls fail at once (tools and rewards alike) and run again once the stranded ones return."""
-    from titan_rl.rl.agent_loop import safe_reward, stranded_calls
+    from titan_rl.rl.calls import safe_reward, stranded_calls
 
     deadline = time.monotonic() + 10
     while stranded_calls() and time.monotonic() < deadline:  # earlier tests' released calls ending

@@ -75,10 +75,10 @@ def test_a_hung_nan_or_exiting_reward_scores_zero_and_is_counted():
 def test_safe_reward_on_or_off_the_main_thread(timeout_s, monkeypatch):
     import signal
 
-    import titan_rl.rl.agent_loop as agent_loop
-    from titan_rl.rl.agent_loop import safe_reward
+    import titan_rl.rl.calls as calls
+    from titan_rl.rl.calls import safe_reward
 
-    monkeypatch.setattr(agent_loop, "_rewards_need_main_thread", False)  # (the test sets it)
+    monkeypatch.setattr(calls, "_rewards_need_main_thread", False)  # (the test sets it)
 
     assert safe_reward(lambda a, b: a + b, 1, 2.5, timeout_s=timeout_s) == (3.5, False)
     with pytest.warns(UserWarning, match="returned 'x', not a finite number"):
@@ -95,7 +95,7 @@ def test_safe_reward_on_or_off_the_main_thread(timeout_s, monkeypatch):
     else:  # it fails on a worker thread: rerun on this one (scoring 0 trained on no signal at all)
         with pytest.warns(UserWarning, match="needs the main thread"):
             assert safe_reward(main_thread_only, timeout_s=timeout_s) == (1.0, False)
-        assert agent_loop._rewards_need_main_thread  # later calls go there at once
+        assert calls._rewards_need_main_thread  # later calls go there at once
         assert safe_reward(main_thread_only, timeout_s=timeout_s) == (1.0, False)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the run
         safe_reward(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), timeout_s=0.0)
@@ -107,7 +107,7 @@ def test_hung_rewards_run_concurrently_under_their_time_limit():
     import threading
     import time
 
-    from titan_rl.rl.agent_loop import safe_rewards
+    from titan_rl.rl.calls import safe_rewards
 
     release = threading.Event()
     start = time.monotonic()
