@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from titan_rl.files import write_replacing
 
 CONSOLE_KEYS = [
     ("reward/mean", "reward", "{:.3f}"),
@@ -49,13 +50,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN / Inf
     return value
-
-
-def _write_whole(path: Path, lines: list[str]) -> None:
-    """``lines`` as the whole of ``path``, replaced at once (a temporary file renamed over it)."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(line + "\n" for line in lines))
-    os.replace(partial, path)
 
 
 class MetricsLogger:
@@ -95,12 +89,12 @@ class MetricsLogger:
                 if not aside.exists():
                     break
                 aside = self.path.with_name(f"metrics.superseded-{stamp}-{n}.jsonl")
-            _write_whole(aside, dropped)
+            write_replacing(aside, "".join(line + "\n" for line in dropped))
             print(
                 f"{self.path.name}: {len(dropped)} record(s) after step {resumed_step} moved to {aside.name}",
                 flush=True,
             )
-        _write_whole(self.path, kept)
+        write_replacing(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any], console: Any = None) -> dict[str, Any]:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

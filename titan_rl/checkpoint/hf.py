@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from titan_rl.checkpoint.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
 from titan_rl.checkpoint.names import from_hf_name, to_hf_name
+from titan_rl.files import remove_stale_partials, swap_in, swappable, write_replacing
 from titan_rl.model import GptOss, GptOssModelArgs
 
 CONFIG_FILE = "config.json"
@@ -333,9 +333,7 @@ def write_hf_config(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = _hf_config(model, False, dtype, Path(source) if source else None)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as temp:
-        temp.write(json.dumps(config, indent=2) + "\n")
-    Path(temp.name).replace(folder / CONFIG_FILE)
+    write_replacing(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -427,11 +425,11 @@ def save_hf_model(
     writer = this_rank() == 0
     # written beside the folder and swapped in when complete: a failure part-way (memory, disk)
     # leaves an existing folder as it was, never half old shards and half new. Where a swap cannot
-    # work (see _swappable) the folder is written in place, its old shards removed first.
-    swap = _swappable(folder)
+    # work (see titan_rl.files.swappable) the folder is written in place, its old shards removed first.
+    swap = swappable(folder)
     target = folder.parent / f".{folder.name}.partial-{os.getpid()}" if swap else folder
     if writer:
-        _remove_stale_partials(folder)
+        remove_stale_partials(folder)
         if swap:
             shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True, exist_ok=not swap)
@@ -452,45 +450,11 @@ def save_hf_model(
                     ).resolve():
                         shutil.copy2(source_dir / name, target / name)
             if swap:
-                _swap_in(target, folder)
+                swap_in(target, folder, _is_model_file)
     except BaseException:
         if writer and swap:
             shutil.rmtree(target, ignore_errors=True)
         raise
-
-
-def _swappable(folder: Path) -> bool:
-    """Whether a complete new folder can be written beside ``folder`` and renamed over it: its parent
-    is writable, and an existing ``folder`` is on the parent's file system, not a mount point (a
-    container volume) and does not hold the working directory."""
-    parent = folder.parent
-    if not os.access(parent, os.W_OK) or folder == parent:
-        return False
-    if folder.exists():
-        cwd = Path.cwd().resolve()
-        if os.path.ismount(folder) or folder.stat().st_dev != parent.stat().st_dev:
-            return False
-        if cwd == folder or folder in cwd.parents:
-            return False
-    return True
-
-
-def _remove_stale_partials(folder: Path) -> None:
-    """Partial folders of saves into ``folder`` whose process is gone (killed mid-save)."""
-    for stale in folder.parent.glob(f".{folder.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_shards(
@@ -521,31 +485,6 @@ def _is_model_file(name: str) -> bool:
     return name in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE) or (
         name.startswith("model-") and name.endswith(".safetensors")
     )
-
-
-def _swap_in(partial: Path, folder: Path) -> None:
-    """``partial`` (a complete new model) becomes ``folder``. Only after the swap do an existing
-    folder's other entries (tokenizer files the save did not bring, a README, ``original/``) move
-    over from the old folder, and its old shards, index and config go; a failure before the swap
-    leaves the old folder whole, one after it leaves the rest in ``.<name>.replaced-*`` (said)."""
-    if not folder.is_dir():
-        os.replace(partial, folder)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
-    os.replace(folder, old)  # (onto the empty folder mkdtemp made: a rename may replace it)
-    try:
-        os.replace(partial, folder)
-    except BaseException:
-        os.replace(old, folder)  # put it back
-        raise
-    try:
-        for entry in old.iterdir():
-            if not _is_model_file(entry.name) and not (folder / entry.name).exists():
-                os.replace(entry, folder / entry.name)
-    except OSError as e:
-        print(f"warning: {folder} was written; some of its other files stay in {old} ({e})", flush=True)
-        return
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def expected_hf_shape(name: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:

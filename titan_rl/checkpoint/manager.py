@@ -44,6 +44,8 @@ from titan_rl.checkpoint.hf import (
     this_rank,
 )
 from titan_rl.checkpoint.verify import DCP_METADATA, verify_dcp_folder
+from titan_rl.files import sync_folder as _sync_folder
+from titan_rl.files import write_synced as _write_synced
 from titan_rl.model import GptOss, GptOssModelArgs
 
 TRAINER_STATE = "trainer_state.pt"
@@ -80,33 +82,6 @@ def _gather_failures(error: str | None) -> list[str]:
     errors: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return [e for e in errors if e]
-
-
-def _write_synced(file: Path, content: Any) -> None:
-    """``content`` (text, or an object for ``torch.save``) into ``file``, flushed to the disk before
-    the checkpoint's rename makes it count (DCP syncs its own files; a node crash after the rename
-    must not leave an empty trainer_state.pt in a folder that looks complete)."""
-    with open(file, "w" if isinstance(content, str) else "wb") as f:
-        if isinstance(content, str):
-            f.write(content)
-        else:
-            torch.save(content, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename in it) to the disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rank_file(folder: Path, rank: int) -> Path:
