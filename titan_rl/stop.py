@@ -22,21 +22,28 @@ SIGNALS = (signal.SIGUSR1,)
 
 
 class StopRequest:
-    """Notes SIGUSR1 while installed (``with StopRequest() as stop``)."""
+    """Notes SIGUSR1 between ``install`` and ``restore`` (or ``with StopRequest() as stop``)."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopRequest:
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # (only it can take signals)
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
         return self
 
+    def restore(self) -> None:
+        """The previous handlers back; after a stop, a second notice is ignored while the rank exits."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():  # after a stop, a second notice is ignored while
-            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)  # the rank exits
+        self.restore()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:

@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
     finished, heartbeat = False, None  # finished: run() returned on this rank
-    stop = StopRequest().__enter__()  # from the start: a SIGUSR1 during start-up must not kill the rank
+    stop = StopRequest().install()  # from the start: a SIGUSR1 during start-up must not kill the rank
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     finally:
-        stop.__exit__()
+        stop.restore()
         if heartbeat is not None:
             heartbeat.stop(10.0 if finished else 1.0)  # a failed run has already waited on suspects()
         # Leave together after a finished run, or gloo may abort a slower rank. Not after an error:
