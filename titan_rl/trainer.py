@@ -92,9 +92,9 @@ class StepStats:
             if key in KEPT_COUNTS or key == "loss":
                 continue
             v = torch.as_tensor(value).detach().double()
-            if key.endswith("/min"):
+            if key.endswith(("/min", "_min")):
                 self.mins[key] = torch.minimum(self.mins[key], v) if key in self.mins else v
-            elif key.endswith("/max"):
+            elif key.endswith(("/max", "_max")):  # ratio/max, mismatch/logp_abs_max
                 self.maxs[key] = torch.maximum(self.maxs[key], v) if key in self.maxs else v
             else:
                 self.sums[key] = self.sums.get(key, 0.0) + v * (kept if key in OVER_KEPT_TOKENS else tokens)

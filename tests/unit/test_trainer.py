@@ -363,6 +363,26 @@ def test_an_empty_micro_batch_changes_no_ratio_extreme():
         assert math.isnan(nothing.result()["ratio/min"]) and math.isnan(nothing.result()["ratio/max"])
 
 
+def test_a_steps_mismatch_max_is_the_largest_of_its_micro_batches():
+    """mismatch/logp_abs_max is the step's largest |old - rollout| log-prob difference, not a
+    token-weighted mean of the micro-batches' maxima (a large mismatch in a small micro-batch)."""
+    gen = torch.Generator().manual_seed(1)
+    stats, differences = StepStats(), []
+    for n, spread in ((3, 0.5), (40, 0.01)):
+        logprobs = -torch.rand(n, generator=gen) - 0.1
+        rollout = logprobs + torch.randn(n, generator=gen) * spread
+        differences.append((logprobs - rollout).abs())
+        _, metrics = rl_loss(
+            logprobs, logprobs, rollout, torch.randn(n, generator=gen), torch.ones(n),
+            torch.zeros(n, dtype=torch.long), 1, LossConfig(), global_tokens=43.0, global_seqs=2.0,
+        )  # fmt: skip
+        stats.add(metrics, n)
+    result = stats.result()
+    everything = torch.cat(differences)
+    assert result["mismatch/logp_abs_max"] == pytest.approx(everything.max().item())
+    assert result["mismatch/logp_abs_mean"] == pytest.approx(everything.mean().item())
+
+
 def test_dr_grpo_constant_bounds_a_whole_episode():
     """seq-mean-token-sum-norm divides each sequence's token sum by a constant that no trajectory's
     trained tokens may exceed: one turn single-turn, the episode budget for multi-turn episodes (an
