@@ -137,7 +137,8 @@ POSITIVE = ("training.steps", "training.minibatches", "training.epochs", "traini
             "parallelism.dp_replicate", "parallelism.dp_shard", "parallelism.cp", "parallelism.ep",
             "checkpoint.interval", "checkpoint.keep_last", "metrics.log_freq", "env.num_tasks",
             "env.max_turns", "env.max_episode_tokens", "env.reward_concurrency", "sft.batch_size",
-            "rollout.vllm_tensor_parallel_size")  # fmt: skip
+            "rollout.vllm_tensor_parallel_size", "training.max_skipped_steps", "env.prompt_len",
+            "env.target_modulus", "env.keys_per_task")  # fmt: skip
 
 
 def validate(config: JobConfig) -> None:
@@ -158,6 +159,12 @@ def validate(config: JobConfig) -> None:
                 default = getattr(JobConfig(), section).__dict__[key]
                 zero = " (0: the default)" if least == 0 and default == 0 else ""
                 raise ConfigError(f"{name} must be >= {least}{zero}, got {value}")
+    single_turn = config.env.prompt_len + config.rollout.max_new_tokens
+    if config.env.name == "token_preference" and config.training.seq_len < single_turn:
+        raise ConfigError(
+            f"training.seq_len = {config.training.seq_len} < env.prompt_len + rollout.max_new_tokens = "
+            f"{single_turn}: an episode must fit in one packed row; raise training.seq_len"
+        )
     if config.env.name != "token_preference" and config.training.seq_len < config.env.max_episode_tokens:
         raise ConfigError(
             f"training.seq_len = {config.training.seq_len} < env.max_episode_tokens = "
@@ -200,6 +207,24 @@ def _check_ranges(config: JobConfig) -> None:
     r = config.rollout
     checks = [
         (config.optimizer.lr > 0, f"optimizer.lr must be > 0, got {config.optimizer.lr}"),
+        (
+            len(config.optimizer.betas) == 2 and all(0 <= b < 1 for b in config.optimizer.betas),
+            f"optimizer.betas must be two values in [0, 1), e.g. [0.9, 0.999]; got {config.optimizer.betas}",
+        ),
+        (
+            0 < r.vllm_gpu_memory_utilization <= 1,
+            f"rollout.vllm_gpu_memory_utilization is a fraction of GPU memory in (0, 1]; got "
+            f"{r.vllm_gpu_memory_utilization}",
+        ),
+        (
+            config.env.tool_timeout_s > 0,
+            f"env.tool_timeout_s must be > 0 (seconds per tool call), got {config.env.tool_timeout_s}",
+        ),
+        (
+            config.parallelism.collective_timeout_s > 0,
+            f"parallelism.collective_timeout_s must be > 0 (seconds), got "
+            f"{config.parallelism.collective_timeout_s}",
+        ),
         (0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1] (1 disables), got {r.top_p}"),
         (r.top_k >= 0, f"rollout.top_k must be >= 0 (0 disables), got {r.top_k}"),
         (

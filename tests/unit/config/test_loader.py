@@ -139,6 +139,15 @@ def test_vllm_with_truncated_sampling_is_warned_about():
         ("--rollout.group_size=1", "every advantage is 0"),
         ("--env.python_tool=true", "env.python_tool is for env.name = 'math'"),
         ("--env.data_path=x.jsonl", "env.data_path is for env.name = 'math'"),
+        ("--training.max_skipped_steps=0", "training.max_skipped_steps must be >= 1"),
+        ("--env.target_modulus=0", "env.target_modulus must be >= 1"),
+        ("--env.keys_per_task=0", "env.keys_per_task must be >= 1"),
+        ("--optimizer.betas=[0.9]", "optimizer.betas must be two values in [0, 1)"),
+        ("--optimizer.betas=[0.9, 1.5]", "optimizer.betas must be two values in [0, 1)"),
+        ("--rollout.vllm_gpu_memory_utilization=5", "rollout.vllm_gpu_memory_utilization is a fraction"),
+        ("--env.tool_timeout_s=0", "env.tool_timeout_s must be > 0"),
+        ("--parallelism.collective_timeout_s=0", "parallelism.collective_timeout_s must be > 0"),
+        ("--rollout.max_new_tokens=300", "training.seq_len = 256 < env.prompt_len + rollout.max_new_tokens"),
     ],
 )
 def test_values_that_cannot_be_meant_are_config_errors_naming_the_key(override, message):
