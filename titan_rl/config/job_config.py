@@ -241,7 +241,7 @@ class Env:
     max_episode_tokens: int = 512
     """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
     tool_timeout_s: float = 10.0
-    """Agentic episodes: wall-clock limit of one tool call."""
+    """Agentic episodes: wall-clock limit of one tool call (math's Python tool: its code's CPU limit too)."""
     reward_timeout_s: float = 60.0
     """Wall-clock limit of one reward call: past it the episode scores 0 and counts in
     env/reward_errors (as a reward that raises or returns NaN does); 0 calls the reward on the main

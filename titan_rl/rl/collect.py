@@ -14,6 +14,7 @@ from titan_rl.rl.envs import (
     Environment,
     MathEnv,
     PythonSandbox,
+    SandboxLimits,
     TokenPreferenceEnv,
     ToolLookupEnv,
 )
@@ -43,7 +44,9 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
     if env.name == "tool_lookup":
         return ToolLookupEnv(env.num_tasks, env.keys_per_task, seed=cfg.job.seed)
     isolate = None if env.allow_unisolated_python_tool else True  # None: fall back with a warning
-    python = PythonSandbox(isolate=isolate) if env.python_tool else None
+    # the code's wall-clock (and CPU) limit is the tool call's: the sandbox's own default was 5 s
+    limits = SandboxLimits(timeout_s=env.tool_timeout_s)
+    python = PythonSandbox(limits, isolate=isolate) if env.python_tool else None
     return MathEnv.from_jsonl(env.data_path, python) if env.data_path else MathEnv(python=python)
 
 

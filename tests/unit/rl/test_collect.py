@@ -118,3 +118,25 @@ def test_hung_rewards_run_concurrently_under_their_time_limit():
         release.set()
     assert time.monotonic() - start < 1.5  # 8 sequential limits would be 2.4 s
     assert scores == [(0.0, True)] * 8 + [(2.0, False)]
+
+
+@pytest.mark.parametrize("limit", [1.0, 7.0])
+def test_the_python_tool_runs_under_env_tool_timeout_s(limit):
+    """env.tool_timeout_s is the Python tool's limit too: code running past it is stopped there,
+    and code shorter than it (here 6 s, past the sandbox's own 5 s default) finishes."""
+    import time
+
+    cfg = load_config(
+        None,
+        ["--env.name=math", "--training.seq_len=512", "--env.python_tool=true",
+         "--env.allow_unisolated_python_tool=true",
+         f"--env.tool_timeout_s={limit}"],
+    )  # fmt: skip
+    env = build_env(cfg, 512)
+    start = time.monotonic()
+    out = env.call_tool(None, "python", {"code": "import time\ntime.sleep(6)\nprint('finished')"})
+    elapsed = time.monotonic() - start
+    if limit < 6:
+        assert "finished" not in out and "timed out" in out and elapsed < limit + 3, (out, elapsed)
+    else:
+        assert out.strip() == "finished", out
