@@ -26,3 +26,16 @@ def test_the_python_tool_without_isolation_needs_the_explicit_opt_in(monkeypatch
     opted_in = load_config(None, [*args, "--env.allow_unisolated_python_tool=true"])
     check_inputs(opted_in)
     assert not build_env(opted_in, 512).python.isolated
+
+
+def test_an_agentic_env_on_a_big_preset_without_its_tokenizer_is_refused_before_launch():
+    """The built-in tokenizer has 512 tokens: a 20b-shaped agentic run without model.hf_path failed
+    at its first rollout, after building the model (the layout-only check, which blanks hf_path
+    where the weights are absent, still passes)."""
+    agentic = ["--env.name=tool_lookup", "--training.seq_len=512"]
+    cfg = load_config(None, ["--model.preset=20b", *agentic])
+    with pytest.raises(ConfigError) as refused:
+        check_inputs(cfg)
+    assert "built-in 512-token tokenizer" in str(refused.value)
+    check_inputs(cfg, machine=False)
+    check_inputs(load_config(None, agentic))  # the debug preset's vocab is 512
