@@ -309,7 +309,8 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
                 "reward/informative_groups": informative.float().mean().item(),
                 "response_len/mean": response.mean().item(),
                 "tokens_per_s/rollout": response.sum().item() / (t1 - t0),
-                "tokens_per_s/train": sum(len(t.tokens) for t in trajectories) / (t2 - t1),  # no padding
+                "tokens_per_s/train": sum(len(t.tokens) for t in trained)
+                / (t2 - t1),  # no padding, no dropped group
                 "time/rollout_s": t1 - t0,
                 "time/train_s": t2 - t1,
                 "time/weight_sync_s": t3 - t2,
