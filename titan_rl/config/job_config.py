@@ -119,7 +119,7 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     warmup_steps: int = 0
-    """Linear warmup from 0 over this many optimizer steps."""
+    """Linear warmup over this many optimizer steps (the first at optimizer.lr / warmup_steps)."""
     decay: str = "cosine"
     """After warmup: cosine or constant."""
     min_lr_ratio: float = 0.1

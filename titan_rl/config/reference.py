@@ -156,7 +156,10 @@ class ParamCounts:
             model = GptOss(args)
         params = dict(model.named_parameters())
         total = sum(p.numel() for p in params.values())
-        assert total == args.num_params()["total"], "num_params() disagrees with the model"
+        if total != args.num_params()["total"]:
+            raise RuntimeError(
+                f"num_params() ({args.num_params()['total']}) disagrees with the model ({total})"
+            )
         experts = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
         root = sum(p.numel() for n, p in params.items() if not n.startswith("layers."))
         layers, n_experts = args.num_hidden_layers, args.num_local_experts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -119,6 +120,8 @@ def test_gpu_configs_are_consistent_and_fit_the_memory_estimate(path):
     est = estimate_memory(cfg, stated_world_size(path))
     assert est.peak <= GPU_GB, f"{path.name}: estimated {est.peak:.1f} GB per GPU"
     assert est.kv_cache > 0
+    stated = re.search(r"Estimated peak (\d+) GB", path.read_text())  # the file's own comment
+    assert stated and abs(int(stated.group(1)) - est.peak) <= 0.5, f"{path.name}: {est.peak:.1f} GB"
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
