@@ -253,7 +253,9 @@ def test_two_processes_match_one(tmp_path, layout):
     common = ["--training.steps=3", "--rollout.prompts_per_step=4", "--training.micro_batch_rows=2"]
     single = run_train(*common, f"--job.dump_folder={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr[-2000:]
-    double = run_train(*common, *layout, f"--job.dump_folder={tmp_path / 'two'}", env={"NPROC": "2"})
+    # both ranks print: a rank that fails after rank 0's "done" (a teardown abort) shows its own stderr
+    two_ranks = {"NPROC": "2", "LOG_RANK": "0,1"}
+    double = run_train(*common, *layout, f"--job.dump_folder={tmp_path / 'two'}", env=two_ranks)
     assert double.returncode == 0, (double.stdout + double.stderr)[-3000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
