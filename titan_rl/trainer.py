@@ -37,8 +37,12 @@ from titan_rl.rl.losses import (
     kl_estimate,
     loss_config_from,
     rl_loss,
+    router_balance_loss,
 )
 from titan_rl.rl.packing import DeviceBatch, PackedBatch
+
+BALANCE_METRIC = "router/balance_loss"  # rl.router_aux_loss_coef's term, before its weight
+SUMMED = (BALANCE_METRIC,)  # micro-batch metrics already over the minibatch's counts: they add up
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig, total_steps: int):
@@ -92,7 +96,9 @@ class StepStats:
             if key in KEPT_COUNTS or key == "loss":
                 continue
             v = torch.as_tensor(value).detach().double()
-            if key.endswith(("/min", "_min")):
+            if key in SUMMED:  # already normalized by the minibatch's counts: the parts add up
+                self.sums[key] = self.sums.get(key, 0.0) + v
+            elif key.endswith(("/min", "_min")):
                 self.mins[key] = torch.minimum(self.mins[key], v) if key in self.mins else v
             elif key.endswith(("/max", "_max")):  # ratio/max, mismatch/logp_abs_max
                 self.maxs[key] = torch.maximum(self.maxs[key], v) if key in self.maxs else v
@@ -134,7 +140,8 @@ class StepStats:
         out = dict(zip(names, values.tolist()))
         kept = out.pop("kept")
         for k in keys:
-            out[k] /= max(kept if k in OVER_KEPT_TOKENS else self.tokens, 1.0)
+            if k not in SUMMED:
+                out[k] /= max(kept if k in OVER_KEPT_TOKENS else self.tokens, 1.0)
         for k in self.mins:  # still the identity: no token was trained (or all were rejected)
             out[k] = math.nan if out[k] == math.inf else out[k]
         for k in self.maxs:
@@ -200,20 +207,24 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
 
-    def _logprobs(self, model: GptOss, mb: DeviceBatch, expert_indices=None, record: bool = False):
-        """Log-probs and entropy of the trained positions of ``mb`` (+ routing when recording)."""
+    def _logprobs(
+        self, model: GptOss, mb: DeviceBatch, expert_indices=None, record: bool = False, router: bool = False
+    ):
+        """Log-probs and entropy of the trained positions of ``mb`` (+ routing when recording; with
+        ``router`` the routing and the router logits, for the load-balancing loss)."""
         out = model(
             mb.tokens,
             positions=mb.positions,
             document_ids=mb.document_ids,
             documents=mb.documents,
             expert_indices=expert_indices,
-            return_expert_indices=record,
+            return_expert_indices=record or router,
+            return_router_logits=router,
             targets=mb.targets,
             target_index=mb.target_index,
             temperature=self.cfg.rollout.temperature,
         )
-        return out if record else (*out, None)
+        return out if record or router else (*out, None)
 
     def _local_rows(self, batch: PackedBatch) -> PackedBatch:
         """This data-parallel rank's rows (r, r + dp, ...), padded so every rank has as many (on the
@@ -312,6 +323,7 @@ class Trainer:
         replay = unified and cfg.rl.routing_replay and updates > 1
         stats = StepStats()
         shards = self._sequence_shards()
+        balance_coef = cfg.rl.router_aux_loss_coef
         grad_norms, skipped = [], False
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
         schedule_end = self.lr_scheduler.last_epoch + cfg.training.minibatches * cfg.training.epochs
@@ -345,8 +357,11 @@ class Trainer:
             for i, mb in enumerate(micro[m]):
                 if mb.num_tokens == 0 and not self.dims.distributed:
                     continue  # (with FSDP every rank must run the same forwards, even empty ones)
-                logprobs, entropy, _ = self._logprobs(
-                    self.model, mb, expert_indices=routing[m, i] if replay else mb.expert_indices
+                logprobs, entropy, used, *router_logits = self._logprobs(
+                    self.model,
+                    mb,
+                    expert_indices=routing[m, i] if replay else mb.expert_indices,
+                    router=balance_coef > 0,
                 )
                 old_logprobs = old[m, i] if needs_old_pass else logprobs.detach()
                 loss, metrics = rl_loss(
@@ -364,6 +379,12 @@ class Trainer:
                     global_seqs=global_seqs,
                     shards=shards,
                 )
+                if balance_coef > 0:
+                    balance = router_balance_loss(
+                        router_logits[0], used, mb.token_seqs, num_seqs, global_seqs, shards
+                    )
+                    loss = loss + balance_coef * balance
+                    metrics[BALANCE_METRIC] = balance.detach()
                 loss.backward()
                 kept += torch.stack([metrics[k] for k in KEPT_COUNTS]).double()
                 minibatch_loss += loss.detach().double()
@@ -384,7 +405,9 @@ class Trainer:
         if self.dims.distributed:
             stats.all_reduce(self.dims.get_mesh("dp_cp").get_group(), self.device)
         result = stats.result()
-        result["loss"] /= updates  # the mean over the optimizer steps (each normalized on its own)
+        for key in ("loss", *SUMMED):  # the mean over the optimizer steps (each normalized on its own)
+            if key in result:
+                result[key] /= updates
         result["grad_norm"] = max(grad_norms)
         result["lr"] = lr
         result["train/skipped_steps"] = self.skipped_steps

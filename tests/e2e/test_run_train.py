@@ -249,8 +249,14 @@ def test_agentic_tool_task_with_sft_warmup(tmp_path):
     ids=["fsdp", "fsdp-ep", "cp-ulysses", "cp-ring"],
 )
 def test_two_processes_match_one(tmp_path, layout):
-    """NPROC=2 with FSDP2, expert or context parallelism gives the single-process losses (fp32, rel 1e-5)."""
-    common = ["--training.steps=3", "--rollout.prompts_per_step=4", "--training.micro_batch_rows=2"]
+    """NPROC=2 with FSDP2, expert or context parallelism gives the single-process losses (fp32, rel 1e-5),
+    the per-trajectory load-balancing loss included (its counts span the context-parallel shards)."""
+    common = [
+        "--training.steps=3",
+        "--rollout.prompts_per_step=4",
+        "--training.micro_batch_rows=2",
+        "--rl.router_aux_loss_coef=0.1",
+    ]
     single = run_train(*common, f"--job.dump_folder={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr[-2000:]
     # both ranks print: a rank that fails after rank 0's "done" (a teardown abort) shows its own stderr
@@ -263,7 +269,7 @@ def test_two_processes_match_one(tmp_path, layout):
         assert b["ratio/min"] == 1.0 and b["ratio/max"] == 1.0  # by construction; next to:
         assert_engine_agrees(b)  # the sharded trainer scores the engine's tokens as it sampled them
         assert b["reward/mean"] == a["reward/mean"]  # same rollouts on every rank
-        for key in ("loss", "grad_norm", "entropy/mean"):
+        for key in ("loss", "grad_norm", "entropy/mean", "router/balance_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 

@@ -13,7 +13,7 @@ from titan_rl.config import load_config
 from titan_rl.model import GptOss, GptOssModelArgs
 from titan_rl.rl.advantages import group_advantages
 from titan_rl.rl.collect import build_env, collect_rollouts
-from titan_rl.rl.losses import LossConfig, rl_loss
+from titan_rl.rl.losses import LossConfig, rl_loss, router_balance_loss
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
 from titan_rl.trainer import StepStats, Trainer, replayed_fraction
@@ -507,3 +507,48 @@ def test_a_step_with_non_finite_gradients_counts_once_whatever_its_minibatches()
         trainer.model.lm_head.weight[0, 0] = 0.0
     trainer.train_step(batch, n)
     assert trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+
+
+def _balance(model: GptOss, batch, num_seqs: int) -> float:
+    """The batch's load-balancing loss in one forward over all its rows (no micro-batches)."""
+    with torch.no_grad():
+        _, used, logits = model(
+            batch.tokens, positions=batch.positions, document_ids=batch.document_ids,
+            return_expert_indices=True, return_router_logits=True,
+        )  # fmt: skip
+        return router_balance_loss(logits, used, batch.token_seqs, num_seqs, float(num_seqs)).item()
+
+
+@pytest.mark.parametrize("coef", [1.0, 0.0])
+def test_the_load_balancing_loss_is_the_minibatchs_and_evens_out_collapsed_routers(coef):
+    """rl.router_aux_loss_coef: routers collapsed onto 2 of 8 experts (bias +3) spread out under the
+    balance loss within 3 steps, and not without it; the reported router/balance_loss, summed over
+    micro-batches of one row, is the whole batch's."""
+    trainer, batch, n = setup(
+        f"--rl.router_aux_loss_coef={coef}", "--training.micro_batch_rows=1", "--optimizer.lr=0.02"
+    )
+    assert len(trainer._micro_batches(batch)) > 1
+    with torch.no_grad():
+        for block in trainer.model.layers:
+            block.mlp.router.bias[:2] += 3.0
+    collapsed = _balance(trainer.model, batch, n)
+    assert collapsed > 3.0  # (1 when balanced; E / k = 4 when all on two experts)
+    first = trainer.train_step(batch, n)
+    if coef > 0:
+        assert first["router/balance_loss"] == pytest.approx(collapsed, rel=1e-5)
+    else:
+        assert "router/balance_loss" not in first
+    for _ in range(2):
+        trainer.train_step(batch, n)
+    after = _balance(trainer.model, batch, n)
+    assert after < 0.7 * collapsed if coef > 0 else after > 0.9 * collapsed
+
+
+def test_the_load_balancing_loss_never_waits_on_the_device():
+    trainer, batch, n = setup("--training.micro_batch_rows=2")
+    mb = trainer._micro_batches(batch)[0]
+    with HostSyncs() as syncs:
+        logprobs, _, used, logits = trainer._logprobs(trainer.model, mb, router=True)
+        balance = router_balance_loss(logits, used, mb.token_seqs, n, float(n))
+        (logprobs.sum() + balance).backward()
+    assert syncs.calls == []

@@ -169,6 +169,11 @@ class RL:
     before the advantages; the policy's log-probs are the rollout engine's)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (entropy is always logged)."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of the MoE load-balancing loss (0: off, the RL default): each trajectory's Switch
+    balance term (experts / top_k) x sum_e f_e P_e (1 when balanced), averaged over layers and the
+    minibatch's trajectories (router/balance_loss); HF's router_aux_loss_coef weighs a batch-wide
+    sum, top_k times this. With correction = mis it is rescaled with the loss by the kept share."""
     correction: str = "none"
     """Rollout correction: none, tis (truncated weights) or mis (masked: the dropped tokens leave the
     loss, its normalizer and the metrics over the kept tokens, as if they were not in the batch)."""

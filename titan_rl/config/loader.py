@@ -208,6 +208,10 @@ def _check_ranges(config: JobConfig) -> None:
     checks = [
         (config.optimizer.lr > 0, f"optimizer.lr must be > 0, got {config.optimizer.lr}"),
         (
+            config.rl.router_aux_loss_coef >= 0,
+            f"rl.router_aux_loss_coef must be >= 0 (0: off), got {config.rl.router_aux_loss_coef}",
+        ),
+        (
             len(config.optimizer.betas) == 2 and all(0 <= b < 1 for b in config.optimizer.betas),
             f"optimizer.betas must be two values in [0, 1), e.g. [0.9, 0.999]; got {config.optimizer.betas}",
         ),

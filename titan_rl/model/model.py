@@ -11,6 +11,7 @@ Usage::
     hidden = model(tokens, return_hidden=True)           # [B, T, hidden], after the final norm
     logits, experts = model(tokens, return_expert_indices=True)   # experts [layers, B, T, top_k]
     logprobs, entropy = model(tokens, targets=next_ids, target_index=flat_positions)  # [N] each
+    logits, experts, router_logits = model(tokens, return_expert_indices=True, return_router_logits=True)
     model(tokens, expert_indices=experts)                # replays that routing
 
 For a large model build it on the meta device, move it, then initialize::
@@ -76,10 +77,12 @@ class Block(nn.Module):
         expert_indices: torch.Tensor | None = None,
         kv_cache: LayerCache | None = None,
         documents: DocumentLayout | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_router_logits: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """``(x, experts used)``, and the router's logits with ``return_router_logits``."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids, kv_cache, documents)
-        moe_out, expert_indices = self.mlp(self.post_attention_layernorm(x), expert_indices)
-        return x + moe_out, expert_indices
+        moe_out, *routing = self.mlp(self.post_attention_layernorm(x), expert_indices, return_router_logits)
+        return x + moe_out, *routing
 
     def init_weights(self, std: float) -> None:
         self.input_layernorm.init_weights()
@@ -152,6 +155,7 @@ class GptOss(nn.Module):
         expert_indices: torch.Tensor | None = None,
         return_hidden: bool = False,
         return_expert_indices: bool = False,
+        return_router_logits: bool = False,
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         target_index: torch.Tensor | None = None,
@@ -167,6 +171,8 @@ class GptOss(nn.Module):
             (``DocumentLayout.of``) so no layer synchronizes with it to find the boundaries.
         expert_indices: ``[layers, B, T, top_k]`` to replay a recorded routing.
         return_expert_indices: also return the routing used, ``[layers, B, T, top_k]``.
+        return_router_logits: also return the routers' logits ``[layers, B, T, experts]`` (after
+            the expert indices when both are asked for; for a load-balancing loss).
         kv_cache: generation cache (``titan_rl.model.kv_cache``); needs explicit ``positions``.
         targets: ``[N]`` token ids scored at the flat positions ``target_index [N]`` (indices into
             ``B * T``, each position's *next* token): returns ``(logprobs [N], entropy [N])`` of the
@@ -186,11 +192,15 @@ class GptOss(nn.Module):
         if self.args.activation_dtype == "float32":  # the residual stream; GEMMs return fp32
             x = x.float()
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, self.args.yarn_attention_factor, x.dtype)
-        used = []
+        used, router_logits = [], []
         for i, block in enumerate(self.layers):
             forced = None if expert_indices is None else expert_indices[i]
             layer_cache = None if kv_cache is None else kv_cache.layers[i]
-            x, chosen = block(x, cos, sin, document_ids, forced, layer_cache, documents)
+            if return_router_logits:  # (only then the extra argument: compiled blocks keep their graph)
+                x, chosen, logits = block(x, cos, sin, document_ids, forced, layer_cache, documents, True)
+                router_logits.append(logits)
+            else:
+                x, chosen = block(x, cos, sin, document_ids, forced, layer_cache, documents)
             used.append(chosen)
         if kv_cache is not None:
             kv_cache.end()
@@ -200,6 +210,9 @@ class GptOss(nn.Module):
             out = token_logprobs_and_entropy(hidden, self.lm_head.weight, targets, temperature)
         elif not return_hidden:
             out = self.lm_head(out)
-        if return_expert_indices:
-            return (*out, torch.stack(used)) if targets is not None else (out, torch.stack(used))
-        return out
+        extra = [torch.stack(used)] if return_expert_indices else []
+        if return_router_logits:
+            extra.append(torch.stack(router_logits))
+        if not extra:
+            return out
+        return (*out, *extra) if targets is not None else (out, *extra)

@@ -45,9 +45,10 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.empty(args.num_local_experts))
 
     def forward(
-        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[N, hidden]`` -> (weights ``[N, k]``, expert_indices ``[N, k]``).
+        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None, return_logits: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """x ``[N, hidden]`` -> (weights ``[N, k]``, expert_indices ``[N, k]``), and the logits over
+        every expert ``[N, experts]`` with ``return_logits`` (for a load-balancing loss).
 
         With ``expert_indices`` given (routing replay) those experts are used and their weights
         are recomputed from the current logits, so the router still trains. A token whose recorded
@@ -57,10 +58,11 @@ class Router(nn.Module):
         logits = linear(x, self.weight, self.bias)  # [N, experts]
         chosen_logits, own = torch.topk(logits, self.top_k, dim=-1)
         if expert_indices is None:
-            return torch.softmax(chosen_logits, dim=-1, dtype=torch.float32), own
-        # elementwise, no host read of which tokens are recorded (a token's k are all -1 or none)
-        expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
-        return torch.softmax(logits.gather(-1, expert_indices), dim=-1, dtype=torch.float32), expert_indices
+            weights, expert_indices = torch.softmax(chosen_logits, dim=-1, dtype=torch.float32), own
+        else:  # elementwise, no host read of which tokens are recorded (a token's k are all -1 or none)
+            expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
+            weights = torch.softmax(logits.gather(-1, expert_indices), dim=-1, dtype=torch.float32)
+        return (weights, expert_indices, logits) if return_logits else (weights, expert_indices)
 
 
 class Experts(nn.Module):
@@ -106,13 +108,15 @@ class MoE(nn.Module):
         self.experts = Experts(args)
 
     def forward(
-        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[..., hidden]``; ``expert_indices [..., k]`` forces the routing (replay)."""
+        self, x: torch.Tensor, expert_indices: torch.Tensor | None = None, return_router_logits: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """x ``[..., hidden]``; ``expert_indices [..., k]`` forces the routing (replay). Returns the
+        output and the experts used ``[..., k]``, and with ``return_router_logits`` the router's
+        logits ``[..., experts]``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, hidden]
         forced = None if expert_indices is None else expert_indices.reshape(x.shape[0], -1)
-        weights, expert_indices = self.router(x, forced)  # [N, k]
+        weights, expert_indices, *logits = self.router(x, forced, return_logits=return_router_logits)
         top_k = expert_indices.shape[-1]
         flat_experts = expert_indices.reshape(-1)  # [N * k]
         # (bincount would size its output from the largest id: a host sync on CUDA)
@@ -129,7 +133,10 @@ class MoE(nn.Module):
         # fp32 weights times the experts' outputs, summed in fp32, rounded once (a bf16 model keeps
         # only y and the weights for the backward; the fp32 product is a temporary)
         out = (y.view(-1, top_k, shape[-1]) * weights[..., None]).sum(dim=1).to(y.dtype)
-        return out.view(shape), expert_indices.view(*shape[:-1], top_k)
+        out, expert_indices = out.view(shape), expert_indices.view(*shape[:-1], top_k)
+        if return_router_logits:
+            return out, expert_indices, logits[0].view(*shape[:-1], -1)
+        return out, expert_indices
 
     def init_weights(self, std: float) -> None:
         for p in (self.router.weight, self.router.bias, *self.experts.parameters()):

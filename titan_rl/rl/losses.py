@@ -404,6 +404,48 @@ def rl_loss(
     return loss, metrics | stats
 
 
+def router_balance_loss(
+    router_logits: Tensor,
+    expert_indices: Tensor,
+    token_seqs: Tensor,
+    num_seqs: int,
+    global_seqs: Count,
+    shards: SequenceShards = WHOLE,
+) -> Tensor:
+    """MoE load-balancing loss per trajectory: ``sum_i b_i / global_seqs`` over the trajectories here,
+    ``b_i = mean over layers of (E / k) sum_e f_ie P_ie`` (Switch Transformer's term, Fedus et al.
+    2021, over one sequence as DeepSeek-V3's sequence-wise balance loss): ``f_ie`` the share of
+    trajectory i's tokens routed to expert e (k experts each, so ``sum_e f_ie = k``), ``P_ie`` the
+    mean router probability of e (softmax over all E logits) over its tokens. 1 when balanced.
+
+    ``router_logits [layers, ..., E]`` and ``expert_indices [layers, ..., k]`` over the tokens of
+    ``token_seqs [...]`` (1 + the trajectory index, 0 for padding: left out). Differentiable through
+    ``P`` (``f`` counts choices). Over ``shards`` of each trajectory, ``f`` and the token counts are
+    the whole trajectory's and each rank's ``P`` sums its own tokens, so the ranks' losses (and
+    gradients) add up to one process's, as ``rl_loss``'s do.
+    """
+    layers, experts = router_logits.shape[0], router_logits.shape[-1]
+    top_k = expert_indices.shape[-1]
+    slots = num_seqs + 1  # slot 0: the padding
+    seq = token_seqs.reshape(-1)  # [T]
+    probs = torch.softmax(router_logits.reshape(layers, -1, experts).float(), dim=-1)  # [L, T, E]
+    prob_sums = probs.new_zeros(layers, slots, experts).index_add(1, seq, probs)
+    with torch.no_grad():
+        chosen = seq[:, None] * experts + expert_indices.reshape(layers, -1, top_k).long()  # [L, T, k]
+        chosen = chosen.reshape(layers, -1)
+        counts = probs.new_zeros(layers, slots * experts).scatter_add_(
+            1, chosen, torch.ones_like(chosen, dtype=probs.dtype)
+        )
+        tokens = probs.new_zeros(slots).index_add_(0, seq, torch.ones_like(seq, dtype=probs.dtype))
+        whole = shards.sum(torch.cat([counts.reshape(-1), tokens]))  # over every shard of a trajectory
+        counts, tokens = whole[:-slots].view(layers, slots, experts), whole[-slots:]
+        # f_ie P_ie = counts / n x prob_sums / n; E / k and the layer mean in one factor per slot
+        scale = experts / (top_k * layers * tokens.clamp_min(1.0).square())
+        scale[0] = 0.0
+    per_seq = (counts * prob_sums).sum(dim=(0, 2)) * scale  # [slots]
+    return per_seq.sum() / global_seqs
+
+
 KEPT_COUNTS = ("kept/tokens", "kept/seqs")
 """Counts ``rl_loss`` returns among its metrics: the trained tokens and trajectories the aggregation
 kept (fewer than given only with ``correction = "mis"``), to be summed, not averaged."""

@@ -30,6 +30,9 @@ class PackedBatch:
     # [R, S, layers, top_k] int16: the engine's experts for tokens[p] (-1: route yourself), or None
     # when the trajectories carry no routing (titan_rl.rl.routing_replay)
     routing: torch.Tensor | None = None
+    # [R, S] int64: 1 + the trajectory index of tokens[p] (every token of it, the prompt's too), 0 in
+    # the padding: which tokens a per-trajectory load-balancing loss counts (None: not packed so)
+    token_seqs: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -94,6 +97,7 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
     rollout_logprobs = torch.zeros(shape, dtype=torch.float32)
     seq_ids = torch.zeros(shape, dtype=torch.long)
     advantage = torch.zeros(shape, dtype=torch.float32)
+    token_seqs = torch.zeros(shape, dtype=torch.long)
     for r, members in enumerate(rows):
         start = 0
         for doc, i in enumerate(members):
@@ -103,6 +107,7 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
             predictor = slice(start, start + n - 1)  # position p predicts p + 1
             tokens[r, span] = torch.tensor(traj.tokens)
             document_ids[r, span] = doc
+            token_seqs[r, span] = i + 1
             targets[r, predictor] = torch.tensor(traj.tokens[1:])
             target_mask[r, predictor] = torch.tensor(traj.loss_mask[1:], dtype=torch.bool)
             rollout_logprobs[r, predictor] = torch.tensor(traj.rollout_logprobs[1:])
@@ -115,7 +120,16 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
     positions = positions_from_document_ids(document_ids)
     routing = _pack_routing(trajectories, rows, shape)
     return PackedBatch(
-        tokens, document_ids, targets, target_mask, rollout_logprobs, seq_ids, advantage, positions, routing
+        tokens,
+        document_ids,
+        targets,
+        target_mask,
+        rollout_logprobs,
+        seq_ids,
+        advantage,
+        positions,
+        routing,
+        token_seqs,
     )
 
 
@@ -155,6 +169,7 @@ class DeviceBatch:
     seq_ids: torch.Tensor  # [N] trajectory index
     num_tokens: int  # N
     expert_indices: torch.Tensor | None = None  # [layers, R, S, top_k] the routing to replay, or None
+    token_seqs: torch.Tensor | None = None  # [R, S] 1 + trajectory index of each token, 0: padding
 
     @classmethod
     def of(cls, batch: PackedBatch, device: torch.device | str) -> DeviceBatch:
@@ -179,4 +194,5 @@ class DeviceBatch:
             expert_indices=None
             if batch.routing is None
             else batch.routing.permute(2, 0, 1, 3).contiguous().to(device),
+            token_seqs=None if batch.token_seqs is None else batch.token_seqs.to(device),
         )

@@ -18,6 +18,7 @@ from titan_rl.rl.losses import (
     ppo_clip_token_loss,
     rl_loss,
     rollout_correction,
+    router_balance_loss,
     sequence_mean,
 )
 
@@ -693,3 +694,85 @@ def test_two_sequence_shards_add_up_to_the_whole_sequences(overrides):
     assert grads[0].abs().sum() > 0
     for got, want in zip(grads_of(parts[0] + parts[1]), grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- MoE load-balancing loss
+
+
+def balance_reference(logits, chosen, token_seqs, global_seqs):
+    """The balance loss written as math: per trajectory and layer, (E / k) sum_e f_e P_e with f_e
+    the share of the trajectory's tokens that chose e and P_e its mean softmax probability."""
+    layers, experts, top_k = logits.shape[0], logits.shape[-1], chosen.shape[-1]
+    logits, chosen, seqs = (
+        logits.reshape(layers, -1, experts),
+        chosen.reshape(layers, -1, top_k),
+        token_seqs.reshape(-1),
+    )
+    total = logits.new_zeros(())
+    for i in seqs.unique().tolist():
+        if i == 0:
+            continue  # padding
+        mine = torch.nonzero(seqs == i).flatten()
+        for layer in range(layers):
+            probs = torch.softmax(logits[layer, mine].float(), dim=-1)  # [n, E]
+            f = torch.stack([(chosen[layer, mine] == e).any(-1).float().mean() for e in range(experts)])
+            total = total + experts / top_k * (f * probs.mean(0)).sum() / layers
+    return total / global_seqs
+
+
+def random_routing(gen, layers=3, rows=2, seq=10, experts=6, top_k=2):
+    logits = torch.randn(layers, rows, seq, experts, generator=gen).requires_grad_(True)
+    chosen = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(layers * rows * seq)])
+    chosen = chosen.view(layers, rows, seq, top_k)
+    token_seqs = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 4, 4, 4, 4, 0]])
+    return logits, chosen, token_seqs
+
+
+def test_router_balance_loss_matches_its_formula_with_gradients():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    logits, chosen, token_seqs = random_routing(gen)
+    got = router_balance_loss(logits, chosen, token_seqs, num_seqs=4, global_seqs=7.0)
+    want = balance_reference(logits, chosen, token_seqs, 7.0)
+    torch.testing.assert_close(got, want)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_want,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g_got, g_want)
+    assert g_got[:, 0, 7:].abs().sum() == 0 and g_got[:, 0, :7].abs().sum() > 0  # padding left out
+
+
+def test_router_balance_loss_is_one_when_balanced_and_more_when_collapsed():
+    experts, top_k, n = 4, 2, 8
+    balanced = torch.tensor([[0, 1], [2, 3]] * (n // 2)).view(1, 1, n, top_k)  # each expert n/2 times
+    flat = torch.zeros(1, 1, n, experts)
+    seqs = torch.ones(1, n, dtype=torch.long)
+    assert router_balance_loss(flat, balanced, seqs, 1, 1.0).item() == pytest.approx(1.0)
+    collapsed = torch.tensor([0, 1]).expand(1, 1, n, top_k)
+    peaked = torch.tensor([5.0, 5.0, 0.0, 0.0]).expand(1, 1, n, experts)
+    assert router_balance_loss(peaked, collapsed, seqs, 1, 1.0).item() > 1.9  # E / k x P(0 or 1) ~ 2
+
+
+def test_router_balance_loss_over_two_sequence_shards_adds_up_to_the_whole():
+    """Context parallelism: every other token of each trajectory on each of two shards; the shards'
+    losses and gradients add up to the whole trajectories' (f and the token counts per trajectory
+    must be the whole trajectory's on each shard)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    logits, chosen, token_seqs = random_routing(gen)
+    whole = router_balance_loss(logits, chosen, token_seqs, 4, 5.0)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    exchange, parts = TwoShardSum(), [None, None]
+
+    def shard(k):
+        cols = torch.arange(k, token_seqs.shape[1], 2)
+        parts[k] = router_balance_loss(
+            logits[:, :, cols], chosen[:, :, cols], token_seqs[:, cols], 4, 5.0,
+            SequenceShards(2, exchange.for_shard(k)),
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=shard, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    torch.testing.assert_close(parts[0] + parts[1], whole)
+    (g_parts,) = torch.autograd.grad(parts[0] + parts[1], logits)
+    torch.testing.assert_close(g_parts, g_whole)
