@@ -31,15 +31,16 @@ from titan_rl.rl.envs.agentic import (
     Message,
     ToolCall,
     Transcript,
-    tool_result,
 )
 from titan_rl.rl.harmony import (
     STOP_TOKENS,
     ParseError,
+    builtin_tools,
     generation_prompt,
     parse_assistant,
     render_conversation,
     render_message,
+    tool_reply,
 )
 from titan_rl.rl.rollout.engine import RolloutEngine
 from titan_rl.rl.rollout.native import Completion
@@ -171,7 +172,8 @@ def step_episodes(
 ) -> None:
     """Apply one sampled turn to each episode: append it, parse it, run its tool call, append the reply."""
     replies: dict[int, Message] = {}
-    calls: list[tuple[int, str, dict[str, Any]]] = []  # (episode position, tool name, arguments)
+    # (episode position, tool name, arguments, the result's message from its text)
+    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message]]] = []
     prompt = generation_prompt(tokenizer)
     for i, (episode, completion) in enumerate(zip(episodes, completions)):
         episode.routing = extend_routing(episode.routing, completion.routing)
@@ -180,12 +182,13 @@ def step_episodes(
         if completion.finish_reason != "stop":
             episode.end = "cut_off"
             continue
-        turn = parse_assistant(completion.tokens, tokenizer)
+        builtins = builtin_tools(episode.start.tools, config.system_style)
+        turn = parse_assistant(completion.tokens, tokenizer, builtins)
         if isinstance(turn, ParseError):
             episode.parse_errors += 1
             if turn.tool is not None:
                 episode.tool_errors += 1
-                replies[i] = tool_result(turn.tool, f"Error: {turn.reason}")
+                replies[i] = tool_reply(turn.tool, f"Error: {turn.reason}", builtins, turn.channel)
             else:
                 replies[i] = Message("system", f"Error: invalid assistant message: {turn.reason}")
             continue
@@ -194,7 +197,10 @@ def step_episodes(
             episode.transcript.final_answer = turn.message.content
             episode.end = "answer"
         elif turn.tool_name is not None and episode.turns < config.max_turns:
-            calls.append((i, turn.tool_name, turn.arguments or {}))
+            reply = functools.partial(
+                tool_reply, turn.tool_name, builtins=builtins, channel=turn.message.channel
+            )
+            calls.append((i, turn.tool_name, turn.arguments or {}, reply))
     _dispatch(env, episodes, calls, replies, config)
     for i, episode in enumerate(episodes):
         if episode.end is not None:
@@ -214,34 +220,33 @@ def step_episodes(
 def _dispatch(
     env: AgentEnvironment,
     episodes: list[EpisodeRollout],
-    calls: list[tuple[int, str, dict[str, Any]]],
+    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message]]],
     replies: dict[int, Message],
     config: AgentLoopConfig,
 ) -> None:
     """Run the well-formed tool calls; unknown tools are answered without calling anything."""
     runnable = []
-    for i, name, arguments in calls:
+    for i, name, arguments, reply in calls:
         known = {tool.name for tool in episodes[i].start.tools}
         if name not in known:
             episodes[i].tool_errors += 1
-            replies[i] = tool_result(
-                name, f"Error: unknown tool {name!r}; available: {', '.join(sorted(known))}"
-            )
+            replies[i] = reply(f"Error: unknown tool {name!r}; available: {', '.join(sorted(known))}")
             continue
         state = episodes[i].start.state
-        runnable.append((i, name, arguments, lambda s=state, n=name, a=arguments: env.call_tool(s, n, a)))
+        call = lambda s=state, n=name, a=arguments: env.call_tool(s, n, a)
+        runnable.append((i, name, arguments, reply, call))
     if not runnable:  # (the same on every rank: their episodes are equal)
         return
     outcomes = computed_once(  # each on its episode's rank, where a stateful tool's state lives
-        [episodes[i].number for i, _, _, _ in runnable],
-        lambda mine: run_tool_calls([(runnable[k][1], runnable[k][3]) for k in mine], config),
+        [episodes[i].number for i, *_ in runnable],
+        lambda mine: run_tool_calls([(runnable[k][1], runnable[k][4]) for k in mine], config),
     )
-    for (i, name, arguments, _), outcome in zip(runnable, outcomes):
+    for (i, name, arguments, reply, _), outcome in zip(runnable, outcomes):
         episode = episodes[i]
         episode.transcript.tool_calls.append(ToolCall(name, arguments, outcome.text, outcome.ok))
         episode.tool_errors += not outcome.ok
         episode.timeouts += outcome.timed_out
-        replies[i] = tool_result(name, outcome.text)
+        replies[i] = reply(outcome.text)
 
 
 def run_episodes(

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from titan_rl.rl.envs.agentic import Message, ToolSpec
+from titan_rl.rl.envs.agentic import Message, ToolSpec, tool_result
 from titan_rl.rl.tokenizer import Tokenizer
 
 CHANNELS = ("analysis", "commentary", "final")
@@ -30,18 +30,32 @@ SYSTEM_STYLES = ("minimal", "gpt-oss")
 # message"; its renderer's defaults): identity, knowledge cutoff, a date, reasoning effort and the
 # valid channels; persona and task instructions go in the developer message under "# Instructions".
 # The date is fixed: a rollout must not depend on the day it runs.
-GPT_OSS_SYSTEM = (
+GPT_OSS_HEADER = (
     "You are ChatGPT, a large language model trained by OpenAI.\n"
     "Knowledge cutoff: 2024-06\n"
     "Current date: 2025-06-28\n\n"
-    "Reasoning: medium\n\n"
-    "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+    "Reasoning: medium"
 )
+VALID_CHANNELS = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+GPT_OSS_SYSTEM = f"{GPT_OSS_HEADER}\n\n{VALID_CHANNELS}"
 
 
 def generation_prompt(tokenizer: Tokenizer) -> list[int]:
     """``<|start|>assistant``: appended to the context before each assistant turn is sampled."""
     return [tokenizer.special["<|start|>"], *tokenizer.encode("assistant")]
+
+
+def builtin_tools(tools: list[ToolSpec], style: str) -> dict[str, ToolSpec]:
+    """The tools that render as gpt-oss built-ins (``ToolSpec.builtin``, ``gpt-oss`` style only)."""
+    return {tool.name: tool for tool in tools if tool.builtin} if style == "gpt-oss" else {}
+
+
+def tool_reply(name: str, text: str, builtins: dict[str, ToolSpec], channel: str | None = None) -> Message:
+    """A tool's result (or error) as the model expects it: from ``functions.NAME`` on the commentary
+    channel, or for a built-in from ``NAME`` on the channel of its call (analysis)."""
+    if name in builtins:
+        return Message(name, text, channel=channel or "analysis", recipient="assistant")
+    return tool_result(name, text)
 
 
 def default_stop(message: Message) -> str:
@@ -134,12 +148,20 @@ def render_conversation(
 
 
 def _gpt_oss_preamble(messages: list[Message], tools: list[ToolSpec]) -> list[Message]:
-    """gpt-oss's system message, then a developer message of ``# Instructions`` (the environment's
-    system and developer texts) and the tools, then the rest of the conversation."""
-    system = GPT_OSS_SYSTEM + (f"\n{TOOL_CHANNEL_NOTE}" if tools else "")
+    """gpt-oss's system message (with the built-in tools' ``# Tools`` section), then a developer
+    message of ``# Instructions`` (the environment's system and developer texts) and the function
+    tools, then the rest of the conversation. The sections follow openai/harmony's renderer
+    (``src/encoding.rs``: a built-in's description as plain lines under ``## NAME``)."""
+    builtins = sorted(builtin_tools(tools, "gpt-oss").values(), key=lambda tool: tool.name)
+    functions = [tool for tool in tools if not tool.builtin]
+    sections = [GPT_OSS_HEADER]
+    if builtins:
+        sections.append("\n\n".join(["# Tools", *(f"## {t.name}\n\n{t.description}" for t in builtins)]))
+    sections.append(VALID_CHANNELS + (f"\n{TOOL_CHANNEL_NOTE}" if functions else ""))
+    system = "\n\n".join(sections)
     instructions = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))
     parts = ([f"# Instructions\n\n{instructions}"] if instructions else []) + (
-        [render_tools(tools)] if tools else []
+        [render_tools(functions)] if functions else []
     )
     developer = [Message("developer", "\n\n".join(parts))] if parts else []
     rest = [m for m in messages if m.role not in ("system", "developer")]
@@ -153,11 +175,14 @@ class AssistantTurn:
     message: Message
     stop: str  # "<|call|>", "<|return|>" or "<|end|>"
     arguments: dict[str, Any] | None = None  # parsed JSON arguments of a tool call
+    builtin: bool = False  # a call to a built-in tool (its recipient is the tool's name)
 
     @property
     def tool_name(self) -> str | None:
         recipient = self.message.recipient
-        return recipient[len(TOOL_NAMESPACE) :] if recipient else None
+        if recipient is None or self.builtin:
+            return recipient
+        return recipient[len(TOOL_NAMESPACE) :]
 
     @property
     def is_final(self) -> bool:
@@ -171,11 +196,12 @@ class ParseError:
 
     reason: str
     tool: str | None = None
+    channel: str | None = None  # the turn's channel (a built-in's error comes back on it)
 
 
 _HEADER = re.compile(
     r"^(?:\s*to=(?P<before>\S+?))?\s*<\|channel\|>(?P<channel>\w+)(?:\s+to=(?P<after>\S+?))?"
-    r"(?:\s*<\|constrain\|>(?P<constrain>\w+)|\s+(?P<content_type>json))?\s*$"
+    r"(?:\s*<\|constrain\|>(?P<constrain>\w+)|\s+(?P<content_type>json|code))?\s*$"
 )
 
 
@@ -192,8 +218,11 @@ def _header_text(ids: list[int], tokenizer: Tokenizer) -> str:
     return "".join([*parts, tokenizer.decode(run)])
 
 
-def parse_assistant(ids: list[int], tokenizer: Tokenizer) -> AssistantTurn | ParseError:
-    """Parse the tokens sampled after ``<|start|>assistant`` (header rest, content, stop token)."""
+def parse_assistant(
+    ids: list[int], tokenizer: Tokenizer, builtins: dict[str, ToolSpec] | None = None
+) -> AssistantTurn | ParseError:
+    """Parse the tokens sampled after ``<|start|>assistant`` (header rest, content, stop token).
+    ``builtins`` (``builtin_tools``): tools called by their own name with a raw text message."""
     special, names = tokenizer.special, {v: k for k, v in tokenizer.special.items()}
     stop_ids = {special[s] for s in STOP_TOKENS}
     for token in ids[:-1]:
@@ -228,8 +257,18 @@ def parse_assistant(ids: list[int], tokenizer: Tokenizer) -> AssistantTurn | Par
         if stop == "<|return|>" and channel != "final":
             return ParseError(f"<|return|> ends final-channel messages only, not {channel}")
         return AssistantTurn(message, stop)
+    builtin = (builtins or {}).get(recipient)
+    if builtin is not None:
+        if stop != "<|call|>":
+            return ParseError(
+                f"a message to {recipient} must end with <|call|>, not {stop}", recipient, channel
+            )
+        if channel == "final":
+            return ParseError(f"calls to {recipient} go to the analysis channel, not final", recipient)
+        return AssistantTurn(message, stop, {builtin.text_argument: content}, builtin=True)
     if not recipient.startswith(TOOL_NAMESPACE) or recipient == TOOL_NAMESPACE:
-        return ParseError(f"unknown recipient {recipient!r}; call tools as functions.NAME")
+        also = "".join(f" or {name}" for name in sorted(builtins or {}))
+        return ParseError(f"unknown recipient {recipient!r}; call tools as functions.NAME{also}")
     tool = recipient[len(TOOL_NAMESPACE) :]
     if stop != "<|call|>":
         return ParseError(f"a message to {recipient} must end with <|call|>, not {stop}", tool=tool)

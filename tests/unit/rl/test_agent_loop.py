@@ -378,3 +378,41 @@ def test_opening_prompts_over_the_episode_budget():
     with pytest.warns(UserWarning, match="task 0's opening prompt"):
         trajectories, _ = run_episodes(engine, TOKENIZER, env, [0, 1], 2, SamplingParams(), config)
     assert [sum(t.loss_mask) == 0 for t in trajectories] == [True, True, False, False]
+
+
+def test_gpt_oss_episodes_call_the_builtin_python_tool_with_raw_code():
+    """In the gpt-oss style the math env's python tool is gpt-oss's built-in: the model sends raw
+    code to=python on the analysis channel, the code runs, its output comes back from python on
+    that channel; a malformed call is answered by python too. In the minimal style the same tool is
+    functions.python with JSON arguments."""
+    from titan_rl.rl.envs.math_task import MathEnv, MathProblem
+    from titan_rl.rl.envs.python_tool import PythonSandbox
+
+    env = MathEnv([MathProblem("What is 6 times 7?", "42")], python=PythonSandbox(isolate=False))
+    config = AgentLoopConfig(system_style="gpt-oss")
+    episode = start_episode(env, 0, group=0, tokenizer=TOKENIZER, style="gpt-oss")
+    assert "## python\n\nUse this tool to execute Python code" in TOKENIZER.decode(episode.tokens)
+    call = Message("assistant", "print(6 * 7)", channel="analysis", recipient="python")
+    broken = Message("assistant", "print(1)", channel="analysis", recipient="python")
+    turns = [
+        sampled_turn(call),
+        sampled_turn(broken, "<|end|>"),
+        sampled_turn(final_answer("42"), "<|return|>"),
+    ]
+    start = len(episode.tokens)
+    for turn in turns:
+        step_episodes(env, TOKENIZER, [episode], [turn], config)
+    output = Message("python", "42\n", channel="analysis", recipient="assistant")
+    error = Message(
+        "python", "Error: a message to python must end with <|call|>, not <|end|>", channel="analysis",
+        recipient="assistant",
+    )  # fmt: skip
+    a, b, final = turns
+    assert episode.tokens[start:] == a.tokens + context(output) + b.tokens + context(error) + final.tokens
+    (ran,) = episode.transcript.tool_calls
+    assert (ran.name, ran.arguments, ran.result, ran.ok) == ("python", {"code": "print(6 * 7)"}, "42\n", True)
+    assert env.reward(episode.transcript) == 1.0 and episode.tool_errors == 1
+
+    minimal = start_episode(env, 0, group=0, tokenizer=TOKENIZER, style="minimal")
+    step_episodes(env, TOKENIZER, [minimal], [sampled_turn(call)], AgentLoopConfig())
+    assert minimal.transcript.tool_calls == [] and minimal.parse_errors == 1  # to=python: not a function

@@ -245,3 +245,76 @@ def test_tool_schemas_with_type_unions_and_multi_line_descriptions():
         "// Save a note.\n// Returns its id.\ntype note = (_: {\n// the\n// text\ntext?: string | null,\n"
         in text
     )
+
+
+# ---------------------------------------------------------------- gpt-oss built-in tools
+
+PYTHON = ToolSpec(
+    "python",
+    "Runs code.\nSecond line.",
+    {"type": "object", "properties": {"code": {"type": "string"}}},
+    builtin=True,
+)
+
+
+def test_a_builtin_tool_goes_in_the_gpt_oss_system_message():
+    """openai/harmony (docs/format.md "Python tool", src/encoding.rs): built-ins are a "# Tools"
+    section of the system message, "## NAME" then the description as plain lines, before the valid
+    channels; function tools stay in the developer message (and only they add the channel note)."""
+    messages = [Message("user", "2 + 2?")]
+    both = TOKENIZER.decode(render_conversation(messages, [PYTHON, LOOKUP], TOKENIZER, "gpt-oss"))
+    assert both.startswith(
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: medium\n\n"
+        "# Tools\n\n## python\n\nRuns code.\nSecond line.\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.\n"
+        "Calls to these tools must go to the commentary channel: 'functions'.<|end|>"
+        "<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n\n// Look up a key."
+    ), both
+    assert "type python" not in both
+    alone = TOKENIZER.decode(render_conversation(messages, [PYTHON], TOKENIZER, "gpt-oss"))
+    assert alone.startswith("<|start|>system<|message|>You are ChatGPT") and "'functions'" not in alone
+    assert "<|start|>developer" not in alone and "## python\n\nRuns code.\nSecond line.\n\n# Valid" in alone
+    minimal = TOKENIZER.decode(render_conversation(messages, [PYTHON], TOKENIZER, "minimal"))
+    assert "type python = (_: {\ncode?: string,\n}) => any;" in minimal  # a function there
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["<|channel|>", "analysis to=python code", "<|message|>", "print(6 * 7)", "<|call|>"],
+        [" to=python", "<|channel|>", "analysis", "<|message|>", "print(6 * 7)", "<|call|>"],
+        ["<|channel|>", "commentary to=python", "<|message|>", "print(6 * 7)", "<|call|>"],
+    ],
+)
+def test_a_builtin_call_carries_raw_code(pieces):
+    turn = parse_assistant(sampled(pieces), TOKENIZER, {"python": PYTHON})
+    assert isinstance(turn, AssistantTurn) and turn.builtin
+    assert turn.tool_name == "python" and turn.arguments == {"code": "print(6 * 7)"}
+    unknown = parse_assistant(sampled(pieces), TOKENIZER)  # no built-ins (minimal style)
+    assert isinstance(unknown, ParseError) and "unknown recipient 'python'" in unknown.reason
+
+
+@pytest.mark.parametrize(
+    ("pieces", "reason", "channel"),
+    [
+        (["<|channel|>", "final to=python", "<|message|>", "1", "<|call|>"], "analysis channel", None),
+        (
+            ["<|channel|>", "analysis to=python", "<|message|>", "1", "<|end|>"],
+            "end with <|call|>",
+            "analysis",
+        ),
+        (["<|channel|>", "analysis to=browser.search", "<|message|>", "{}", "<|call|>"], "or python", None),
+    ],
+)
+def test_malformed_builtin_calls_are_errors_from_that_tool(pieces, reason, channel):
+    error = parse_assistant(sampled(pieces), TOKENIZER, {"python": PYTHON})
+    assert isinstance(error, ParseError) and reason in error.reason
+    assert error.tool == (None if "browser" in pieces[1] else "python") and error.channel == channel
+
+
+def test_a_builtin_spec_needs_one_string_parameter():
+    with pytest.raises(ValueError, match="one string parameter"):
+        ToolSpec(
+            "python", "x", {"type": "object", "properties": {"a": {"type": "string"}, "b": {}}}, builtin=True
+        )

@@ -13,11 +13,31 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class ToolSpec:
-    """A function the assistant may call as ``functions.{name}`` with JSON arguments."""
+    """A function the assistant may call as ``functions.{name}`` with JSON arguments.
+
+    ``builtin``: a gpt-oss built-in tool (``python``): with the ``gpt-oss`` system style its
+    description goes in the system message's ``# Tools`` section, the model calls it as
+    ``to={name}`` with the raw text of its one string parameter as the message (no JSON), and its
+    result comes back from ``{name}``; with the ``minimal`` style it is a function like the others.
+    """
 
     name: str
     description: str
     parameters: dict[str, Any]  # JSON schema of the arguments object: {"type": "object", "properties": ...}
+    builtin: bool = False
+
+    def __post_init__(self) -> None:
+        properties = self.parameters.get("properties", {})
+        if self.builtin and [p.get("type") for p in properties.values()] != ["string"]:
+            raise ValueError(
+                f"built-in tool {self.name!r} takes its message as one string parameter; "
+                f"its parameters are {self.parameters}"
+            )
+
+    @property
+    def text_argument(self) -> str:
+        """The parameter a built-in tool's raw message fills."""
+        return next(iter(self.parameters["properties"]))
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,30 @@ SAMPLE_PATH = Path(__file__).parent / "data" / "math_sample.jsonl"
 SYSTEM = "You are a helpful assistant that solves math word problems."
 INSTRUCTIONS = "Solve the problem. In the final channel, give only the final number."
 PYTHON_INSTRUCTIONS = " You may run Python with the python tool; print what you need to see."
-PYTHON = ToolSpec(
-    name="python",
-    description="Run Python 3 code in a sandbox (no network, no files outside its folder); returns output.",
-    parameters={"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
+# The python tool's system-message text: its first paragraph is the one the released gpt-oss models
+# were trained with (openai/harmony docs/format.md, "Python tool"); the second says what this sandbox
+# is (a fresh process per call, as gpt-oss's own reference tool, not a stateful notebook).
+PYTHON_DESCRIPTION = (
+    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the "
+    "user. This tool should be used for internal reasoning, but not for code that is intended to be "
+    "visible to the user (e.g. when creating plots, tables, or files).\n"
+    "When you send a message containing Python code to python, it will be executed in a fresh sandboxed "
+    "process (nothing is kept between calls; no network), and what it prints is returned to you: use "
+    "print statements to see results. It times out after {timeout_s:g} seconds."
 )
+
+
+def python_tool_spec(timeout_s: float) -> ToolSpec:
+    """The ``python`` tool: gpt-oss's built-in (``to=python`` with raw code) in the gpt-oss system
+    style, a ``functions.python`` function taking ``{"code": ...}`` in the minimal one."""
+    return ToolSpec(
+        name="python",
+        description=PYTHON_DESCRIPTION.format(timeout_s=timeout_s),
+        parameters={"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
+        builtin=True,
+    )
+
+
 # a number: 1,234.5, .5, -3, or a fraction 3/4 (a/b, read whole: "3/4" is not 3 then 4)
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?")
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")  # one level of braces: \boxed{\frac{3}{4}}
@@ -127,7 +146,8 @@ class MathEnv:
             Message("developer", instructions),
             Message("user", problem.question),
         ]
-        return EpisodeStart(messages, [PYTHON] if self.python else [], state=problem)
+        tools = [python_tool_spec(self.python.limits.timeout_s)] if self.python else []
+        return EpisodeStart(messages, tools, state=problem)
 
     def call_tool(self, state: MathProblem, name: str, arguments: dict[str, Any]) -> str:
         if name != "python" or self.python is None:
