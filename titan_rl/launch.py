@@ -12,6 +12,8 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -43,12 +45,43 @@ def _children() -> list[int]:
     return found
 
 
-def _forward_stop(signum: int, frame: object) -> None:
-    """A scheduler's SIGUSR1 to the launcher reaches the ranks (torchrun forwards only SIGTERM, SIGINT,
-    SIGHUP and SIGQUIT, and SIGUSR1's default would kill the launcher and orphan the ranks)."""
-    for pid in _children():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its ``SigCgt`` mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+class StopForwarder:
+    """A scheduler's SIGUSR1 to the launcher reaches every rank (torchrun forwards only SIGTERM,
+    SIGINT, SIGHUP and SIGQUIT, and SIGUSR1's default would kill the launcher and orphan the ranks).
+
+    A rank gets it once it handles SIGUSR1 (``titan_rl.stop``, installed as its ``main`` starts): a
+    rank still importing would be killed by it, and one torchrun has not started yet would miss it.
+    So the request stays pending and a thread delivers it to each rank as it becomes ready, ranks
+    torchrun restarts (``--max-restarts``) included: those stop after their first step too."""
+
+    def __init__(self, poll_s: float = 0.1) -> None:
+        self.poll_s = poll_s
+        self.delivered: set[int] = set()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._deliver, name="titan_rl-stop", daemon=True)
+            self.thread.start()
+
+    def _deliver(self) -> None:
+        while True:
+            for pid in _children():
+                if pid not in self.delivered and catches(pid, signal.SIGUSR1):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGUSR1)
+                    self.delivered.add(pid)
+            time.sleep(self.poll_s)
 
 
 STOPPED = 128 + signal.SIGUSR1  # a rank's exit code after a SIGUSR1 stop (titan_rl.stop): checkpointed
@@ -57,7 +90,7 @@ STOPPED = 128 + signal.SIGUSR1  # a rank's exit code after a SIGUSR1 stop (titan
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.path.isdir("/proc"):
-        signal.signal(signal.SIGUSR1, _forward_stop)
+        signal.signal(signal.SIGUSR1, StopForwarder())
     if "--debug" in argv:
         from torch.distributed.run import main as torchrun
 
