@@ -81,25 +81,36 @@ def to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_with_fp32_residual(
-    self: Block, x, cos, sin, document_ids=None, expert_indices=None, kv_cache=None, documents=None
+    self: Block,
+    x,
+    cos,
+    sin,
+    document_ids=None,
+    expert_indices=None,
+    kv_cache=None,
+    documents=None,
+    return_router_logits=False,
 ):
     """``Block.forward`` with ``x`` in fp32: the norms' outputs enter the block in its weights' dtype."""
     compute = self.self_attn.q_proj.weight.dtype
     x = x.float()
     attn = self.self_attn(self.input_layernorm(x).to(compute), cos, sin, document_ids, kv_cache, documents)
     x = x + attn.float()
-    out, expert_indices = self.mlp(self.post_attention_layernorm(x).to(compute), expert_indices)
-    return x + out.float(), expert_indices
+    normed = self.post_attention_layernorm(x).to(compute)
+    out, *routing = self.mlp(normed, expert_indices, return_router_logits)
+    return x + out.float(), *routing
 
 
-def _fp32_router_logits(self: moe.Router, x, expert_indices=None):
+def _fp32_router_logits(self: moe.Router, x, expert_indices=None, return_logits=False):
     """``Router.forward`` with fp32 sums and logits from the same bf16 inputs and weights."""
     logits = F.linear(x.float(), self.weight.float(), self.bias.float())
     chosen, own = torch.topk(logits, self.top_k, dim=-1)
     if expert_indices is None:
-        return torch.softmax(chosen, dim=-1).to(x.dtype), own
-    expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
-    return torch.softmax(logits.gather(-1, expert_indices), dim=-1).to(x.dtype), expert_indices
+        weights, expert_indices = torch.softmax(chosen, dim=-1).to(x.dtype), own
+    else:
+        expert_indices = torch.where(expert_indices < 0, own, expert_indices.to(own.dtype))
+        weights = torch.softmax(logits.gather(-1, expert_indices), dim=-1).to(x.dtype)
+    return (weights, expert_indices, logits) if return_logits else (weights, expert_indices)
 
 
 @contextlib.contextmanager
