@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -73,15 +74,25 @@ def _parse_cli_value(where: str, text: str, tp: Any) -> Any:
     return _check_value(where, value, tp)
 
 
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """`` (did you mean kl_coef?)`` for a near miss (``kl-coef``, ``kl_coeff``), else nothing."""
+    close = difflib.get_close_matches(name.replace("-", "_"), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _lookup(section: str, key: str | None = None) -> Any:
     sections = _sections()
     if section not in sections:
-        raise ConfigError(f"unknown config section [{section}]; valid sections: {', '.join(sections)}")
+        hint = _did_you_mean(section, list(sections))
+        raise ConfigError(f"unknown config section [{section}]{hint}; valid sections: {', '.join(sections)}")
     if key is None:
         return sections[section]
     fields = _field_types(sections[section])
     if key not in fields:
-        raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(fields)}")
+        hint = _did_you_mean(key, list(fields))
+        raise ConfigError(
+            f"unknown key {section}.{key}{hint}; valid keys of [{section}]: {', '.join(fields)}"
+        )
     return fields[key]
 
 
@@ -208,6 +219,11 @@ def _check_ranges(config: JobConfig) -> None:
     checks = [
         (config.optimizer.lr > 0, f"optimizer.lr must be > 0, got {config.optimizer.lr}"),
         (
+            config.optimizer.weight_decay >= 0,
+            f"optimizer.weight_decay must be >= 0, got {config.optimizer.weight_decay}",
+        ),
+        (config.optimizer.eps > 0, f"optimizer.eps must be > 0, got {config.optimizer.eps}"),
+        (
             config.rl.router_aux_loss_coef >= 0,
             f"rl.router_aux_loss_coef must be >= 0 (0: off), got {config.rl.router_aux_loss_coef}",
         ),
@@ -277,6 +293,14 @@ def config_warnings(config: JobConfig) -> list[str]:
         out.append(
             "rollout.engine = 'vllm' with top_k = 1 runs as vLLM temperature 0, whose log-probs are "
             f"untempered; the trainer's use rollout.temperature = {r.temperature}"
+        )
+    t = config.training
+    updates = t.steps * t.minibatches * t.epochs
+    if config.lr_scheduler.warmup_steps > updates:
+        out.append(
+            f"lr_scheduler.warmup_steps = {config.lr_scheduler.warmup_steps} > the run's {updates} optimizer "
+            f"steps (training.steps x minibatches x epochs): optimizer.lr = {config.optimizer.lr:g} is never "
+            "reached"
         )
     timeout, collective = config.env.reward_timeout_s, config.parallelism.collective_timeout_s
     if timeout >= collective:

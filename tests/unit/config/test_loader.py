@@ -50,8 +50,18 @@ def test_every_shipped_config_loads():
 @pytest.mark.parametrize(
     "toml,overrides,message",
     [
-        ("[training]\nstepz = 1\n", [], "unknown key training.stepz; valid keys of \\[training\\]: steps"),
-        ("[trainin]\nsteps = 1\n", [], "unknown config section \\[trainin\\]; valid sections: job"),
+        (
+            "[training]\nstepz = 1\n",
+            [],
+            "unknown key training.stepz \\(did you mean steps\\?\\); valid keys of \\[training\\]: steps",
+        ),
+        (
+            "[trainin]\nsteps = 1\n",
+            [],
+            "unknown config section \\[trainin\\] \\(did you mean training\\?\\); valid sections: job",
+        ),
+        ("", ["--rl.kl-coef=0.1"], "unknown key rl.kl-coef \\(did you mean kl_coef\\?\\)"),
+        ("", ["--rl.zzz=1"], "unknown key rl.zzz; valid keys of \\[rl\\]"),
         ('[training]\nsteps = "many"\n', [], "training.steps must be int"),
         ("[training]\nsteps = 1.5\n", [], "training.steps must be int"),
         ("", ["--training.steps=abc"], "--training.steps must be int"),
@@ -140,6 +150,8 @@ def test_vllm_with_truncated_sampling_is_warned_about():
         ("--env.python_tool=true", "env.python_tool is for env.name = 'math'"),
         ("--env.data_path=x.jsonl", "env.data_path is for env.name = 'math'"),
         ("--training.max_skipped_steps=0", "training.max_skipped_steps must be >= 1"),
+        ("--optimizer.weight_decay=-1", "optimizer.weight_decay must be >= 0"),
+        ("--optimizer.eps=0", "optimizer.eps must be > 0"),
         ("--env.target_modulus=0", "env.target_modulus must be >= 1"),
         ("--env.keys_per_task=0", "env.keys_per_task must be >= 1"),
         ("--optimizer.betas=[0.9]", "optimizer.betas must be two values in [0, 1)"),
@@ -156,3 +168,11 @@ def test_values_that_cannot_be_meant_are_config_errors_naming_the_key(override, 
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about():
+    from titan_rl.config.loader import config_warnings
+
+    (warning,) = config_warnings(load_config(None, ["--training.steps=10", "--lr_scheduler.warmup_steps=50"]))
+    assert "never reached" in warning and "10 optimizer steps" in warning
+    assert config_warnings(load_config(None, ["--training.steps=10", "--lr_scheduler.warmup_steps=10"])) == []
