@@ -212,3 +212,33 @@ def test_a_factory_function_is_checked_when_built_and_sft_needs_demonstrations(t
     for name in ("fn_envs:MultiplyEnv", "math"):
         with pytest.raises(ConfigError, match=r"sft\.steps = 5"):
             check_inputs(load_config(None, [f"--env.name={name}", "--sft.steps=5", "--training.seq_len=512"]))
+
+
+def test_an_environment_that_cannot_be_built_or_started_is_a_one_line_error(tmp_path, monkeypatch):
+    """Mistakes in your own environment: a factory that needs arguments (before launch), no tasks, and
+    reset() returning something else than an EpisodeStart (errors, not tracebacks from the agent loop)."""
+    from titan_rl.config import ConfigError, load_config
+    from titan_rl.preflight import check_inputs
+    from titan_rl.rl.agent_loop import start_episode
+    from titan_rl.rl.collect import build_env
+    from titan_rl.rl.tokenizer import build_tiny_tokenizer
+
+    (tmp_path / "bad_envs.py").write_text(
+        readme_block("environment")
+        + "\n\nclass NeedsArgs(MultiplyEnv):\n    def __init__(self, path):\n        super().__init__()\n"
+        + "\n\nclass Empty(MultiplyEnv):\n    def __len__(self):\n        return 0\n"
+        + "\n\nclass Tuple(MultiplyEnv):\n    def reset(self, index):\n"
+        + "        return tuple(super().reset(index).messages)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def cfg(name):
+        return load_config(None, [f"--env.name=bad_envs:{name}", "--training.seq_len=512"])
+
+    with pytest.raises(ConfigError, match="NeedsArgs must be callable with no arguments"):
+        check_inputs(cfg("NeedsArgs"))
+    with pytest.raises(ConfigError, match="has no tasks"):
+        build_env(cfg("Empty"), 512)
+    env = build_env(cfg("Tuple"), 512)
+    with pytest.raises(ValueError, match=r"Tuple.reset\(0\) returned tuple, not an EpisodeStart"):
+        start_episode(env, 0, 0, build_tiny_tokenizer())

@@ -121,6 +121,11 @@ def start_episode(
 ) -> EpisodeRollout:
     """Reset task ``index``; the prompt (conversation + ``<|start|>assistant``) is context, mask 0."""
     start = env.reset(index)
+    if not isinstance(start, EpisodeStart):
+        raise ValueError(
+            f"{type(env).__name__}.reset({index}) returned {type(start).__name__}, not an EpisodeStart "
+            "(titan_rl.rl.envs.agentic.EpisodeStart(messages, tools, state))"
+        )
     episode = EpisodeRollout(start, group, Transcript(state=start.state, messages=list(start.messages)))
     conversation = render_conversation(start.messages, start.tools, tokenizer, style)
     episode.append(conversation + generation_prompt(tokenizer), False)

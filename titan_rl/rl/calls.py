@@ -181,8 +181,8 @@ def _reward_score(value: Any, error: BaseException | None) -> tuple[float, bool]
     if error is not None:
         warnings.warn(f"reward function raised {type(error).__name__}: {error}; reward 0", stacklevel=3)
         return 0.0, True
-    try:
-        number = float(value)
+    try:  # (text is not a score, though float() would read "1.0")
+        number = math.nan if isinstance(value, (str, bytes)) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):

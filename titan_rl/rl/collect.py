@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 
 from titan_rl.config import ConfigError, JobConfig
@@ -38,6 +39,8 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
     if ":" in env.name:
         built = load_user_env(env.name)()
         check_agent_env(built, env.name)
+        if len(built) == 0:
+            raise ConfigError(f"env.name = {env.name!r}: the environment has no tasks (len() is 0)")
         return built
     if env.name == "token_preference":
         return TokenPreferenceEnv(vocab_size, env.prompt_len, env.target_modulus, seed=cfg.job.seed)
@@ -67,6 +70,14 @@ def load_user_env(name: str) -> Callable[[], AgentEnvironment]:
         raise ConfigError(f"env.name = {name!r}: {module_name} has no class or function {attribute!r}")
     if isinstance(factory, type):
         check_agent_env(factory, name)
+    try:  # built on every rank with no arguments: say so now rather than with a traceback there
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise ConfigError(
+            f"env.name = {name!r}: {attribute} must be callable with no arguments ({e})"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): the call will tell
     return factory
 
 

@@ -85,6 +85,9 @@ def test_safe_reward_on_or_off_the_main_thread(timeout_s, monkeypatch):
         assert safe_reward(lambda: "x", timeout_s=timeout_s) == (0.0, True)
     with pytest.warns(UserWarning, match="returned inf"):
         assert safe_reward(lambda: float("inf"), timeout_s=timeout_s) == (0.0, True)
+    with pytest.warns(UserWarning, match="returned '1.0', not a finite number"):  # text, not a score
+        assert safe_reward(lambda: "1.0", timeout_s=timeout_s) == (0.0, True)
+    assert safe_reward(lambda: True, timeout_s=timeout_s) == (1.0, False)  # a pass / fail score
 
     def main_thread_only():  # what signal.alarm-based time limits in reward code need
         signal.signal(signal.SIGUSR2, signal.getsignal(signal.SIGUSR2))
