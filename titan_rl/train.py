@@ -265,14 +265,23 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
             console.print("config changed since that checkpoint: " + "; ".join(changed), highlight=False)
 
     logger.start(start_step)
-    if start_step == 0 and cfg.sft.steps > 0:
-        supervised_warmup(trainer, env, tokenizer, cfg, console)
     counts = model.args.num_params()
     console.print(
-        f"titan_rl: {counts['total'] / 1e6:.2f}M params, {cfg.training.steps} steps, "
+        (f"{cfg.job.description}\n" if cfg.job.description else "")
+        + f"titan_rl: {counts['total'] / 1e6:.2f}M params, {cfg.training.steps} steps, "
         f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} episodes/step, {trainer.precision}, "
-        f"dump {dump}"
+        f"dump {dump}",
+        highlight=False,
     )
+    if start_step >= cfg.training.steps:
+        console.print(
+            f"nothing to do: the checkpoint is at step {start_step} and training.steps = "
+            f"{cfg.training.steps} (raise it to train on)",
+            style="yellow",
+            highlight=False,
+        )
+    if start_step == 0 and cfg.sft.steps > 0:
+        supervised_warmup(trainer, env, tokenizer, cfg, console)
     regularizers = (("the KL penalty",) if cfg.rl.kl_coef > 0 else ()) + (
         ("the entropy bonus",) if cfg.rl.entropy_coef > 0 else ()
     )
@@ -419,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     known, overrides = parser.parse_known_args(argv)
     console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
-    finished, heartbeat = False, None  # finished: run() returned on this rank
+    finished, heartbeat, cfg = False, None, None  # finished: run() returned on this rank
     stop = StopRequest().install()  # from the start: a SIGUSR1 during start-up must not kill the rank
     try:
         cfg = load_config(known.config, overrides)
@@ -451,8 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if known.debug:
             raise
+        saving = cfg is not None and cfg.checkpoint.enable
         print(
-            "interrupted (Ctrl-C); with checkpoint.enable the same command resumes from the last checkpoint",
+            "interrupted (Ctrl-C); "
+            + (
+                "the same command resumes from the last checkpoint"
+                if saving
+                else "checkpoint.enable is off: the same command starts over"
+            ),
             file=sys.stderr,
         )
         return 130

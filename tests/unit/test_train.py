@@ -280,3 +280,25 @@ def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
     assert train.main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert [row["step"] for row in read_metrics(dump / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("saving", [True, False])
+def test_ctrl_c_says_whether_the_same_command_resumes(tmp_path, monkeypatch, capsys, saving):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "collect_rollouts", interrupted)
+    args = [*smoke_args(tmp_path / "run", steps=2), f"--checkpoint.enable={str(saving).lower()}"]
+    assert train.main(args) == 130
+    err = capsys.readouterr().err
+    assert ("resumes from the last checkpoint" in err) == saving
+    assert ("checkpoint.enable is off: the same command starts over" in err) != saving
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    args = [*smoke_args(tmp_path / "run", steps=2), "--checkpoint.enable=true", "--job.description=my run"]
+    assert train.main(args) == 0
+    assert capsys.readouterr().out.startswith("my run\n")  # job.description, at start-up
+    assert train.main([*args, "--training.steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do: the checkpoint is at step 2 and training.steps = 1" in out
