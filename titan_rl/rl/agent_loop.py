@@ -287,9 +287,14 @@ def run_episodes(
             f"env.max_episode_tokens = {config.max_episode_tokens}"
         )
         if len(full) == len(episodes):  # every task: the settings, not one long task
+            shorter = (
+                ", or shorten the prompt (env.system_prompt = 'minimal' drops the gpt-oss system message)"
+                if config.system_style == "gpt-oss"
+                else ""
+            )
             raise ValueError(
-                f"{what} (nor does any other task's): raise env.max_episode_tokens (and training.seq_len), "
-                "or shorten the prompt (env.system_prompt = 'minimal' drops the gpt-oss system message)"
+                f"{what} (nor does any other task's): raise env.max_episode_tokens (and training.seq_len)"
+                + shorter
             )
         warnings.warn(f"{what}: its episodes end before sampling (reward as scored)", stacklevel=2)
         for episode in episodes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -373,8 +374,12 @@ def test_opening_prompts_over_the_episode_budget():
     budget = len(start_episode(env, 1, 0, TOKENIZER).tokens) + 40  # task 1 fits, task 0 does not
     engine = NativeEngine(tiny_model(seed=0, vocab_size=TOKENIZER.vocab_size), seed=0)
     config = AgentLoopConfig(max_episode_tokens=budget, max_new_tokens_per_turn=8, max_turns=1)
-    with pytest.raises(ValueError, match=r"raise env\.max_episode_tokens"):
+    with pytest.raises(ValueError, match=r"raise env\.max_episode_tokens") as minimal:
         run_episodes(engine, TOKENIZER, env, [0, 0], 1, SamplingParams(), config)
+    assert "system_prompt" not in str(minimal.value)  # already the minimal style: no such advice
+    gpt_oss = dataclasses.replace(config, system_style="gpt-oss")
+    with pytest.raises(ValueError, match=r"env\.system_prompt = 'minimal' drops the gpt-oss system message"):
+        run_episodes(engine, TOKENIZER, env, [0, 0], 1, SamplingParams(), gpt_oss)
     with pytest.warns(UserWarning, match="task 0's opening prompt"):
         trajectories, _ = run_episodes(engine, TOKENIZER, env, [0, 1], 2, SamplingParams(), config)
     assert [sum(t.loss_mask) == 0 for t in trajectories] == [True, True, False, False]
