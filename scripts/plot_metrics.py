@@ -16,11 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("metrics", type=Path, help="a metrics.jsonl written by titan_rl.train")
+    parser.add_argument(
+        "metrics", type=Path, help="a metrics.jsonl written by titan_rl.train, or the run's dump folder"
+    )
     parser.add_argument("-o", "--output", type=Path, help="output HTML (default: report.html beside it)")
     args = parser.parse_args(argv)
+    if args.metrics.is_dir() and (args.metrics / "metrics.jsonl").is_file():  # the run's dump folder
+        args.metrics = args.metrics / "metrics.jsonl"
     if not args.metrics.is_file():
-        print(f"error: {args.metrics} not found", file=sys.stderr)
+        what = "is a folder without metrics.jsonl" if args.metrics.is_dir() else "not found"
+        print(f"error: {args.metrics} {what}", file=sys.stderr)
         return 1
     try:
         out = write_report(args.metrics, args.output or args.metrics.with_name("report.html"))

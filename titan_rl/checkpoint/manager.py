@@ -439,10 +439,15 @@ def load_model_dcp(
     else:
         config_file = folder / CONFIG_FILE
     config_file = config_file / CONFIG_FILE if config_file.is_dir() else config_file
+    if not folder.exists():
+        raise CheckpointError(f"{folder} does not exist")
     for needed in (config_file, folder / DCP_METADATA):
         if not needed.is_file():
             steps = sorted(p.name for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
             hint = f"; pick a checkpoint in it: {', '.join(steps)}" if steps else ""
+            if not hint and (folder / "checkpoint").is_dir():  # a run's dump folder
+                found = sorted(p.name for p in (folder / "checkpoint").glob("step-*") if p.is_dir())
+                hint = f"; its checkpoints are in {folder / 'checkpoint'}: {', '.join(found) or 'none'}"
             if not hint and any(folder.glob("*.safetensors")):
                 hint = "; it holds safetensors: a HF folder (scripts/convert_hf_to_dcp.py goes that way)"
             raise CheckpointError(f"{needed} not found; is {folder} a model DCP folder?{hint}")

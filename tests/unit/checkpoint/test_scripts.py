@@ -178,6 +178,24 @@ def test_inputs_given_to_the_wrong_tool_say_which_one_to_use(tmp_path, hf_folder
     assert "pick a checkpoint in it: step-000001" in capsys.readouterr().err
     assert to_hf([str(hf_folder), str(tmp_path / "hf2")]) == 1
     assert "convert_hf_to_dcp.py" in capsys.readouterr().err
+    assert to_hf([str(tmp_path), str(tmp_path / "hf3")]) == 1  # the run's dump folder
+    assert f"its checkpoints are in {tmp_path / 'ckpt'}" not in capsys.readouterr().err  # (named ckpt here)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "ckpt").rename(tmp_path / "run" / "checkpoint")
+    assert to_hf([str(tmp_path / "run"), str(tmp_path / "hf3")]) == 1
+    assert f"its checkpoints are in {tmp_path / 'run' / 'checkpoint'}: step-000001" in capsys.readouterr().err
+    assert to_hf([str(tmp_path / "nowhere"), str(tmp_path / "hf3")]) == 1
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_plot_metrics_takes_the_run_folder_and_says_what_is_missing(tmp_path, capsys):
+    plot = script_main("plot_metrics")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    assert plot([str(tmp_path)]) == 0 and (tmp_path / "report.html").is_file()
+    assert plot([str(tmp_path / "sub")]) == 1 and "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert plot([str(tmp_path / "empty")]) == 1
+    assert "is a folder without metrics.jsonl" in capsys.readouterr().err
 
 
 def test_saved_shards_are_as_readable_as_the_config(tmp_path):

@@ -104,6 +104,10 @@ def test_math_loader_reads_gsm8k_and_bare_answers_and_names_bad_lines(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_math_jsonl(path)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a JSONL file"):
+        load_math_jsonl(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_math_jsonl(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize(

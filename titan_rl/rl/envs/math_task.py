@@ -64,7 +64,8 @@ def load_math_jsonl(path: str | Path) -> list[MathProblem]:
     """Read ``{"question", "answer"}`` lines; errors name the file and line."""
     problems = []
     if not Path(path).is_file():
-        raise FileNotFoundError(f"math dataset {path} not found (env.data_path)")
+        what = "is a folder, not a JSONL file" if Path(path).is_dir() else "not found"
+        raise FileNotFoundError(f"math dataset {path} {what} (env.data_path)")
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
