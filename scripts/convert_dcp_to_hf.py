@@ -13,13 +13,15 @@ released checkpoints; --source copies the tokenizer and generation files from a 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from titan_rl.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, CheckpointError
+from titan_rl.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES, CheckpointError
 from titan_rl.checkpoint.manager import convert_dcp_to_hf
+from titan_rl.rl.tokenizer import build_tiny_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -61,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.hf_dir}")
+    experts = ", experts MXFP4" if args.mxfp4 else ""
+    default = " (the default; --dtype float32 keeps fp32)" if args.dtype == "bfloat16" else ""
+    print(f"wrote {args.hf_dir}: {args.dtype}{experts}{default}")
+    if args.source is not None and not any((args.source / name).is_file() for name in TOKENIZER_FILES):
+        print(f"warning: --source {args.source} holds none of {', '.join(TOKENIZER_FILES)}: nothing copied")
+    if not (args.hf_dir / "tokenizer.json").is_file():
+        vocab = json.loads((args.hf_dir / "config.json").read_text())["vocab_size"]
+        if vocab == build_tiny_tokenizer().vocab_size:  # the debug preset: its tokenizer is built in
+            build_tiny_tokenizer().save(args.hf_dir)
+            print(f"wrote the built-in {vocab}-token tokenizer.json (the debug preset's)")
+        else:
+            print("note: no tokenizer.json: copy the base model's (--source its HF folder) to train from it")
     return 0
 
 

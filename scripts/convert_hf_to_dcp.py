@@ -2,7 +2,8 @@
 """Convert a Hugging Face GPT-OSS folder (bf16 or MXFP4 experts) into a model-only DCP folder.
 
 The DCP folder holds {"model": state_dict} written by torch.distributed.checkpoint plus the HF
-config.json, so the trainer can load it with any sharding and convert_dcp_to_hf.py can go back.
+config.json: torch's DCP tools read it with any sharding, and convert_dcp_to_hf.py goes back.
+Training does not need it: it reads the HF folder itself (--model.hf_path, each rank its shards).
 
     python scripts/convert_hf_to_dcp.py /models/gpt-oss-20b /ckpt/gpt-oss-20b-dcp
 """

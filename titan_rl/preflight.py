@@ -135,9 +135,16 @@ def resume_folder(cfg: JobConfig) -> Path | None:
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint.load_path {folder} does not exist")
         if not is_complete(folder):
+            model_only = (folder / DCP_METADATA).is_file() and (folder / "config.json").is_file()
             raise ConfigError(
                 f"checkpoint.load_path {folder} is not a complete checkpoint (needs {DCP_METADATA} and "
                 f"{TRAINER_STATE}); point it at a step-NNNNNN folder"
+                + (
+                    "; it is a model-only DCP folder (convert_hf_to_dcp.py): train from its HF folder "
+                    "with --model.hf_path, or make one with scripts/convert_dcp_to_hf.py"
+                    if model_only
+                    else ""
+                )
             )
         return folder
     manager = CheckpointManager.from_config(cfg.checkpoint, cfg.job.dump_folder)

@@ -39,3 +39,12 @@ def test_an_agentic_env_on_a_big_preset_without_its_tokenizer_is_refused_before_
     assert "built-in 512-token tokenizer" in str(refused.value)
     check_inputs(cfg, machine=False)
     check_inputs(load_config(None, agentic))  # the debug preset's vocab is 512
+
+
+def test_a_model_only_dcp_folder_as_load_path_says_how_to_train_from_it(tmp_path):
+    from tests.conftest import tiny_model
+    from titan_rl.checkpoint.manager import save_model_dcp
+
+    save_model_dcp(tiny_model(), tmp_path / "dcp")
+    with pytest.raises(ConfigError, match=r"model-only DCP folder .* --model\.hf_path"):
+        check_inputs(load_config(None, [f"--checkpoint.load_path={tmp_path / 'dcp'}"]))

@@ -162,6 +162,31 @@ def test_a_training_checkpoint_converts_without_a_config(tmp_path):
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
+def test_a_debug_model_is_written_with_its_tokenizer_and_the_output_says_what_it_holds(tmp_path, capsys):
+    """The debug preset's tokenizer is built in: written beside the weights, the folder trains with
+    --model.hf_path as it is; any other model's output says where its tokenizer comes from."""
+    from titan_rl.checkpoint.manager import CheckpointManager
+    from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
+
+    to_hf = script_main("convert_dcp_to_hf")
+    for vocab in (512, 256):
+        model = tiny_model(seed=2, vocab_size=vocab)
+        step = CheckpointManager(tmp_path / f"ckpt{vocab}", interval=1).save(
+            1, model, torch.optim.AdamW(model.parameters()), config={"job": {"seed": 0}}
+        )
+        assert to_hf([str(step), str(tmp_path / f"hf{vocab}"), "--source", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "bfloat16 (the default; --dtype float32 keeps fp32)" in out
+        assert f"--source {tmp_path} holds none of tokenizer.json" in out
+        if vocab == 512:
+            assert "built-in 512-token tokenizer.json" in out
+            tokens = Tokenizer.from_folder(tmp_path / "hf512").encode("<|start|>assistant hello")
+            assert tokens == build_tiny_tokenizer().encode("<|start|>assistant hello")
+        else:
+            assert "no tokenizer.json: copy the base model's" in out
+            assert not (tmp_path / "hf256" / "tokenizer.json").exists()
+
+
 def test_inputs_given_to_the_wrong_tool_say_which_one_to_use(tmp_path, hf_folder, capsys):
     """A training checkpoint where a HF folder is wanted, the checkpoint folder instead of one of its
     step folders, and a HF folder given to the DCP -> HF script: each error names the way out."""
