@@ -16,15 +16,18 @@ import torch
 
 from titan_rl.files import write_replacing
 
-CONSOLE_KEYS = [
+CONSOLE_KEYS = [  # (a key a step lacks is left out: kl with a reference, balance with its loss)
     ("reward/mean", "reward", "{:.3f}"),
     ("loss", "loss", "{:+.4f}"),
     ("ratio/max", "ratio_max", "{:.4f}"),
     ("entropy/mean", "entropy", "{:.3f}"),
+    ("kl/mean", "kl", "{:.4f}"),
+    ("router/balance_loss", "balance", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("response_len/mean", "len", "{:.1f}"),
-    ("tokens_per_s/train", "tok/s", "{:.0f}"),
+    ("tokens_per_s/train", "train_tok/s", "{:.0f}"),
 ]
+STEP_TIMES = ("time/rollout_s", "time/train_s", "time/weight_sync_s")  # the console's "step" seconds
 
 
 def reset_peak_memory() -> None:
@@ -118,6 +121,8 @@ class MetricsLogger:
             for key, short, fmt in CONSOLE_KEYS:
                 if isinstance(record.get(key), (int, float)):
                     parts.append(f"{short} {fmt.format(record[key])}")
+            if all(isinstance(record.get(key), (int, float)) for key in STEP_TIMES):
+                parts.append(f"{sum(record[key] for key in STEP_TIMES):.1f}s")
             console.print("  ".join(parts), highlight=False, soft_wrap=True)
         return record
 

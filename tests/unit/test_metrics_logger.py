@@ -80,3 +80,19 @@ def test_a_failing_wandb_stops_wandb_not_the_run(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     err = capsys.readouterr().err
     assert err.count("warning: wandb failed at step 2 (BrokenPipeError") == 1
+
+
+def test_the_console_line_shows_what_the_step_has_and_its_seconds(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    console = Console(file=out, width=300)
+    logger = MetricsLogger(tmp_path)
+    times = {"time/rollout_s": 1.25, "time/train_s": 0.5, "time/weight_sync_s": 0.25}
+    logger.log(1, {"reward/mean": 0.5, "loss": 0.0, **times}, console)
+    logger.log(2, {"reward/mean": 0.5, "kl/mean": 0.0123, "router/balance_loss": 1.5}, console)
+    first, second = out.getvalue().splitlines()
+    assert "reward 0.500" in first and first.endswith("2.0s") and "kl" not in first
+    assert "kl 0.0123" in second and "balance 1.500" in second and not second.endswith("s")
