@@ -3,7 +3,7 @@
 #
 #   ./run_train.sh                                   # 1 process, train_configs/debug_cpu.toml (tool task)
 #   ./run_train.sh --training.steps=5                # any --section.key=value override
-#   NPROC=2 CONFIG_FILE=train_configs/x.toml ./run_train.sh
+#   NPROC=2 ./run_train.sh --parallelism.dp_shard=2  # 2 processes, FSDP over both
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NGPU=8 ./run_train.sh   # multi-node
 #
 # NGPU / NPROC: processes per node (default 1; CPU works). LOG_RANK: ranks that print (default 0).
@@ -24,6 +24,8 @@ NPROC=${NPROC:-${NGPU:-1}}
 NNODES=${NNODES:-1}
 CONFIG_FILE=${CONFIG_FILE:-$ROOT/train_configs/debug_cpu.toml}
 LOG_RANK=${LOG_RANK:-0}
+# torchrun sets 1 thread per process when there are several (and prints a banner saying so)
+if [ "$NPROC" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then export OMP_NUM_THREADS=1; fi
 
 if [ "$NNODES" -gt 1 ]; then
     rendezvous=(--nnodes="$NNODES" --node-rank="${NODE_RANK:?set NODE_RANK for multi-node runs}"

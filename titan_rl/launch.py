@@ -9,6 +9,7 @@ the training arguments keeps torchrun's full report.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -87,6 +88,14 @@ class StopForwarder:
 STOPPED = 128 + signal.SIGUSR1  # a rank's exit code after a SIGUSR1 stop (titan_rl.stop): checkpointed
 
 
+class _NoFailureLine(logging.Filter):
+    """Drops torchrun's ``failed (exitcode: N) local_rank: ...`` error line: this launcher reports
+    each failure in one line of its own (and a SIGUSR1 stop, exit 138, is no failure)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed (exitcode")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.path.isdir("/proc"):
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torchrun(argv)
         return 0
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoFailureLine())
     try:
         run(parse_args(argv))
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped too

@@ -87,3 +87,4 @@ def test_a_stop_before_the_ranks_handle_it_reaches_them_once_they_do(tmp_path):
             proc.kill()
     assert proc.returncode == 138, out
     assert "stopped on SIGUSR1" in out and "killed by" not in out, out
+    assert "failed (exitcode" not in out, out  # torchrun's own failure line: a stop is no failure
