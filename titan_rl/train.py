@@ -389,7 +389,7 @@ def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console:
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.sft.lr)
     trainer.model.train()
     for step in range(cfg.sft.steps):
-        demos = demonstrations(env, tokenizer, step, cfg.sft.batch_size, system_style(cfg))
+        demos = demonstrations(env, tokenizer, step, cfg.sft.batch_size, system_style(cfg, tokenizer))
         batch = pack_trajectories(demos, [0.0] * len(demos), cfg.training.seq_len)
         loss = trainer.sft_step(batch, optimizer)
         if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.sft.steps:

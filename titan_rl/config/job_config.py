@@ -259,7 +259,8 @@ class Env:
     system_prompt: str = "auto"
     """Agentic episodes: gpt-oss (the system message the released models were trained on; the
     environment's instructions go in the developer message), minimal (the environment's messages as
-    they are: short prompts for models trained from scratch), or auto: gpt-oss with model.hf_path."""
+    they are: short prompts for models trained from scratch), or auto: gpt-oss with model.hf_path
+    (minimal if its tokenizer is the built-in 512-token one of the debug preset)."""
 
 
 @dataclass

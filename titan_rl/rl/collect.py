@@ -22,7 +22,7 @@ from titan_rl.rl.envs import (
 from titan_rl.rl.rollout import RolloutEngine, SamplingParams
 from titan_rl.rl.routing_replay import pad_routing
 from titan_rl.rl.shared import computed_once
-from titan_rl.rl.tokenizer import Tokenizer, build_tiny_tokenizer
+from titan_rl.rl.tokenizer import TINY_VOCAB, Tokenizer, build_tiny_tokenizer
 from titan_rl.rl.types import Trajectory
 
 AGENTIC = ("tool_lookup", "math")  # and every user environment, "module:Factory"
@@ -133,7 +133,7 @@ def collect_rollouts(
             tool_timeout_s=cfg.env.tool_timeout_s,
             reward_timeout_s=cfg.env.reward_timeout_s,
             reward_concurrency=cfg.env.reward_concurrency,
-            system_style=system_style(cfg),
+            system_style=system_style(cfg, tokenizer),
         )
         trajectories, stats = run_episodes(engine, tokenizer, env, indices, group, sampling_params(cfg), loop)
         return trajectories, {f"env/{k}": v for k, v in stats.items()}
@@ -163,10 +163,14 @@ def collect_rollouts(
     return trajectories, {"env/errors": errors, "env/reward_errors": errors}
 
 
-def system_style(cfg: JobConfig) -> str:
-    """``env.system_prompt`` resolved: ``auto`` is gpt-oss for a released model (``model.hf_path``)."""
+def system_style(cfg: JobConfig, tokenizer: Tokenizer | None = None) -> str:
+    """``env.system_prompt`` resolved: ``auto`` is gpt-oss for a released model (``model.hf_path``),
+    minimal for a model with the built-in tokenizer (a debug-preset model, e.g. one converted to HF)."""
     style = cfg.env.system_prompt
-    return ("gpt-oss" if cfg.model.hf_path else "minimal") if style == "auto" else style
+    if style != "auto":
+        return style
+    tiny = tokenizer is not None and tokenizer.vocab_size <= TINY_VOCAB
+    return "gpt-oss" if cfg.model.hf_path and not tiny else "minimal"
 
 
 def demonstrations(

@@ -117,7 +117,10 @@ _TINY_CORPUS = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> Tokenizer:
+TINY_VOCAB = 512  # the built-in tokenizer's size (the debug preset's vocabulary)
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> Tokenizer:
     """A byte-level BPE tokenizer trained on a small built-in corpus (no download), for tests and the
     debug model: the 8 Harmony special tokens get ids 0-7, then the 256 byte symbols, then merges up
     to ``vocab_size`` in all (deterministic)."""

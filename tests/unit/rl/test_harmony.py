@@ -215,6 +215,10 @@ def test_system_prompt_auto_is_gpt_oss_for_a_released_model():
     assert system_style(load_config(None, [])) == "minimal"
     assert system_style(load_config(None, ["--model.hf_path=/models/gpt-oss-20b"])) == "gpt-oss"
     assert system_style(load_config(None, ["--model.hf_path=/m", "--env.system_prompt=minimal"])) == "minimal"
+    # a debug-preset model converted to HF: its tokenizer is the built-in one, its prompts the short ones
+    assert system_style(load_config(None, ["--model.hf_path=/m"]), TOKENIZER) == "minimal"
+    forced = load_config(None, ["--model.hf_path=/m", "--env.system_prompt=gpt-oss"])
+    assert system_style(forced, TOKENIZER) == "gpt-oss"
 
 
 def test_episodes_and_demonstrations_render_the_configured_style():
