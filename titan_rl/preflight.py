@@ -77,9 +77,10 @@ def check_inputs(cfg: JobConfig, dims: ParallelDims | None = None, machine: bool
     if machine:
         check_machine(cfg, dims.device_type if dims is not None else default_device_type())
         # (not in a layout-only check, which blanks model.hf_path where the weights are absent)
-        from titan_rl.rl.collect import check_tiny_tokenizer_fits
+        from titan_rl.rl.collect import check_opening_prompts, check_tiny_tokenizer_fits
 
         check_tiny_tokenizer_fits(cfg, args.vocab_size)
+        check_opening_prompts(cfg, args.vocab_size)  # (needs the tokenizer: model.hf_path's)
     if ":" in cfg.env.name:
         from titan_rl.rl.collect import load_user_env
 

@@ -243,7 +243,7 @@ class Env:
     """math: allow python_tool where the sandbox cannot isolate; its code can read the task's answers."""
     max_turns: int = 4
     """Agentic episodes: assistant turns per episode."""
-    max_episode_tokens: int = 512
+    max_episode_tokens: int = 256
     """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
     tool_timeout_s: float = 10.0
     """Agentic episodes: wall-clock limit of one tool call (math's Python tool: its code's CPU limit too)."""

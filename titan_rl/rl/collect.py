@@ -34,7 +34,9 @@ def is_agentic(cfg: JobConfig) -> bool:
     return cfg.env.name in AGENTIC or ":" in cfg.env.name
 
 
-def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment:
+def build_env(cfg: JobConfig, vocab_size: int, run_tools: bool = True) -> Environment | AgentEnvironment:
+    """The configured environment; ``run_tools`` False builds one only to render its prompts (its
+    Python tool does not probe the sandbox's isolation)."""
     env = cfg.env
     if ":" in env.name:
         built = load_user_env(env.name)()
@@ -47,6 +49,7 @@ def build_env(cfg: JobConfig, vocab_size: int) -> Environment | AgentEnvironment
     if env.name == "tool_lookup":
         return ToolLookupEnv(env.num_tasks, env.keys_per_task, seed=cfg.job.seed)
     isolate = None if env.allow_unisolated_python_tool else True  # None: fall back with a warning
+    isolate = isolate if run_tools else False
     # the code's wall-clock (and CPU) limit is the tool call's: the sandbox's own default was 5 s
     limits = SandboxLimits(timeout_s=env.tool_timeout_s)
     python = PythonSandbox(limits, isolate=isolate) if env.python_tool else None
@@ -109,6 +112,32 @@ def check_tiny_tokenizer_fits(cfg: JobConfig, vocab_size: int) -> None:
         raise ConfigError(
             f"env.name = {cfg.env.name!r} without model.hf_path uses the built-in 512-token tokenizer, "
             f"but the model's vocab is {vocab_size}; use model.preset = 'debug' or give model.hf_path"
+        )
+
+
+def check_opening_prompts(cfg: JobConfig, vocab_size: int, tasks: int = 8) -> None:
+    """A ConfigError when none of the first ``tasks`` opening prompts of a built-in agentic
+    environment fits in ``env.max_episode_tokens`` (the run's first rollout would fail so, after
+    the model is built); your own environments are checked there."""
+    if not is_agentic(cfg) or ":" in cfg.env.name:
+        return
+    from titan_rl.rl.agent_loop import start_episode
+
+    tokenizer = build_tokenizer(cfg, vocab_size)
+    env, style = build_env(cfg, vocab_size, run_tools=False), system_style(cfg, tokenizer)
+    shortest = min(
+        len(start_episode(env, i, 0, tokenizer, style).tokens) for i in range(min(tasks, len(env)))
+    )
+    budget = cfg.env.max_episode_tokens
+    if shortest >= budget:
+        shorter = (
+            " or env.system_prompt = 'minimal' (drops the gpt-oss system message)"
+            if style == "gpt-oss"
+            else ""
+        )
+        raise ConfigError(
+            f"env.max_episode_tokens = {budget} leaves no room to sample: {cfg.env.name}'s opening prompts "
+            f"are {shortest}+ tokens ({style} style); raise it (and training.seq_len){shorter}"
         )
 
 

@@ -156,7 +156,8 @@ def _gpt_oss_preamble(messages: list[Message], tools: list[ToolSpec]) -> list[Me
     functions = [tool for tool in tools if not tool.builtin]
     sections = [GPT_OSS_HEADER]
     if builtins:
-        sections.append("\n\n".join(["# Tools", *(f"## {t.name}\n\n{t.description}" for t in builtins)]))
+        texts = [f"## {t.name}\n\n{t.builtin_description or t.description}" for t in builtins]
+        sections.append("\n\n".join(["# Tools", *texts]))
     sections.append(VALID_CHANNELS + (f"\n{TOOL_CHANNEL_NOTE}" if functions else ""))
     system = "\n\n".join(sections)
     instructions = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))

@@ -176,3 +176,10 @@ def test_a_warmup_longer_than_the_run_is_warned_about():
     (warning,) = config_warnings(load_config(None, ["--training.steps=10", "--lr_scheduler.warmup_steps=50"]))
     assert "never reached" in warning and "10 optimizer steps" in warning
     assert config_warnings(load_config(None, ["--training.steps=10", "--lr_scheduler.warmup_steps=10"])) == []
+
+
+def test_the_defaults_run_every_environment_together():
+    """An agentic environment with every other key at its default passes the checks (the default
+    episode budget was longer than the default packed row)."""
+    for name in ("tool_lookup", "math", "token_preference"):
+        load_config(None, [f"--env.name={name}"])

@@ -25,6 +25,7 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]  # JSON schema of the arguments object: {"type": "object", "properties": ...}
     builtin: bool = False
+    builtin_description: str | None = None  # a built-in's text in the system message (default: description)
 
     def __post_init__(self) -> None:
         properties = self.parameters.get("properties", {})

@@ -42,9 +42,11 @@ def python_tool_spec(timeout_s: float) -> ToolSpec:
     style, a ``functions.python`` function taking ``{"code": ...}`` in the minimal one."""
     return ToolSpec(
         name="python",
-        description=PYTHON_DESCRIPTION.format(timeout_s=timeout_s),
+        description="Run Python 3 code in a sandbox (no network, no files outside its folder); returns "
+        "what it prints.",
         parameters={"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
         builtin=True,
+        builtin_description=PYTHON_DESCRIPTION.format(timeout_s=timeout_s),
     )
 
 
