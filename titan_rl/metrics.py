@@ -136,9 +136,18 @@ class NoSignalWatch:
     looks like; ``reward/informative_groups`` in metrics.jsonl is the fraction of groups with signal.
     """
 
-    def __init__(self, patience: int = 10, first_step: int = 1, regularizers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        patience: int = 10,
+        first_step: int = 1,
+        regularizers: tuple[str, ...] = (),
+        pass_reward: float | None = None,
+        warmup_hint: bool = True,
+    ) -> None:
         self.patience, self.first_step = patience, first_step  # first_step: this run's (a resume's)
         self.regularizers = regularizers  # what else moves the policy: "the KL penalty", ...
+        self.pass_reward = pass_reward  # the environment's "solved" reward, when it has one
+        self.warmup_hint = warmup_hint  # suggest --sft.steps (not when the run already warmed up)
         self.since: int | None = None  # first step of the current run of steps without signal
         self.warned = False
 
@@ -164,12 +173,22 @@ class NoSignalWatch:
             f"warning: steps {self.since}-{step} had no learning signal: in every group all episodes "
             f"got the same reward (mean {mean_reward:.3f}), so {effect}"
         )
+        solved = self.pass_reward is not None and mean_reward >= self.pass_reward
+        if solved:  # every episode passes: nothing is wrong, there is nothing left to learn
+            return head + (
+                "Every episode solves its task: the task is saturated for this policy. Stop here, or "
+                "make the task harder (or give graded rewards) to keep learning."
+            )
         if self.since == self.first_step:  # never any signal: nothing to go back to
+            warmup = (
+                ", or a supervised warmup: --sft.steps with an environment that has demonstration()"
+                if self.warmup_hint
+                else ""
+            )
             return head + (
                 "No step of this run had any: the policy cannot solve (or always solves) the task as "
-                "started. Start from a model that sometimes can (--model.hf_path, or a supervised warmup: "
-                "--sft.steps with an environment that has demonstration()), give partial credit, or make "
-                "the task easier (or harder)."
+                f"started. Start from a model that sometimes can (--model.hf_path{warmup}), give partial "
+                "credit, or make the task easier (or harder)."
             )
         return head + (
             "A collapsed policy (all 0) or a saturated task (all 1) does this; resume from an earlier "

@@ -286,7 +286,11 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
         ("the entropy bonus",) if cfg.rl.entropy_coef > 0 else ()
     )
     no_signal = NoSignalWatch(
-        NO_SIGNAL_PATIENCE, first_step=1 if start_step == 0 else -1, regularizers=regularizers
+        NO_SIGNAL_PATIENCE,
+        first_step=1 if start_step == 0 else -1,
+        regularizers=regularizers,
+        pass_reward=getattr(env, "pass_reward", None),
+        warmup_hint=cfg.sft.steps == 0,
     )
     for step in range(start_step + 1, cfg.training.steps + 1):
         reset_peak_memory()  # mem/peak_gb: this step's peak (on GPUs)

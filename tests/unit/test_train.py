@@ -130,6 +130,19 @@ def test_a_run_that_lost_its_signal_is_told_to_go_back():
     assert "only the KL penalty and the entropy bonus can" in warning and "gradient are zero" not in warning
 
 
+def test_a_solved_task_and_a_warmed_up_run_get_advice_that_fits():
+    """All episodes passing is saturation, not collapse: no advice to go back or to lower the rate;
+    a run that already had a supervised warm-up is not told to add one."""
+    from titan_rl.metrics import NoSignalWatch
+
+    solved = NoSignalWatch(patience=1, pass_reward=1.0).update(1, 0.0, 1.0)
+    assert "the task is saturated" in solved and "lower learning rate" not in solved and "--sft" not in solved
+    failing = NoSignalWatch(patience=1, pass_reward=1.0)
+    assert "--sft.steps" in failing.update(1, 0.0, 0.0)
+    warmed = NoSignalWatch(patience=1, pass_reward=1.0, warmup_hint=False).update(1, 0.0, 0.0)
+    assert "--model.hf_path" in warmed and "--sft.steps" not in warmed
+
+
 def test_a_resumed_run_takes_the_learning_rate_from_its_config(tmp_path, capsys):
     """The checkpoint's optimizer and scheduler state hold the old peak LR; the config's must win
     (a lower LR is the usual reason to resume from an earlier checkpoint), at the saved position
