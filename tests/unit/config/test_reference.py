@@ -139,6 +139,23 @@ def test_check_config_command_line(path):
     env = {**os.environ, "WORLD_SIZE": str(stated_world_size(path))}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    peak = estimate_memory(load_config(path), stated_world_size(path)).peak
+    assert (
+        f"estimated peak {peak:.1f} GB per GPU of 80 GB" in result.stdout and "warning" not in result.stderr
+    )
+
+
+def test_check_config_warns_about_a_layout_over_the_gpus_memory(capsys, monkeypatch):
+    """The README's own 120b-on-one-node example does not fit 80 GB GPUs: --check-config says so."""
+    from titan_rl import train
+
+    path = REPO / "train_configs" / "gpt_oss_120b_multinode.toml"
+    layout = ["--model.dtype=bfloat16", "--parallelism.dp_shard=8", "--parallelism.cp=1"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert train.main(["--check-config", "--config", str(path), "--model.hf_path=", *layout]) == 0
+    captured = capsys.readouterr()
+    assert "estimated peak 172.0 GB per GPU of 80 GB" in captured.out
+    assert "warning: that is more than the GPU holds" in captured.err
 
 
 def test_activation_checkpointing_lowers_the_activation_estimate():
