@@ -196,10 +196,19 @@ def run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest)
     """The whole run on this rank (the process group, if any, is already up), holding its dump
     folder: one run at a time, and with checkpoints the same folder on every rank (``run_folder``);
     ``stop`` notes a SIGUSR1 (end the step, checkpoint, exit)."""
-    lock = claim_run_folder(Path(cfg.job.dump_folder), shared=cfg.checkpoint.enable)
+    dump = Path(cfg.job.dump_folder)
+    lock = claim_run_folder(dump, shared=cfg.checkpoint.enable)
     try:
         return _run(cfg, dims, console, stop)
     finally:
+        # the curves so far, however the run ends (done, stopped, interrupted, failed); rank 0's
+        if int(os.environ.get("RANK", "0")) == 0 and (dump / "metrics.jsonl").is_file():
+            try:
+                write_report(
+                    dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run"
+                )
+            except (OSError, ValueError) as e:
+                print(f"warning: report.html not written: {e}", file=sys.stderr)
         if lock is not None:
             lock.close()
 
@@ -381,8 +390,7 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
                 highlight=False,
             )
             return 128 + int(stop_on)
-    if rank == 0:  # (the other ranks write neither file)
-        write_report(dump / "metrics.jsonl", dump / "report.html", cfg.job.description or "titan_rl run")
+    if rank == 0:  # (the other ranks write neither file; run() writes the report)
         metrics_file, report = dump / "metrics.jsonl", dump / "report.html"
         console.print(f"done: {cfg.training.steps} steps; metrics {metrics_file}, report {report}")
     return 0

@@ -297,15 +297,20 @@ def test_a_scheduler_signal_ends_the_step_saves_it_and_the_same_command_resumes(
 
 @pytest.mark.parametrize("saving", [True, False])
 def test_ctrl_c_says_whether_the_same_command_resumes(tmp_path, monkeypatch, capsys, saving):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    real = train.collect_rollouts
 
-    monkeypatch.setattr(train, "collect_rollouts", interrupted)
-    args = [*smoke_args(tmp_path / "run", steps=2), f"--checkpoint.enable={str(saving).lower()}"]
+    def interrupted_at_step_2(engine, env, tokenizer, step, cfg):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(engine, env, tokenizer, step, cfg)
+
+    monkeypatch.setattr(train, "collect_rollouts", interrupted_at_step_2)
+    args = [*smoke_args(tmp_path / "run", steps=3), f"--checkpoint.enable={str(saving).lower()}"]
     assert train.main(args) == 130
     err = capsys.readouterr().err
     assert ("resumes from the last checkpoint" in err) == saving
     assert ("checkpoint.enable is off: the same command starts over" in err) != saving
+    assert (tmp_path / "run" / "report.html").is_file()  # the curves of the step it did
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
