@@ -477,14 +477,18 @@ class Trainer:
         """With ``correction = "mis"``: the factor that turns the minibatch's loss, normalized by all
         its trained tokens (or trajectories), into one normalized by those MIS kept, known only after
         the forward (``kept``: this rank's kept tokens and trajectories; summed over the ranks here).
-        Rejected tokens leave the loss as if they were not in the batch. None without MIS."""
+        Rejected tokens leave the loss as if they were not in the batch. None without MIS.
+
+        With none kept the policy term is zero and the factor 1: a load-balancing term in the same
+        gradient (``rl.router_aux_loss_coef``) must not be multiplied by the batch's size then."""
         if self.loss_cfg.correction != "mis":
             return None
         if self.dims.distributed:  # (cp ranks each count their shard's tokens, a share of each sequence)
             torch.distributed.all_reduce(kept, group=self.dims.get_mesh("dp_cp").get_group())
-        if self.loss_cfg.aggregation == "token-mean":
-            return global_tokens / kept[0].clamp_min(1.0)
-        return global_seqs / kept[1].clamp_min(1.0)
+        count, total = (
+            (kept[0], global_tokens) if self.loss_cfg.aggregation == "token-mean" else (kept[1], global_seqs)
+        )
+        return torch.where(count > 0, total / count.clamp_min(1.0), torch.ones_like(count))
 
     def _scale_gradients(self, scale: torch.Tensor) -> None:
         """Multiply every gradient by the device scalar ``scale`` (FSDP's DTensor gradients: their

@@ -552,3 +552,17 @@ def test_the_load_balancing_loss_never_waits_on_the_device():
         balance = router_balance_loss(logits, used, mb.token_seqs, n, float(n))
         (logprobs.sum() + balance).backward()
     assert syncs.calls == []
+
+
+def test_mis_rejecting_every_token_leaves_the_balance_gradient_as_it_is():
+    """MIS renormalizes the policy term by the tokens it kept, after the backward; with none kept that
+    term is zero, and the balance term in the same gradient must keep its own weight (the factor was
+    the batch's token count): the step equals one whose policy term is zero by zero advantages."""
+    common = ["--rl.router_aux_loss_coef=0.5", "--training.micro_batch_rows=2", "--training.grad_clip=0"]
+    rejected, batch, n = setup(*common, "--rl.correction=mis")
+    batch.rollout_logprobs = batch.rollout_logprobs - 5.0 * batch.target_mask  # w = e^5: every token out
+    zero, same, _ = setup(*common)
+    same.advantages = torch.zeros_like(same.advantages)
+    a, b = rejected.train_step(batch, n), zero.train_step(same, n)
+    assert a["correction/masked_frac"] == 1.0
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4) and b["grad_norm"] > 0
