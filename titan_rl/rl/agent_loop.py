@@ -40,6 +40,7 @@ from titan_rl.rl.harmony import (
     parse_assistant,
     render_conversation,
     render_message,
+    tool_recipients,
     tool_reply,
 )
 from titan_rl.rl.rollout.engine import RolloutEngine
@@ -177,8 +178,8 @@ def step_episodes(
 ) -> None:
     """Apply one sampled turn to each episode: append it, parse it, run its tool call, append the reply."""
     replies: dict[int, Message] = {}
-    # (episode position, tool name, arguments, the result's message from its text)
-    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message]]] = []
+    # (episode position, tool name, arguments, the result's message from its text, called as a built-in)
+    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message], bool]] = []
     prompt = generation_prompt(tokenizer)
     for i, (episode, completion) in enumerate(zip(episodes, completions)):
         episode.routing = extend_routing(episode.routing, completion.routing)
@@ -193,7 +194,7 @@ def step_episodes(
             episode.parse_errors += 1
             if turn.tool is not None:
                 episode.tool_errors += 1
-                replies[i] = tool_reply(turn.tool, f"Error: {turn.reason}", builtins, turn.channel)
+                replies[i] = tool_reply(turn.tool, f"Error: {turn.reason}", turn.builtin, turn.channel)
             else:
                 replies[i] = Message("system", f"Error: invalid assistant message: {turn.reason}")
             continue
@@ -203,9 +204,9 @@ def step_episodes(
             episode.end = "answer"
         elif turn.tool_name is not None and episode.turns < config.max_turns:
             reply = functools.partial(
-                tool_reply, turn.tool_name, builtins=builtins, channel=turn.message.channel
+                tool_reply, turn.tool_name, builtin=turn.builtin, channel=turn.message.channel
             )
-            calls.append((i, turn.tool_name, turn.arguments or {}, reply))
+            calls.append((i, turn.tool_name, turn.arguments or {}, reply, turn.builtin))
     _dispatch(env, episodes, calls, replies, config)
     for i, episode in enumerate(episodes):
         if episode.end is not None:
@@ -225,17 +226,21 @@ def step_episodes(
 def _dispatch(
     env: AgentEnvironment,
     episodes: list[EpisodeRollout],
-    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message]]],
+    calls: list[tuple[int, str, dict[str, Any], Callable[[str], Message], bool]],
     replies: dict[int, Message],
     config: AgentLoopConfig,
 ) -> None:
-    """Run the well-formed tool calls; unknown tools are answered without calling anything."""
+    """Run the well-formed tool calls; unknown tools (or a built-in called as a function) are
+    answered without calling anything."""
     runnable = []
-    for i, name, arguments, reply in calls:
-        known = {tool.name for tool in episodes[i].start.tools}
-        if name not in known:
+    for i, name, arguments, reply, builtin in calls:
+        tools = episodes[i].start.tools
+        builtins = builtin_tools(tools, config.system_style)
+        if name not in {tool.name for tool in tools} or (name in builtins) != builtin:
             episodes[i].tool_errors += 1
-            replies[i] = reply(f"Error: unknown tool {name!r}; available: {', '.join(sorted(known))}")
+            called = name if builtin else f"functions.{name}"
+            offered = ", ".join(tool_recipients(tools, builtins))
+            replies[i] = reply(f"Error: unknown tool {called!r}; available: {offered}")
             continue
         state = episodes[i].start.state
         call = lambda s=state, n=name, a=arguments: env.call_tool(s, n, a)

@@ -50,12 +50,17 @@ def builtin_tools(tools: list[ToolSpec], style: str) -> dict[str, ToolSpec]:
     return {tool.name: tool for tool in tools if tool.builtin} if style == "gpt-oss" else {}
 
 
-def tool_reply(name: str, text: str, builtins: dict[str, ToolSpec], channel: str | None = None) -> Message:
+def tool_reply(name: str, text: str, builtin: bool = False, channel: str | None = None) -> Message:
     """A tool's result (or error) as the model expects it: from ``functions.NAME`` on the commentary
-    channel, or for a built-in from ``NAME`` on the channel of its call (analysis)."""
-    if name in builtins:
+    channel, or for a call to a built-in (``to=NAME``) from ``NAME`` on its call's channel."""
+    if builtin:
         return Message(name, text, channel=channel or "analysis", recipient="assistant")
     return tool_result(name, text)
+
+
+def tool_recipients(tools: list[ToolSpec], builtins: dict[str, ToolSpec]) -> list[str]:
+    """How each tool is called: ``functions.NAME``, or ``NAME`` for a built-in."""
+    return sorted(t.name if t.name in builtins else f"{TOOL_NAMESPACE}{t.name}" for t in tools)
 
 
 def default_stop(message: Message) -> str:
@@ -198,6 +203,7 @@ class ParseError:
     reason: str
     tool: str | None = None
     channel: str | None = None  # the turn's channel (a built-in's error comes back on it)
+    builtin: bool = False  # the turn addressed a built-in (``to=NAME``): its error comes from NAME
 
 
 _HEADER = re.compile(
@@ -261,11 +267,11 @@ def parse_assistant(
     builtin = (builtins or {}).get(recipient)
     if builtin is not None:
         if stop != "<|call|>":
-            return ParseError(
-                f"a message to {recipient} must end with <|call|>, not {stop}", recipient, channel
-            )
+            reason = f"a message to {recipient} must end with <|call|>, not {stop}"
+            return ParseError(reason, recipient, channel, builtin=True)
         if channel == "final":
-            return ParseError(f"calls to {recipient} go to the analysis channel, not final", recipient)
+            reason = f"calls to {recipient} go to the analysis channel, not final"
+            return ParseError(reason, recipient, builtin=True)
         return AssistantTurn(message, stop, {builtin.text_argument: content}, builtin=True)
     if not recipient.startswith(TOOL_NAMESPACE) or recipient == TOOL_NAMESPACE:
         also = "".join(f" or {name}" for name in sorted(builtins or {}))

@@ -131,7 +131,7 @@ def test_raising_hanging_huge_and_malformed_tool_calls_are_contained():
         "unknown": (
             tool_call("nope", "{}"),
             "functions.nope",
-            "Error: unknown tool 'nope'; available: boom, echo",
+            "Error: unknown tool 'functions.nope'; available: functions.boom, functions.echo",
         ),
         "bad_json": (tool_call("echo", "{text: a}"), "functions.echo", "Error: arguments are not valid JSON"),
         "garbage": (
@@ -421,3 +421,13 @@ def test_gpt_oss_episodes_call_the_builtin_python_tool_with_raw_code():
     minimal = start_episode(env, 0, group=0, tokenizer=TOKENIZER, style="minimal")
     step_episodes(env, TOKENIZER, [minimal], [sampled_turn(call)], AgentLoopConfig())
     assert minimal.transcript.tool_calls == [] and minimal.parse_errors == 1  # to=python: not a function
+
+    # in the gpt-oss style python is not offered as a function: functions.python runs nothing, and
+    # the error comes from functions.python (the recipient it called), naming how to call python
+    as_function = start_episode(env, 0, group=0, tokenizer=TOKENIZER, style="gpt-oss")
+    before = len(as_function.tokens)
+    function_call = tool_call("python", '{"code": "print(1)"}')
+    step_episodes(env, TOKENIZER, [as_function], [sampled_turn(function_call)], config)
+    unknown = tool_result("python", "Error: unknown tool 'functions.python'; available: python")
+    assert as_function.tokens[before:] == sampled_turn(function_call).tokens + context(unknown)
+    assert as_function.transcript.tool_calls == [] and as_function.tool_errors == 1
