@@ -107,7 +107,9 @@ def pack_trajectories(trajectories: list[Trajectory], advantages: list[float], s
             predictor = slice(start, start + n - 1)  # position p predicts p + 1
             tokens[r, span] = torch.tensor(traj.tokens)
             document_ids[r, span] = doc
-            token_seqs[r, span] = i + 1
+            # (a trajectory with nothing trained, e.g. an episode cut before sampling, is not counted
+            # in the minibatch's trajectories; its tokens stay out of per-trajectory terms too)
+            token_seqs[r, span] = i + 1 if any(traj.loss_mask[1:]) else 0
             targets[r, predictor] = torch.tensor(traj.tokens[1:])
             target_mask[r, predictor] = torch.tensor(traj.loss_mask[1:], dtype=torch.bool)
             rollout_logprobs[r, predictor] = torch.tensor(traj.rollout_logprobs[1:])

@@ -152,3 +152,18 @@ def test_routing_is_packed_with_its_tokens_and_unrouted_elsewhere():
 def test_routing_must_cover_every_token():
     with pytest.raises(ValueError, match="routing covers 2 positions, tokens 3"):
         Trajectory([1, 2, 3], [0, 1, 1], [0.0, -1.0, -1.0], 0.0, 0, routing=torch.zeros(2, 1, 1))
+
+
+def test_token_seqs_mark_every_token_of_each_trained_trajectory(packed):
+    """1 + the trajectory's index on every one of its tokens (prompt and tool text too); 0 in the
+    padding and on a trajectory with nothing trained (it is not one of the minibatch's trajectories)."""
+    trajs, _, batch = packed
+    for r, members in enumerate(ROWS):
+        start = 0
+        for i in members:
+            n = len(trajs[i].tokens)
+            want = 0 if i == UNTRAINED else i + 1
+            assert batch.token_seqs[r, start : start + n].tolist() == [want] * n, (r, i)
+            start += n
+        assert (batch.token_seqs[r, start:] == 0).all()
+    assert (batch.padded_rows(len(ROWS) + 2).token_seqs[len(ROWS) :] == 0).all()
