@@ -246,7 +246,8 @@ class Env:
     max_episode_tokens: int = 256
     """Agentic episodes: token budget of a whole episode (prompt, turns, tool results)."""
     tool_timeout_s: float = 10.0
-    """Agentic episodes: wall-clock limit of one tool call (math's Python tool: its code's CPU limit too)."""
+    """Agentic episodes: wall-clock limit of one tool call (math's Python tool: its code gets a second
+    less, as wall-clock and CPU limit, so the sandbox stops it and the model sees its output)."""
     reward_timeout_s: float = 60.0
     """Wall-clock limit of one reward call: past it the episode scores 0 and counts in
     env/reward_errors (as a reward that raises or returns NaN does); 0 calls the reward on the main

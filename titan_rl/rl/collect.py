@@ -50,8 +50,9 @@ def build_env(cfg: JobConfig, vocab_size: int, run_tools: bool = True) -> Enviro
         return ToolLookupEnv(env.num_tasks, env.keys_per_task, seed=cfg.job.seed)
     isolate = None if env.allow_unisolated_python_tool else True  # None: fall back with a warning
     isolate = isolate if run_tools else False
-    # the code's wall-clock (and CPU) limit is the tool call's: the sandbox's own default was 5 s
-    limits = SandboxLimits(timeout_s=env.tool_timeout_s)
+    # the code's wall-clock (and CPU) limit is the tool call's less its start-up (a second, at most half
+    # the limit), so the sandbox stops it first and the model sees what it printed and why it stopped
+    limits = SandboxLimits(timeout_s=max(env.tool_timeout_s - 1.0, env.tool_timeout_s / 2))
     python = PythonSandbox(limits, isolate=isolate) if env.python_tool else None
     return MathEnv.from_jsonl(env.data_path, python) if env.data_path else MathEnv(python=python)
 
