@@ -20,6 +20,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
+from titan_rl.stop import STOPPED_ENV
+
 
 def describe_exit(exitcode: int) -> str:
     """``exited with code 2`` or ``was killed by SIGKILL``."""
@@ -71,6 +73,7 @@ class StopForwarder:
         self.thread: threading.Thread | None = None
 
     def __call__(self, signum: int, frame: object) -> None:
+        os.environ[STOPPED_ENV] = "1"  # ranks torchrun starts from now on (restarts) inherit it
         if self.thread is None:
             self.thread = threading.Thread(target=self._deliver, name="titan_rl-stop", daemon=True)
             self.thread.start()
@@ -105,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torchrun(argv)
         return 0
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoFailureLine())
+    args = parse_args(argv)
+    if not getattr(args, "max_restarts", 0):  # (with restarts torchrun's line tells what it restarted)
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoFailureLine())
     try:
-        run(parse_args(argv))
+        run(args)
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped too
         name = signal.Signals(e.sigval).name
         print(f"interrupted ({name}); the ranks were stopped", file=sys.stderr)

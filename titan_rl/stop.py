@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGUSR1,)
+# set by titan_rl.launch once it got a SIGUSR1: a rank torchrun starts after that (--max-restarts
+# restarting the stopped ones) stops at once, before building anything
+STOPPED_ENV = "TITAN_RL_STOPPED"
 
 
 class StopRequest:

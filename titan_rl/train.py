@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine, RolloutEngine
 from titan_rl.rl.types import Trajectory
 from titan_rl.run_folder import claim_run_folder
-from titan_rl.stop import StopRequest
+from titan_rl.stop import STOPPED_ENV, StopRequest
 from titan_rl.trainer import Trainer
 
 DEFAULT_CONFIG = "train_configs/debug_cpu.toml"
@@ -461,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False, soft_wrap=True)  # a log file gets whole lines, not 80 columns
     finished, heartbeat, cfg = False, None, None  # finished: run() returned on this rank
     stop = StopRequest().install()  # from the start: a SIGUSR1 during start-up must not kill the rank
+    if os.environ.get(STOPPED_ENV) and not known.check_config:
+        print(
+            "stopped: the launcher got SIGUSR1 before this (re)start; the same command resumes",
+            file=sys.stderr,
+        )
+        stop.restore()
+        return 128 + signal.SIGUSR1
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -1,8 +1,13 @@
-"""titan_rl.launch: how the launcher reports the ranks' ends (torchrun itself is not run here)."""
+"""titan_rl.launch: how the launcher reports the ranks' ends, and how it delivers a SIGUSR1 stop (a real
+torchrun with stand-in ranks)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -49,7 +54,10 @@ def test_a_failed_rank_among_stopped_ones_is_a_failure(monkeypatch, capsys):
 
 
 RANK = """
-import signal, sys, time
+import os, pathlib, signal, sys, time
+if os.environ.get("TITAN_RL_STOPPED"):  # a restart after the stop (what titan_rl.train does)
+    pathlib.Path(sys.argv[2], os.environ["LOCAL_RANK"]).touch()
+    sys.exit(128 + signal.SIGUSR1)
 time.sleep(float(sys.argv[1]))  # still starting (importing torch): SIGUSR1's default would kill it
 got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
@@ -60,24 +68,37 @@ sys.exit(128 + signal.SIGUSR1 if got else 0)
 """
 
 
-def test_a_stop_before_the_ranks_handle_it_reaches_them_once_they_do(tmp_path):
-    """SIGUSR1 to the launcher while its ranks are not started or not yet handling it (a rank installs
-    its handler as train.main starts, after seconds of imports): it is delivered when they are ready,
-    not lost and not the default action that killed them."""
-    import os
-    import subprocess
-    import sys
-    import time
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
+
+@pytest.mark.parametrize(
+    ("when", "restarts"), [("ranks_starting", 0), ("ranks_starting", 1), ("no_ranks_yet", 0)]
+)
+def test_a_stop_before_the_ranks_handle_it_reaches_them_once_they_do(tmp_path, when, restarts):
+    """SIGUSR1 to the launcher while its ranks are still starting (a rank installs its handler as
+    train.main starts, after seconds of imports): it is delivered once they handle it, not the
+    default action that killed them. Ranks torchrun starts after the stop (none had started yet, or
+    --max-restarts restarting the stopped ones) find it in their environment and stop at once."""
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     command = [sys.executable, "-m", "titan_rl.launch", "--standalone", "--nproc-per-node=2", "--role=rank"]
-    proc = subprocess.Popen(
-        [*command, str(script), "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    command += [f"--max-restarts={restarts}", str(script), "2", str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
         while not launch.catches(proc.pid, signal.SIGUSR1):  # the launcher's own handler is in
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.02)
+        while when == "ranks_starting" and len(_children(proc.pid)) < 2:  # sleeping, no handler yet
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGUSR1)
@@ -87,4 +108,7 @@ def test_a_stop_before_the_ranks_handle_it_reaches_them_once_they_do(tmp_path):
             proc.kill()
     assert proc.returncode == 138, out
     assert "stopped on SIGUSR1" in out and "killed by" not in out, out
-    assert "failed (exitcode" not in out, out  # torchrun's own failure line: a stop is no failure
+    started_stopped = sorted(p.name for p in tmp_path.iterdir() if p.name != "rank.py")
+    assert started_stopped == ([] if when == "ranks_starting" and not restarts else ["0", "1"])
+    if not restarts:  # torchrun's own failure line: a stop is no failure (with restarts it says what it did)
+        assert "failed (exitcode" not in out, out

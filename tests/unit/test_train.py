@@ -320,3 +320,12 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
     assert train.main([*args, "--training.steps=1"]) == 0
     out = capsys.readouterr().out
     assert "nothing to do: the checkpoint is at step 2 and training.steps = 1" in out
+
+
+def test_a_rank_started_after_the_launchers_stop_stops_at_once(tmp_path, monkeypatch, capsys):
+    """torchrun --max-restarts restarts ranks that stopped on SIGUSR1; the launcher's environment
+    then says so, and a restarted rank exits 138 before building anything."""
+    monkeypatch.setenv("TITAN_RL_STOPPED", "1")
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built a model after the stop"))
+    assert train.main(smoke_args(tmp_path / "run", steps=2)) == 138
+    assert "the launcher got SIGUSR1 before this (re)start" in capsys.readouterr().err
