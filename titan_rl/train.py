@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "interrupted (Ctrl-C); "
             + (
-                "the same command resumes from the last checkpoint"
+                "the same command resumes from the last checkpoint (or starts over if none was saved yet)"
                 if saving
                 else "checkpoint.enable is off: the same command starts over"
             ),
