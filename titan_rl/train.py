@@ -227,6 +227,7 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
         CheckpointSaveError,
         has_reference,
         saved_config,
+        step_of,
     )
 
     # saves only with checkpoint.enable; resumes from checkpoint.load_path whenever it is set
@@ -235,6 +236,15 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
             console.print(f"warning: {warning}", style="yellow", highlight=False)
     manager = CheckpointManager.from_config(cfg.checkpoint, dump)
     resume = manager.resume_target(cfg.checkpoint.load_path or None)  # every rank agrees
+    reached = None if resume is None else step_of(resume)
+    if reached is not None and reached >= cfg.training.steps:  # before building anything
+        console.print(
+            f"nothing to do: the checkpoint is at step {reached} and training.steps = {cfg.training.steps} "
+            f"({resume}); raise training.steps to train on",
+            style="yellow",
+            highlight=False,
+        )
+        return 0
     model, materialize = build_model(cfg, init_device(dims), policy_weights=resume is None)
     trainer = Trainer(model, cfg, dims, materialize)
     engine = build_engine(cfg, model)
@@ -283,13 +293,6 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
         f"dump {dump}",
         highlight=False,
     )
-    if start_step >= cfg.training.steps:
-        console.print(
-            f"nothing to do: the checkpoint is at step {start_step} and training.steps = "
-            f"{cfg.training.steps} (raise it to train on)",
-            style="yellow",
-            highlight=False,
-        )
     if start_step == 0 and cfg.sft.steps > 0:
         supervised_warmup(trainer, env, tokenizer, cfg, console)
     regularizers = (("the KL penalty",) if cfg.rl.kl_coef > 0 else ()) + (

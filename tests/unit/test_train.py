@@ -313,10 +313,11 @@ def test_ctrl_c_says_whether_the_same_command_resumes(tmp_path, monkeypatch, cap
     assert (tmp_path / "run" / "report.html").is_file()  # the curves of the step it did
 
 
-def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys, monkeypatch):
     args = [*smoke_args(tmp_path / "run", steps=2), "--checkpoint.enable=true", "--job.description=my run"]
     assert train.main(args) == 0
     assert capsys.readouterr().out.startswith("my run\n")  # job.description, at start-up
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built a model with nothing to do"))
     assert train.main([*args, "--training.steps=1"]) == 0
     out = capsys.readouterr().out
     assert "nothing to do: the checkpoint is at step 2 and training.steps = 1" in out

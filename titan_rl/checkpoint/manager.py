@@ -247,9 +247,9 @@ class CheckpointManager:
             found = self.checkpoints()
             kept = [folder for folder in reversed(found) if damage(folder) is None][: self.keep_last]
             if kept:
-                oldest = _step_of(kept[-1])
+                oldest = step_of(kept[-1])
                 for old in found:
-                    if _step_of(old) < oldest:
+                    if step_of(old) < oldest:
                         shutil.rmtree(old, ignore_errors=True)
 
     def resume_target(self, path: str | Path | None = None) -> Path | None:
@@ -297,10 +297,10 @@ class CheckpointManager:
         """The folder's checkpoints saved by runs started from ``path`` (own, oldest first) and those
         of other timelines: later than ``path`` when it is in this folder (its earlier ones are the
         branch's past), all of them when it is not. Reads only."""
-        start = _step_of(path) if _same(path.parent, self.folder) else None
+        start = step_of(path) if _same(path.parent, self.folder) else None
         own, other = [], []
         for found in self.checkpoints():
-            if _same(found, path) or (start is not None and _step_of(found) <= start):
+            if _same(found, path) or (start is not None and step_of(found) <= start):
                 continue
             saved = _saved_load_path(found)
             (own if saved is not None and _same(saved, path) else other).append(found)
@@ -390,7 +390,8 @@ def has_reference(folder: str | Path) -> bool:
     return any(key.startswith(REFERENCE + ".") for key in stored)
 
 
-def _step_of(folder: Path) -> int | None:
+def step_of(folder: Path) -> int | None:
+    """The step of a ``step-NNNNNN`` checkpoint folder (None for another name)."""
     match = _STEP_RE.fullmatch(folder.name)
     return int(match[1]) if match else None
 
