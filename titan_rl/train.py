@@ -403,12 +403,14 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
 def memory_check(cfg: JobConfig, world_size: int) -> None:
     """For a GPU-sized model: the estimated peak memory per GPU (README, "Memory per GPU"), and a
     warning when it exceeds the GPU's (this machine's, else 80 GB)."""
-    if cfg.model.preset == "debug":
-        return
     from titan_rl.config.reference import GPU_GB, estimate_memory
+    from titan_rl.preflight import model_args
 
+    args = model_args(cfg)  # model.hf_path's shapes, else the preset's
+    if args.num_params()["total"] < 1e9:  # the debug preset and other CPU-sized models
+        return
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else GPU_GB
-    peak = estimate_memory(cfg, world_size, gpu_gb).peak
+    peak = estimate_memory(cfg, world_size, gpu_gb, args).peak
     print(f"estimated peak {peak:.1f} GB per GPU of {gpu_gb:.0f} GB (README, 'Memory per GPU')")
     if peak > gpu_gb:
         print(

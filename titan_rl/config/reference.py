@@ -146,12 +146,17 @@ class ParamCounts:
 
     @classmethod
     def of_preset(cls, preset: str) -> ParamCounts:
+        from titan_rl.model import GptOssModelArgs
+
+        return cls.of_args(GptOssModelArgs.from_preset(preset))
+
+    @classmethod
+    def of_args(cls, args: Any) -> ParamCounts:
         """Exact counts of a meta-device model (no memory); ``total`` equals ``num_params()``."""
         import torch
 
-        from titan_rl.model import GptOss, GptOssModelArgs
+        from titan_rl.model import GptOss
 
-        args = GptOssModelArgs.from_preset(preset)
         with torch.device("meta"):
             model = GptOss(args)
         params = dict(model.named_parameters())
@@ -229,7 +234,9 @@ def activation_bytes(
     return tokens * (kept + recomputed)
 
 
-def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> MemoryEstimate:
+def estimate_memory(
+    cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB, args: Any = None
+) -> MemoryEstimate:
     """Estimated per-GPU memory of ``cfg`` on ``world_size`` GPUs, from exact parameter counts.
 
     - training state: ``STATE_BYTES[model.dtype]`` per parameter, sharded over dp_shard x cp
@@ -251,9 +258,10 @@ def estimate_memory(cfg: JobConfig, world_size: int, gpu_gb: float = GPU_GB) -> 
       lm_head: FSDP keeps it gathered from forward to backward) and of two blocks (one computing,
       one prefetched), each block holding num_local_experts / ep experts.
     Not counted: the CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, the fp32
-    gradient-reduction buffers, vLLM's own activations and CUDA graphs.
+    gradient-reduction buffers, vLLM's own activations and CUDA graphs. ``args``: the model's shapes
+    (``GptOssModelArgs``, e.g. from ``model.hf_path``); default ``model.preset``'s.
     """
-    counts = ParamCounts.of_preset(cfg.model.preset)
+    counts = ParamCounts.of_preset(cfg.model.preset) if args is None else ParamCounts.of_args(args)
     par, train, rollout = cfg.parallelism, cfg.training, cfg.rollout
     shards = par.dp_shard * par.cp
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]

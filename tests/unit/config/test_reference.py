@@ -168,3 +168,15 @@ def test_activation_checkpointing_lowers_the_activation_estimate():
         for mode in ("none", "selective", "full")
     )
     assert full < selective < none and full < none / 5
+
+
+def test_the_estimate_takes_the_models_shapes_from_hf_path_not_only_the_preset():
+    """--check-config reads model.hf_path's config.json for the shapes (the preset may be the default
+    debug one): the estimate from those shapes is the estimate of that preset."""
+    path = REPO / "train_configs" / "gpt_oss_120b_multinode.toml"
+    cfg = load_config(path)
+    world = stated_world_size(path)
+    shapes = GptOssModelArgs.from_preset("120b")
+    cfg_debug = load_config(path, ["--model.preset=debug"])
+    assert estimate_memory(cfg_debug, world, args=shapes) == estimate_memory(cfg, world)
+    assert estimate_memory(cfg_debug, world).peak < estimate_memory(cfg, world).peak
