@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the DCP tensors")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
+    replacing = (args.dcp_dir / ".metadata").is_file()
     try:
         convert_hf_to_dcp(args.hf_dir, args.dcp_dir, dtype=DTYPES[args.dtype], progress=True)
     except (CheckpointError, OSError) as e:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dcp_dir}")
+    print(f"wrote {args.dcp_dir}" + (" (replacing the DCP checkpoint that was there)" if replacing else ""))
     return 0
 
 

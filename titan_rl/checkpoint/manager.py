@@ -64,9 +64,11 @@ def _barrier() -> None:
 
 
 def _dcp(action: str, state: dict[str, Any], folder: Path) -> None:
-    """``dcp.save`` / ``dcp.load``; in a single process without the warning that says so."""
+    """``dcp.save`` / ``dcp.load``; in a single process without the warning that says so (nor the
+    one about replacing an existing model-only DCP folder: the conversion script says so)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
         getattr(dcp, action)(state, checkpoint_id=folder, no_dist=not _dist())
 
 

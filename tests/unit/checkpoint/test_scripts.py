@@ -55,6 +55,9 @@ def test_hf_to_dcp_to_hf_round_trip(tmp_path, hf_folder):
         assert torch.equal(after[name], tensor), name
     for name in [*TOKENIZER_FILES, "config.json", "model.safetensors.index.json"]:
         assert (tmp_path / "back" / name).read_bytes() == (hf_folder / name).read_bytes(), name
+    again = run_script("convert_hf_to_dcp", str(hf_folder), str(tmp_path / "dcp"))  # into the same folder
+    assert again.returncode == 0 and "replacing the DCP checkpoint that was there" in again.stdout
+    assert "Warning" not in again.stderr, again.stderr  # (torch's own "existing checkpoint" warning)
 
 
 def test_help_describes_the_scripts(capsys):
