@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -446,6 +447,23 @@ def start_wandb(cfg: JobConfig):
     )
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that shows titan_rl's own warnings as one ``warning: ...`` line (they
+    say what happened and what to do; the file, line and source of the call in titan_rl that raised
+    them are noise to a user) and hands the others to ``previous``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(Path(filename).resolve()).startswith(_PACKAGE):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="titan_rl.train",
@@ -474,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         stop.restore()
         return 128 + signal.SIGUSR1
+    shown = warnings.showwarning
+    if not known.debug:
+        warnings.showwarning = _one_line_warnings(shown)
     try:
         cfg = load_config(known.config, overrides)
         dims = parallel_dims_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -532,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     finally:
+        warnings.showwarning = shown
         stop.restore()
         if heartbeat is not None:
             heartbeat.stop(10.0 if finished else 1.0)  # a failed run has already waited on suspects()

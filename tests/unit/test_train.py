@@ -330,3 +330,25 @@ def test_a_rank_started_after_the_launchers_stop_stops_at_once(tmp_path, monkeyp
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built a model after the stop"))
     assert train.main(smoke_args(tmp_path / "run", steps=2)) == 138
     assert "the launcher got SIGUSR1 before this (re)start" in capsys.readouterr().err
+
+
+def test_titan_rls_own_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    """A reward that raises: one 'warning: ...' line, not the file, line and source of the call in
+    titan_rl that warned (Python's format); other libraries' warnings keep theirs."""
+    import warnings
+
+    from titan_rl.rl.calls import safe_reward
+
+    def during_main(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            safe_reward(lambda: 1 / 0)
+            warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/lib.py", 7)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "collect_rollouts", during_main)
+    with pytest.warns(UserWarning, match="from elsewhere"):  # handed on as before (here: pytest's)
+        assert train.main(smoke_args(tmp_path / "run", steps=1)) == 130
+    err = capsys.readouterr().err
+    assert "warning: reward function raised ZeroDivisionError: division by zero; reward 0\n" in err
+    assert "calls.py" not in err and "UserWarning" not in err
