@@ -245,3 +245,24 @@ def _kernel():
             tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
     return wide_grouped_mm_kernel
+
+
+MOST_DECODE_ROWS = 12  # mean rows per expert up to which ``small_grouped_mm`` is the faster product
+
+
+def small_grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """``grouped_mm(x, w, counts)`` for a few rows per expert on the CPU (decode steps), with
+    ``w_t [E, M, K]``, a contiguous transposed copy of ``w``: expert blocks of 2 or more rows as
+    ``(w_t[e] @ x_e^T)^T``, single rows as ``x_e @ w[e]``. The same products summed in another
+    order; on CPU BLAS the first form streams the weights at the memory's rate where ``x_e @ w[e]``
+    of 2-8 rows reached about half of it (benchmarks/README.md, "CPU results", ninth session)."""
+    rows = counts.tolist()  # (the CPU: nothing to wait for)
+    out = []
+    for e, block in enumerate(x.split(rows)):
+        if rows[e] == 1:
+            out.append(block @ w[e])
+        elif rows[e]:
+            out.append(torch.mm(w_t[e], block.t()).t())
+    return torch.cat(out) if out else x.new_empty(0, w.shape[-1])

@@ -3,18 +3,23 @@
 No path computes every expert for every token or copies the hidden states once per expert: each
 token is gathered once per *chosen* expert (top_k copies), the copies are sorted by expert, and
 each expert multiplies its contiguous slice. ``train()`` and ``eval()``, training and decoding,
-run the same code. (A padded ``[experts, capacity]`` batched matmul for decode steps was dropped:
-with torch 2.14's CPU ``_grouped_mm``, which reads only the chosen experts' weights, it was slower
-at every batch size measured, 1 to 64 tokens; benchmarks/README.md.)
+run the same code, except that the rollout engine's eager decode on the CPU (fp32) multiplies a few
+rows per expert by transposed copies of the weights (``cpu_decode_experts``: CPU BLAS streams them
+twice as fast in that form; the same products summed in another order). (A padded
+``[experts, capacity]`` batched matmul of the weights as stored was dropped: slower than torch
+2.14's CPU ``_grouped_mm`` at every batch size measured, 1 to 64 tokens; benchmarks/README.md.)
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from titan_rl.model.args import GptOssModelArgs
-from titan_rl.model.grouped_gemm import grouped_mm
+from titan_rl.model.grouped_gemm import MOST_DECODE_ROWS, grouped_mm, small_grouped_mm
 from titan_rl.model.linear import linear
 
 
@@ -77,18 +82,31 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i))
         self.down_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj_bias = nn.Parameter(torch.empty(e, h))
+        # transposed copies of the two weights while the rollout engine decodes on the CPU
+        # (``cpu_decode_experts``); None otherwise
+        self.decode_copies: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
         """Rows of ``x_sorted [M, hidden]`` grouped by expert (``counts [E]``) -> ``[M, hidden]``."""
-        gate_up = grouped_mm(x_sorted, self.gate_up_proj, counts) + self.gate_up_proj_bias.index_select(
-            0, experts_sorted
+        small = (
+            self.decode_copies is not None
+            and not torch.is_grad_enabled()
+            and x_sorted.shape[0] <= MOST_DECODE_ROWS * counts.shape[0]
         )
+        if small:
+            gate_up_t, down_t = self.decode_copies
+            gate_up = small_grouped_mm(x_sorted, self.gate_up_proj, gate_up_t, counts)
+        else:
+            gate_up = grouped_mm(x_sorted, self.gate_up_proj, counts)
+        gate_up = gate_up + self.gate_up_proj_bias.index_select(0, experts_sorted)
         hidden = _ContiguousGrad.apply(self._clamped_swiglu(gate_up))
-        return grouped_mm(hidden, self.down_proj, counts) + self.down_proj_bias.index_select(
-            0, experts_sorted
-        )
+        if small:
+            down = small_grouped_mm(hidden, self.down_proj, down_t, counts)
+        else:
+            down = grouped_mm(hidden, self.down_proj, counts)
+        return down + self.down_proj_bias.index_select(0, experts_sorted)
 
     def _clamped_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """Interleaved ``[..., 2I]`` -> ``[..., I]``: ``gate * sigmoid(alpha * gate) * (up + 1)``, clamped."""
@@ -96,6 +114,33 @@ class Experts(nn.Module):
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return gate * torch.sigmoid(self.alpha * gate) * (up + 1)
+
+
+@contextlib.contextmanager
+def cpu_decode_experts(model: nn.Module) -> Iterator[None]:
+    """While generating on the CPU in fp32: every ``Experts`` holds contiguous transposed copies of
+    its weights, and its no-grad forwards of a few rows per expert (decode steps) multiply with them
+    (``small_grouped_mm``). Made once per call from the weights as they are (gathered under FSDP);
+    the copies double the experts' memory for the call. Anywhere else a no-op."""
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    usable = [
+        m
+        for m in experts
+        if type(m.gate_up_proj.data) is torch.Tensor  # (not a DTensor shard)
+        and m.gate_up_proj.device.type == "cpu"
+        and m.gate_up_proj.dtype == torch.float32
+    ]
+    try:
+        with torch.no_grad():
+            for m in usable:
+                m.decode_copies = (
+                    m.gate_up_proj.transpose(1, 2).contiguous(),
+                    m.down_proj.transpose(1, 2).contiguous(),
+                )
+        yield
+    finally:
+        for m in usable:
+            m.decode_copies = None
 
 
 class MoE(nn.Module):

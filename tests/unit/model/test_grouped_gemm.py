@@ -80,6 +80,21 @@ def test_without_the_kernel_the_results_are_rounded_with_a_warning(monkeypatch, 
     grouped_gemm._warn_rounded_results.cache_clear()
 
 
+def test_the_cpu_decode_product_is_the_grouped_product():
+    """``small_grouped_mm`` (the engine's CPU decode steps, transposed weight copies): the products
+    of one expert at a time for blocks of 0, 1 and several rows, in fp32 up to the order of the sums."""
+    from titan_rl.model.grouped_gemm import small_grouped_mm
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    counts = torch.tensor([2, 0, 1, 5, 3, 0, 1, 8])
+    x = torch.randn(int(counts.sum()), 96, generator=g)
+    w = torch.randn(len(counts), 96, 80, generator=g)
+    out = small_grouped_mm(x, w, w.transpose(1, 2).contiguous(), counts)
+    torch.testing.assert_close(out, per_expert(x, w, counts), rtol=1e-5, atol=1e-5)
+    empty = small_grouped_mm(x[:0], w, w.transpose(1, 2).contiguous(), torch.zeros_like(counts))
+    assert empty.shape == (0, 80)
+
+
 def test_same_dtypes_are_the_plain_grouped_gemm():
     x, w, counts, _ = wide_case()
     low = x.detach().to(torch.bfloat16)

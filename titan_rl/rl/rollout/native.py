@@ -40,6 +40,7 @@ import torch.distributed as dist
 from titan_rl.model import GptOss
 from titan_rl.model.grouped_gemm import fused_grouped_mm_on, grouped_mm_aligned
 from titan_rl.model.kv_cache import KVCache
+from titan_rl.model.moe import cpu_decode_experts
 from titan_rl.parallel.expert_parallel import ExpertParallelExperts
 from titan_rl.parallel.fsdp import gathered_weights
 from titan_rl.rl.rollout.decode_rows import CudaGraphStep, DecodeRows
@@ -191,9 +192,15 @@ class NativeEngine:
         share = share_of(len(prompts), world, rank)
         mine, start = [prompts[i] for i in share], share.start
         # every rank gathers the weights, also one without prompts (the gathers are collective)
-        with full_sequence_attention(self.model), gathered_weights(self.model):
+        with (
+            full_sequence_attention(self.model),
+            gathered_weights(self.model),
+        ):
             self.mode = self._resolve_mode()  # here: FSDP's gathered weights are in its compute dtype
-            with self._compile_stance():
+            # eager only: a captured step cannot read the experts' counts, and static decode is the
+            # CPU stand-in of the captured one (the same products)
+            experts = cpu_decode_experts(self.model) if self.mode == "eager" else nullcontext()
+            with self._compile_stance(), experts:
                 seed = draw_call_seed(self.generator)  # on every rank: their generators stay equal
                 completions = self._generate(mine, params, seed, start) if mine else []
         if world == 1:

@@ -6,6 +6,7 @@ finished rows) are each checked against the reference they replace, on random in
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from titan_rl.model import token_logprobs_and_entropy
 from titan_rl.model.attention import sink_softmax_attention
 from titan_rl.model.kv_cache import KVCache, decode_sink_attention
 from titan_rl.parallel.fsdp import fsdp_param_groups
-from titan_rl.rl.rollout import NativeEngine, SamplingParams
+from titan_rl.rl.rollout import NativeEngine, SamplingParams, native
 from titan_rl.rl.rollout.native import share_of
 from titan_rl.rl.rollout.noise import draw_call_seed, exponential_noise, row_keys
 from titan_rl.rl.rollout.sampling import DecodeHead, filter_logits, sample_next
@@ -208,6 +209,8 @@ def test_a_decode_step_reads_no_tensor_on_the_host(monkeypatch, decode, record_r
         monkeypatch.setattr(torch.Tensor, name, refusing(name))
     for name in ("_step", "_decode", "_sample"):
         monkeypatch.setattr(NativeEngine, name, marking(name))
+    # the code a GPU runs: the CPU-only expert products of decode steps read their counts, for free
+    monkeypatch.setattr(native, "cpu_decode_experts", lambda model: contextlib.nullcontext())
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=(5, 9))
     engine = NativeEngine(
         model, seed=1, max_batch_rows=2, check_every=4, decode=decode, record_routing=record_routing
@@ -680,3 +683,19 @@ def test_static_decode_runs_compiled_blocks_uncompiled():
     assert_same_completions(got, NativeEngine(plain, decode="static").generate(prompts, params))
     compiled(torch.tensor(prompts[:1]))  # outside generate the blocks are still compiled
     assert len(graphs) > 0
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_cpu_decode_steps_multiply_the_experts_by_transposed_copies(monkeypatch, decode):
+    """Eager decode on the CPU in fp32 runs the experts' few rows per step through transposed weight
+    copies (the faster CPU product; benchmarks/README.md), made for the call and dropped after it;
+    static decode (the stand-in of the captured GPU step) and training forwards do not."""
+    import titan_rl.model.moe as moe
+
+    calls = []
+    real = moe.small_grouped_mm
+    monkeypatch.setattr(moe, "small_grouped_mm", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    model = tiny_model(seed=18).eval()
+    NativeEngine(model, seed=3, decode=decode).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
+    assert (2 * 2 in calls) == (decode == "eager")  # a decode step: 2 rows, top-2 each
+    assert all(block.mlp.experts.decode_copies is None for block in model.layers)
