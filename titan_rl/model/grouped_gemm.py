@@ -257,7 +257,7 @@ def small_grouped_mm(
     ``w_t [E, M, K]``, a contiguous transposed copy of ``w``: expert blocks of 2 or more rows as
     ``(w_t[e] @ x_e^T)^T``, single rows as ``x_e @ w[e]``. The same products summed in another
     order; on CPU BLAS the first form streams the weights at the memory's rate where ``x_e @ w[e]``
-    of 2-8 rows reached about half of it (benchmarks/README.md, "CPU results", ninth session)."""
+    of 2-8 rows reached about half of it (benchmarks/README.md, "CPU results", eighth session)."""
     rows = counts.tolist()  # (the CPU: nothing to wait for)
     out = []
     for e, block in enumerate(x.split(rows)):
