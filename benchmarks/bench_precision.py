@@ -53,7 +53,7 @@ from titan_rl.model import GptOss
 from titan_rl.model.logprobs import LogitsGemm
 from titan_rl.model.model import Block
 from titan_rl.parallel.parallelize import SPLIT_K_FLAGS, set_gemm_reductions
-from titan_rl.rl.rollout import SamplingParams
+from titan_rl.rl.rollout import SamplingParams, native
 
 REDUCED = "bf16, reduced split-K sums"
 BF16_EXPERTS = "fp32 activations, bf16 expert outputs"
@@ -116,8 +116,12 @@ def _fp32_router_logits(self: moe.Router, x, expert_indices=None, return_logits=
 @contextlib.contextmanager
 def variant(name: str, model: GptOss | None = None) -> Iterator[None]:
     """Patch the model's functions as ``name`` computes (see the module docstring); ``MODE`` sets
-    the (bf16) ``model``'s own ``activation_dtype``."""
+    the (bf16) ``model``'s own ``activation_dtype``. Every row decodes through ``grouped_mm`` (the
+    product a GPU runs and the variants patch): the engine's CPU-only fp32 expert copies are off."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(native, "cpu_decode_experts", lambda m: contextlib.nullcontext())
+        )
         if name == REDUCED:
             matmul = torch.backends.cuda.matmul
             for flag in SPLIT_K_FLAGS:  # restored after the row
