@@ -16,7 +16,8 @@ from titan_rl.rl.collect import build_env, collect_rollouts
 from titan_rl.rl.losses import LossConfig, rl_loss, router_balance_loss
 from titan_rl.rl.packing import pack_trajectories
 from titan_rl.rl.rollout import NativeEngine
-from titan_rl.trainer import StepStats, Trainer, replayed_fraction
+from titan_rl.step_stats import StepStats
+from titan_rl.trainer import Trainer, replayed_fraction
 
 
 def setup(*overrides: str, dtype: torch.dtype = torch.float32):
