@@ -33,9 +33,9 @@ def describe_exit(exitcode: int) -> str:
     return f"exited with code {exitcode}"
 
 
-def _children() -> list[int]:
-    """This process's child processes (torchrun's ranks: it runs them as subprocesses), from /proc."""
-    me, found = os.getpid(), []
+def children(pid: int | None = None) -> list[int]:
+    """The child processes of ``pid`` (default: this process; torchrun's ranks), from /proc."""
+    me, found = os.getpid() if pid is None else pid, []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -80,7 +80,7 @@ class StopForwarder:
 
     def _deliver(self) -> None:
         while True:
-            for pid in _children():
+            for pid in children():
                 if pid not in self.delivered and catches(pid, signal.SIGUSR1):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGUSR1)

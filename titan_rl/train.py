@@ -401,27 +401,6 @@ def _run(cfg: JobConfig, dims: ParallelDims, console: Console, stop: StopRequest
     return 0
 
 
-def memory_check(cfg: JobConfig, world_size: int) -> None:
-    """For a GPU-sized model: the estimated peak memory per GPU (README, "Memory per GPU"), and a
-    warning when it exceeds the GPU's (this machine's, else 80 GB)."""
-    from titan_rl.config.reference import GPU_GB, estimate_memory
-    from titan_rl.preflight import model_args
-
-    args = model_args(cfg)  # model.hf_path's shapes, else the preset's
-    if args.num_params()["total"] < 1e9:  # the debug preset and other CPU-sized models
-        return
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else GPU_GB
-    peak = estimate_memory(cfg, world_size, gpu_gb, args).peak
-    print(f"estimated peak {peak:.1f} GB per GPU of {gpu_gb:.0f} GB (README, 'Memory per GPU')")
-    if peak > gpu_gb:
-        print(
-            "warning: that is more than the GPU holds: shard wider (parallelism.dp_shard, cp), "
-            "parallelism.activation_checkpoint, fewer training.micro_batch_rows or a lower "
-            "rollout.vllm_gpu_memory_utilization",
-            file=sys.stderr,
-        )
-
-
 def supervised_warmup(trainer: Trainer, env, tokenizer, cfg: JobConfig, console: Console) -> None:
     """``sft.steps`` steps of next-token training on scripted correct episodes, before RL."""
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.sft.lr)
@@ -507,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} (ep {dims.ep}), "
                 f"{cfg.training.steps} steps"
             )
+            from titan_rl.config.reference import memory_check
+
             memory_check(cfg, dims.world_size)
             return 0
         if dims.distributed and not torch.distributed.is_initialized():

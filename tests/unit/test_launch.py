@@ -68,18 +68,6 @@ sys.exit(128 + signal.SIGUSR1 if got else 0)
 """
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.parametrize(
     ("when", "restarts"), [("ranks_starting", 0), ("ranks_starting", 1), ("no_ranks_yet", 0)]
 )
@@ -98,7 +86,7 @@ def test_a_stop_before_the_ranks_handle_it_reaches_them_once_they_do(tmp_path, w
         while not launch.catches(proc.pid, signal.SIGUSR1):  # the launcher's own handler is in
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
             time.sleep(0.02)
-        while when == "ranks_starting" and len(_children(proc.pid)) < 2:  # sleeping, no handler yet
+        while when == "ranks_starting" and len(launch.children(proc.pid)) < 2:  # sleeping, no handler yet
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGUSR1)

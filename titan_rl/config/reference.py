@@ -295,6 +295,28 @@ def estimate_memory(
     )
 
 
+def memory_check(cfg: JobConfig, world_size: int) -> None:
+    """For a GPU-sized model: the estimated peak memory per GPU (README, "Memory per GPU"), and a
+    warning when it exceeds the GPU's (this machine's, else 80 GB)."""
+    from titan_rl.preflight import model_args
+
+    args = model_args(cfg)  # model.hf_path's shapes, else the preset's
+    if args.num_params()["total"] < 1e9:  # the debug preset and other CPU-sized models
+        return
+    import torch
+
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else GPU_GB
+    peak = estimate_memory(cfg, world_size, gpu_gb, args).peak
+    print(f"estimated peak {peak:.1f} GB per GPU of {gpu_gb:.0f} GB (README, 'Memory per GPU')")
+    if peak > gpu_gb:
+        print(
+            "warning: that is more than the GPU holds: shard wider (parallelism.dp_shard, cp), "
+            "parallelism.activation_checkpoint, fewer training.micro_batch_rows or a lower "
+            "rollout.vllm_gpu_memory_utilization",
+            file=sys.stderr,
+        )
+
+
 MEMORY_LAYOUTS: list[tuple[str, str, list[str], int | None]] = [
     ("20b, 1 node", "gpt_oss_20b_8xh100.toml", [], None),
     ("20b, 2 nodes", "gpt_oss_20b_multinode.toml", [], None),

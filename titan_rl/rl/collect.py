@@ -109,7 +109,7 @@ def build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
 def check_tiny_tokenizer_fits(cfg: JobConfig, vocab_size: int) -> None:
     """An agentic run without ``model.hf_path`` uses the built-in 512-token tokenizer: the model's
     vocabulary must be its size (the debug preset's)."""
-    if is_agentic(cfg) and not cfg.model.hf_path and vocab_size != 512:
+    if is_agentic(cfg) and not cfg.model.hf_path and vocab_size != TINY_VOCAB:
         raise ConfigError(
             f"env.name = {cfg.env.name!r} without model.hf_path uses the built-in 512-token tokenizer, "
             f"but the model's vocab is {vocab_size}; use model.preset = 'debug' or give model.hf_path"
